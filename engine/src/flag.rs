@@ -1,0 +1,204 @@
+//! A compiled flag: its definition, its targeting compiled once, and its
+//! metadata merged with the flag set's, ready to resolve for any context.
+
+use serde_json::{Map, Value};
+
+use crate::definition::{FlagDefinition, FlagState, FlagType};
+use crate::error::{CompileError, ErrorCode};
+use crate::resolution::{Reason, Resolution, ValueType};
+use crate::rule::{self, Rule, Strictness};
+
+/// A flag ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct CompiledFlag {
+    key: Box<str>,
+    definition: FlagDefinition,
+    /// `Ok(None)`: no targeting; `Err`: the targeting does not compile and
+    /// every resolution fails with `PARSE_ERROR`.
+    rule: Result<Option<Rule>, CompileError>,
+    metadata: Map<String, Value>,
+}
+
+impl CompiledFlag {
+    /// Compiles a definition. `set_metadata` is merged under the flag's own
+    /// metadata. Targeting that does not compile does not fail here: the
+    /// flag then resolves with `PARSE_ERROR` (definitions are validated
+    /// strictly before they are stored, so this happens only to documents
+    /// loaded leniently).
+    pub fn new(key: &str, definition: FlagDefinition, set_metadata: &Map<String, Value>) -> Self {
+        let rule = match &definition.targeting {
+            None => Ok(None),
+            Some(t) => rule::compile(t, Strictness::Lenient).map(Some),
+        };
+        let mut metadata = set_metadata.clone();
+        metadata.extend(definition.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Self {
+            key: key.into(),
+            definition,
+            rule,
+            metadata,
+        }
+    }
+
+    /// The flag key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The definition.
+    pub fn definition(&self) -> &FlagDefinition {
+        &self.definition
+    }
+
+    /// The merged metadata.
+    pub fn metadata(&self) -> &Map<String, Value> {
+        &self.metadata
+    }
+
+    /// Resolves the flag for `context` (a JSON object; `targetingKey` is
+    /// read from it).
+    pub fn resolve<'a>(&'a self, context: &'a Value) -> Resolution<'a> {
+        if self.definition.state == FlagState::Disabled {
+            return Resolution {
+                value: None,
+                variant: None,
+                reason: Reason::Disabled,
+                error: None,
+                metadata: &self.metadata,
+            };
+        }
+        let rule = match &self.rule {
+            Ok(None) => return self.default_variant(Reason::Static),
+            Ok(Some(rule)) => rule,
+            Err(e) => {
+                return Resolution::error(
+                    ErrorCode::ParseError,
+                    format!("targeting does not compile: {e}"),
+                    &self.metadata,
+                );
+            }
+        };
+        if let Some(problem) = context_problem(context) {
+            return Resolution::error(ErrorCode::InvalidContext, problem, &self.metadata);
+        }
+        let outcome = rule.evaluate(context, &self.key);
+        let name: &str = match outcome.as_ref() {
+            Value::Null => return self.default_variant(Reason::Default),
+            Value::Bool(true) => "true",
+            Value::Bool(false) => "false",
+            Value::String(s) if s.is_empty() => return self.default_variant(Reason::Default),
+            Value::String(s) => s,
+            other => {
+                return Resolution::error(
+                    ErrorCode::General,
+                    format!("targeting returned {other}, which is not a variant name"),
+                    &self.metadata,
+                );
+            }
+        };
+        match self.definition.variants.get_key_value(name) {
+            Some((variant, value)) => Resolution {
+                value: Some(value),
+                variant: Some(variant),
+                reason: Reason::TargetingMatch,
+                error: None,
+                metadata: &self.metadata,
+            },
+            None => Resolution::error(
+                ErrorCode::General,
+                format!("targeting selected variant \"{name}\", which the flag does not have"),
+                &self.metadata,
+            ),
+        }
+    }
+
+    /// Resolves the flag expecting a value of type `expected`; a flag of
+    /// another type resolves with `TYPE_MISMATCH`.
+    pub fn resolve_typed<'a>(&'a self, context: &'a Value, expected: ValueType) -> Resolution<'a> {
+        let flag_type = self.definition.flag_type();
+        let compatible = match expected {
+            ValueType::Any => true,
+            ValueType::Bool => flag_type == FlagType::Bool,
+            ValueType::String => flag_type == FlagType::String,
+            ValueType::Int | ValueType::Float => flag_type == FlagType::Number,
+            ValueType::Object => flag_type == FlagType::Object,
+        };
+        if !compatible {
+            return Resolution::error(
+                ErrorCode::TypeMismatch,
+                format!(
+                    "flag \"{}\" is a {} flag, not {expected:?}",
+                    self.key,
+                    flag_type.name()
+                ),
+                &self.metadata,
+            );
+        }
+        self.resolve(context).expect_type(expected)
+    }
+
+    fn default_variant(&self, reason: Reason) -> Resolution<'_> {
+        let found = self
+            .definition
+            .default_variant
+            .as_deref()
+            .and_then(|d| self.definition.variants.get_key_value(d));
+        Resolution {
+            value: found.map(|(_, v)| v),
+            variant: found.map(|(k, _)| k.as_str()),
+            reason,
+            error: None,
+            metadata: &self.metadata,
+        }
+    }
+}
+
+/// Why a context cannot be evaluated, if it cannot.
+fn context_problem(context: &Value) -> Option<&'static str> {
+    match context {
+        Value::Object(m) => match m.get("targetingKey") {
+            None | Some(Value::String(_)) | Some(Value::Null) => None,
+            Some(_) => Some("targetingKey must be a string"),
+        },
+        Value::Null => None,
+        _ => Some("the evaluation context must be a JSON object"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn flag(raw: Value) -> CompiledFlag {
+        let def = FlagDefinition::from_json("f", &raw, &Map::new(), Strictness::Lenient).expect("valid flag");
+        CompiledFlag::new("f", def, &Map::new())
+    }
+
+    #[test]
+    fn unknown_variant_from_targeting_is_a_general_error() {
+        let f = flag(json!({"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"var": "v"}}));
+        let ctx = json!({"v": "zzz"});
+        assert_eq!(f.resolve(&ctx).error_code(), Some(ErrorCode::General));
+        let ctx = json!({"v": "a"});
+        assert_eq!(f.resolve(&ctx).reason, Reason::TargetingMatch);
+    }
+
+    #[test]
+    fn malformed_context_is_invalid_context() {
+        let f = flag(json!({"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"var": "v"}}));
+        let ctx = json!({"targetingKey": 5});
+        assert_eq!(f.resolve(&ctx).error_code(), Some(ErrorCode::InvalidContext));
+        let ctx = json!([1]);
+        assert_eq!(f.resolve(&ctx).error_code(), Some(ErrorCode::InvalidContext));
+    }
+
+    #[test]
+    fn int_request_on_fractional_number_is_a_type_mismatch() {
+        let f = flag(json!({"state": "ENABLED", "variants": {"a": 0.5}, "defaultVariant": "a"}));
+        let ctx = json!({});
+        assert_eq!(f.resolve_typed(&ctx, ValueType::Int).error_code(), Some(ErrorCode::TypeMismatch));
+        assert_eq!(f.resolve_typed(&ctx, ValueType::Float).float_value(), Some(0.5));
+        assert_eq!(f.resolve_typed(&ctx, ValueType::String).error_code(), Some(ErrorCode::TypeMismatch));
+    }
+}

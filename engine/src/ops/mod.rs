@@ -1,0 +1,4 @@
+//! flagd's operators beyond standard JsonLogic.
+
+pub mod fractional;
+pub mod semver;
