@@ -22,10 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
 
     let fds = protox::compile(PROTOS, ["proto"])?;
-    std::fs::write(
-        out_dir.join("flagmesh_descriptor.bin"),
-        fds.encode_to_vec(),
-    )?;
+    std::fs::write(out_dir.join("flagmesh_descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure()
         .build_client(true)

@@ -131,7 +131,11 @@ impl FlagDefinition {
             Some(m) => match check_metadata(m) {
                 Ok(m) => m,
                 Err((path, msg)) => {
-                    errors.push(ValidationError::in_flag(key, format!("/metadata{path}"), msg));
+                    errors.push(ValidationError::in_flag(
+                        key,
+                        format!("/metadata{path}"),
+                        msg,
+                    ));
                     Map::new()
                 }
             },
@@ -233,7 +237,10 @@ fn check_variants(
             errors.push(ValidationError::in_flag(
                 key,
                 "/variants",
-                format!("must be a JSON object of variant name to value, found {}", kind_name(other)),
+                format!(
+                    "must be a JSON object of variant name to value, found {}",
+                    kind_name(other)
+                ),
             ));
             return (None, None);
         }
@@ -243,7 +250,11 @@ fn check_variants(
         }
     };
     if variants.is_empty() {
-        errors.push(ValidationError::in_flag(key, "/variants", "must hold at least one variant"));
+        errors.push(ValidationError::in_flag(
+            key,
+            "/variants",
+            "must hold at least one variant",
+        ));
         return (None, None);
     }
     let mut flag_type: Option<FlagType> = None;
@@ -251,7 +262,11 @@ fn check_variants(
     for (name, value) in variants {
         let path = format!("/variants/{}", escape_pointer(name));
         if name.is_empty() {
-            errors.push(ValidationError::in_flag(key, path.clone(), "variant names must not be empty"));
+            errors.push(ValidationError::in_flag(
+                key,
+                path.clone(),
+                "variant names must not be empty",
+            ));
             ok = false;
         }
         match (FlagType::of(value), flag_type) {
@@ -259,7 +274,10 @@ fn check_variants(
                 errors.push(ValidationError::in_flag(
                     key,
                     path,
-                    format!("a variant must be a boolean, string, number or object, found {}", kind_name(value)),
+                    format!(
+                        "a variant must be a boolean, string, number or object, found {}",
+                        kind_name(value)
+                    ),
                 ));
                 ok = false;
             }
@@ -290,13 +308,19 @@ fn check_variants(
 /// error returns the pointer below the metadata object and the message.
 pub(crate) fn check_metadata(raw: &Value) -> Result<Map<String, Value>, (String, String)> {
     let Value::Object(m) = raw else {
-        return Err((String::new(), format!("must be a JSON object, found {}", kind_name(raw))));
+        return Err((
+            String::new(),
+            format!("must be a JSON object, found {}", kind_name(raw)),
+        ));
     };
     for (k, v) in m {
         if !matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
             return Err((
                 format!("/{}", escape_pointer(k)),
-                format!("metadata values must be strings, numbers or booleans, found {}", kind_name(v)),
+                format!(
+                    "metadata values must be strings, numbers or booleans, found {}",
+                    kind_name(v)
+                ),
             ));
         }
     }
@@ -331,13 +355,16 @@ mod tests {
 
     #[test]
     fn accepts_a_minimal_flag() {
-        let d = def(json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"}));
+        let d = def(
+            json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"}),
+        );
         assert!(matches!(d, Ok(ref d) if d.flag_type() == FlagType::Bool && d.targeting.is_none()));
     }
 
     #[test]
     fn names_flag_and_field_of_each_problem() {
-        let Err(errs) = def(json!({"state": "ON", "variants": {"a": 1, "b": "x"}, "defaultVariant": 3}))
+        let Err(errs) =
+            def(json!({"state": "ON", "variants": {"a": 1, "b": "x"}, "defaultVariant": 3}))
         else {
             panic!("accepted an invalid flag");
         };
@@ -355,8 +382,10 @@ mod tests {
 
     #[test]
     fn canonical_bytes_do_not_depend_on_key_order() {
-        let a = def(json!({"variants": {"b": 2, "a": 1}, "state": "ENABLED", "defaultVariant": "a"}));
-        let b = def(json!({"state": "ENABLED", "defaultVariant": "a", "variants": {"a": 1, "b": 2}}));
+        let a =
+            def(json!({"variants": {"b": 2, "a": 1}, "state": "ENABLED", "defaultVariant": "a"}));
+        let b =
+            def(json!({"state": "ENABLED", "defaultVariant": "a", "variants": {"a": 1, "b": 2}}));
         match (a, b) {
             (Ok(a), Ok(b)) => assert_eq!(a.to_canonical_json(), b.to_canonical_json()),
             other => panic!("unexpected {other:?}"),

@@ -45,7 +45,14 @@ impl FlagDocument {
     /// Checks a document already parsed into JSON.
     pub fn from_json(doc: &Value, strictness: Strictness) -> Result<Self, ValidationErrors> {
         let Some(root) = doc.as_object() else {
-            return Err(ValidationError::in_document("", format!("a flag document must be a JSON object, found {}", kind_name(doc))).into());
+            return Err(ValidationError::in_document(
+                "",
+                format!(
+                    "a flag document must be a JSON object, found {}",
+                    kind_name(doc)
+                ),
+            )
+            .into());
         };
         let mut errors = Vec::new();
 
@@ -54,7 +61,10 @@ impl FlagDocument {
             Some(m) => match check_metadata(m) {
                 Ok(m) => m,
                 Err((path, msg)) => {
-                    errors.push(ValidationError::in_document(format!("/metadata{path}"), msg));
+                    errors.push(ValidationError::in_document(
+                        format!("/metadata{path}"),
+                        msg,
+                    ));
                     Map::new()
                 }
             },
@@ -78,7 +88,10 @@ impl FlagDocument {
                     if !rule.is_object() {
                         errors.push(ValidationError::in_document(
                             format!("/$evaluators/{}", escape_pointer(name)),
-                            format!("a shared rule must be a JSON object, found {}", kind_name(rule)),
+                            format!(
+                                "a shared rule must be a JSON object, found {}",
+                                kind_name(rule)
+                            ),
                         ));
                     }
                 }
@@ -87,7 +100,10 @@ impl FlagDocument {
             Some(other) => {
                 errors.push(ValidationError::in_document(
                     "/$evaluators",
-                    format!("must be a JSON object of name to rule, found {}", kind_name(other)),
+                    format!(
+                        "must be a JSON object of name to rule, found {}",
+                        kind_name(other)
+                    ),
                 ));
                 Map::new()
             }
@@ -132,13 +148,19 @@ impl FlagDocument {
 }
 
 /// The flags of a document as (key, raw definition); map or array form.
-fn collect_flags<'a>(root: &'a Map<String, Value>, errors: &mut Vec<ValidationError>) -> Vec<(String, &'a Value)> {
+fn collect_flags<'a>(
+    root: &'a Map<String, Value>,
+    errors: &mut Vec<ValidationError>,
+) -> Vec<(String, &'a Value)> {
     match root.get("flags") {
         Some(Value::Object(map)) => map
             .iter()
             .filter_map(|(k, v)| {
                 if k.is_empty() {
-                    errors.push(ValidationError::in_document("/flags", "flag keys must not be empty"));
+                    errors.push(ValidationError::in_document(
+                        "/flags",
+                        "flag keys must not be empty",
+                    ));
                     None
                 } else {
                     Some((k.clone(), v))
@@ -181,7 +203,10 @@ fn collect_flags<'a>(root: &'a Map<String, Value>, errors: &mut Vec<ValidationEr
         Some(other) => {
             errors.push(ValidationError::in_document(
                 "/flags",
-                format!("must be a map of key to flag or an array of flags, found {}", kind_name(other)),
+                format!(
+                    "must be a map of key to flag or an array of flags, found {}",
+                    kind_name(other)
+                ),
             ));
             Vec::new()
         }
@@ -202,7 +227,10 @@ mod tests {
             "flags:\n  f:\n    state: ENABLED\n    variants: {on: true, off: false}\n    defaultVariant: 'on'\n",
             Strictness::Strict,
         );
-        assert!(matches!(doc, Ok(ref d) if d.flags.contains_key("f")), "{doc:?}");
+        assert!(
+            matches!(doc, Ok(ref d) if d.flags.contains_key("f")),
+            "{doc:?}"
+        );
     }
 
     #[test]

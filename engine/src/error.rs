@@ -36,7 +36,11 @@ impl ValidationError {
     }
 
     fn describe(&self) -> String {
-        let path = if self.path.is_empty() { "/" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
         match &self.flag {
             Some(flag) => format!("flag \"{flag}\": {path}: {}", self.message),
             None => format!("{path}: {}", self.message),

@@ -15,16 +15,16 @@ use crate::rule::{ArithOp, CmpOp, IterOp, Node, Rule, Segment};
 /// What an evaluation sees besides its data.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Env<'a> {
-    /// The key of the flag being evaluated (`$flagd.flagKey`).
-    pub flag_key: &'a str,
+    /// The key of the flag being evaluated (`$flagd.flagKey`), a JSON string.
+    pub flag_key: &'a Value,
     /// The whole evaluation context (for `targetingKey`, also inside `map`).
     pub root: &'a Value,
 }
 
-
 impl Rule {
-    /// Evaluates the rule against a context (a JSON object) for the flag `flag_key`.
-    pub fn evaluate<'a>(&'a self, context: &'a Value, flag_key: &'a str) -> Cow<'a, Value> {
+    /// Evaluates the rule against a context (a JSON object) for the flag
+    /// whose key is `flag_key` (a JSON string, lent to `$flagd.flagKey`).
+    pub fn evaluate<'a>(&'a self, context: &'a Value, flag_key: &'a Value) -> Cow<'a, Value> {
         let env = Env {
             flag_key,
             root: context,
@@ -47,7 +47,10 @@ impl Node {
             Node::Lit(v) => Cow::Borrowed(v),
             Node::Null => owned(Value::Null),
             Node::Array(items) => owned(Value::Array(
-                items.iter().map(|n| n.eval(data, env).into_owned()).collect(),
+                items
+                    .iter()
+                    .map(|n| n.eval(data, env).into_owned())
+                    .collect(),
             )),
             Node::Var { path, default } => match lookup(data, path) {
                 Some(v) => Cow::Borrowed(v),
@@ -67,11 +70,11 @@ impl Node {
                     },
                 }
             }
-            Node::FlagKey => owned(Value::String(env.flag_key.to_owned())),
+            Node::FlagKey => Cow::Borrowed(env.flag_key),
             Node::Timestamp => owned(Value::from(unix_now())),
             Node::FlagdObject => {
                 let mut m = Map::new();
-                m.insert("flagKey".into(), Value::String(env.flag_key.to_owned()));
+                m.insert("flagKey".into(), env.flag_key.clone());
                 m.insert("timestamp".into(), Value::from(unix_now()));
                 owned(Value::Object(m))
             }
@@ -156,7 +159,7 @@ impl Node {
                 })
             }
             Node::Cat(args) => {
-                let mut out = String::new();
+                let mut out = String::with_capacity(64);
                 for a in args.iter() {
                     out.push_str(&to_string(&a.eval(data, env)));
                 }
@@ -321,7 +324,9 @@ pub(crate) fn number(f: f64) -> Value {
         // exact: |f| < 2^53
         Value::from(f as i64)
     } else {
-        Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)
+        Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
     }
 }
 
@@ -381,7 +386,13 @@ fn arith<'a>(op: ArithOp, args: &'a [Node], data: &'a Value, env: &Env<'a>) -> C
         let v = a.eval(data, env);
         match v.as_ref() {
             // `+`, `*`, `min`, `max` spread arrays given as their one argument
-            Value::Array(items) if args.len() == 1 && matches!(op, ArithOp::Add | ArithOp::Mul | ArithOp::Min | ArithOp::Max) => {
+            Value::Array(items)
+                if args.len() == 1
+                    && matches!(
+                        op,
+                        ArithOp::Add | ArithOp::Mul | ArithOp::Min | ArithOp::Max
+                    ) =>
+            {
                 for i in items {
                     nums.push(to_number(i));
                 }
@@ -422,27 +433,48 @@ fn substr<'a>(args: &'a [Node], data: &'a Value, env: &Env<'a>) -> Cow<'a, Value
     let chars: Vec<char> = text.chars().collect();
     let len = chars.len() as i64;
     let start = to_number(&args[1].eval(data, env)).unwrap_or(0.0) as i64;
-    let start = if start < 0 { (len + start).max(0) } else { start.min(len) };
+    let start = if start < 0 {
+        (len + start).max(0)
+    } else {
+        start.min(len)
+    };
     let end = match args.get(2) {
         Some(n) => {
             let count = to_number(&n.eval(data, env)).unwrap_or(0.0) as i64;
-            if count < 0 { (len + count).max(start) } else { (start + count).min(len) }
+            if count < 0 {
+                (len + count).max(start)
+            } else {
+                (start + count).min(len)
+            }
         }
         None => len,
     };
     // start and end are clamped into 0..=len above
-    let out: String = chars[start as usize..end.max(start) as usize].iter().collect();
+    let out: String = chars[start as usize..end.max(start) as usize]
+        .iter()
+        .collect();
     owned(Value::String(out))
 }
 
-fn iterate<'a>(op: IterOp, source: &'a Node, body: &'a Node, data: &'a Value, env: &Env<'a>) -> Cow<'a, Value> {
+fn iterate<'a>(
+    op: IterOp,
+    source: &'a Node,
+    body: &'a Node,
+    data: &'a Value,
+    env: &Env<'a>,
+) -> Cow<'a, Value> {
     let source = source.eval(data, env);
     let items: &[Value] = match source.as_ref() {
         Value::Array(a) => a,
         _ => &[],
     };
     let result = match op {
-        IterOp::Map => Value::Array(items.iter().map(|i| body.eval(i, env).into_owned()).collect()),
+        IterOp::Map => Value::Array(
+            items
+                .iter()
+                .map(|i| body.eval(i, env).into_owned())
+                .collect(),
+        ),
         IterOp::Filter => Value::Array(
             items
                 .iter()
@@ -450,7 +482,9 @@ fn iterate<'a>(op: IterOp, source: &'a Node, body: &'a Node, data: &'a Value, en
                 .cloned()
                 .collect(),
         ),
-        IterOp::All => Value::Bool(!items.is_empty() && items.iter().all(|i| truthy(&body.eval(i, env)))),
+        IterOp::All => {
+            Value::Bool(!items.is_empty() && items.iter().all(|i| truthy(&body.eval(i, env))))
+        }
         IterOp::None => Value::Bool(!items.iter().any(|i| truthy(&body.eval(i, env)))),
         IterOp::Some => Value::Bool(items.iter().any(|i| truthy(&body.eval(i, env)))),
     };
@@ -465,47 +499,98 @@ mod tests {
 
     fn run(rule: Value, data: Value) -> Value {
         let r = compile(&rule, Strictness::Lenient).expect("rule compiles");
-        r.evaluate(&data, "flag").into_owned()
+        r.evaluate(&data, &json!("flag")).into_owned()
     }
 
     #[test]
     fn jsonlogic_basics() {
         assert_eq!(run(json!({"==": [1, "1"]}), json!({})), json!(true));
         assert_eq!(run(json!({"===": [1, "1"]}), json!({})), json!(false));
-        assert_eq!(run(json!({"<": [1, {"var": "x"}, 3]}), json!({"x": 2})), json!(true));
-        assert_eq!(run(json!({"in": ["b", ["a", "b"]]}), json!({})), json!(true));
+        assert_eq!(
+            run(json!({"<": [1, {"var": "x"}, 3]}), json!({"x": 2})),
+            json!(true)
+        );
+        assert_eq!(
+            run(json!({"in": ["b", ["a", "b"]]}), json!({})),
+            json!(true)
+        );
         assert_eq!(run(json!({"in": ["ell", "hello"]}), json!({})), json!(true));
-        assert_eq!(run(json!({"cat": ["a", 1, 2.5, true]}), json!({})), json!("a12.5true"));
+        assert_eq!(
+            run(json!({"cat": ["a", 1, 2.5, true]}), json!({})),
+            json!("a12.5true")
+        );
         assert_eq!(run(json!({"+": [1, "2", 3.5]}), json!({})), json!(6.5));
         assert_eq!(run(json!({"-": [5]}), json!({})), json!(-5));
         assert_eq!(run(json!({"/": [1, 0]}), json!({})), Value::Null);
         assert_eq!(run(json!({"%": [7, 3]}), json!({})), json!(1));
         assert_eq!(run(json!({"max": [1, 9, 3]}), json!({})), json!(9));
-        assert_eq!(run(json!({"substr": ["jsonlogic", -5, 2]}), json!({})), json!("lo"));
+        assert_eq!(
+            run(json!({"substr": ["jsonlogic", -5, 2]}), json!({})),
+            json!("lo")
+        );
         assert_eq!(run(json!({"or": [0, "", "x"]}), json!({})), json!("x"));
         assert_eq!(run(json!({"and": [1, 0, 2]}), json!({})), json!(0));
         assert_eq!(run(json!({"!!": [[]]}), json!({})), json!(false));
-        assert_eq!(run(json!({"var": "a.1.b"}), json!({"a": [0, {"b": 7}]})), json!(7));
-        assert_eq!(run(json!({"var": ["nope", 4]}), json!({})), json!(4));
-        assert_eq!(run(json!({"missing": ["a", "b"]}), json!({"a": 1})), json!(["b"]));
-        assert_eq!(run(json!({"missing_some": [1, ["a", "b"]]}), json!({"a": 1})), json!([]));
         assert_eq!(
-            run(json!({"map": [{"var": "xs"}, {"*": [{"var": ""}, 2]}]}), json!({"xs": [1, 2]})),
+            run(json!({"var": "a.1.b"}), json!({"a": [0, {"b": 7}]})),
+            json!(7)
+        );
+        assert_eq!(run(json!({"var": ["nope", 4]}), json!({})), json!(4));
+        assert_eq!(
+            run(json!({"missing": ["a", "b"]}), json!({"a": 1})),
+            json!(["b"])
+        );
+        assert_eq!(
+            run(json!({"missing_some": [1, ["a", "b"]]}), json!({"a": 1})),
+            json!([])
+        );
+        assert_eq!(
+            run(
+                json!({"map": [{"var": "xs"}, {"*": [{"var": ""}, 2]}]}),
+                json!({"xs": [1, 2]})
+            ),
             json!([2, 4])
         );
         assert_eq!(
-            run(json!({"reduce": [{"var": "xs"}, {"+": [{"var": "current"}, {"var": "accumulator"}]}, 0]}), json!({"xs": [1, 2, 3]})),
+            run(
+                json!({"reduce": [{"var": "xs"}, {"+": [{"var": "current"}, {"var": "accumulator"}]}, 0]}),
+                json!({"xs": [1, 2, 3]})
+            ),
             json!(6)
         );
-        assert_eq!(run(json!({"all": [[1, 2], {">": [{"var": ""}, 0]}]}), json!({})), json!(true));
-        assert_eq!(run(json!({"merge": [[1], 2, [3]]}), json!({})), json!([1, 2, 3]));
-        assert_eq!(run(json!({"if": [false, "a", false, "b", "c"]}), json!({})), json!("c"));
-        assert_eq!(run(json!({"var": "$flagd.flagKey"}), json!({})), json!("flag"));
+        assert_eq!(
+            run(json!({"all": [[1, 2], {">": [{"var": ""}, 0]}]}), json!({})),
+            json!(true)
+        );
+        assert_eq!(
+            run(json!({"merge": [[1], 2, [3]]}), json!({})),
+            json!([1, 2, 3])
+        );
+        assert_eq!(
+            run(json!({"if": [false, "a", false, "b", "c"]}), json!({})),
+            json!("c")
+        );
+        assert_eq!(
+            run(json!({"var": "$flagd.flagKey"}), json!({})),
+            json!("flag")
+        );
     }
 
     #[test]
     fn flagd_string_operators_return_null_on_non_strings() {
-        assert_eq!(run(json!({"starts_with": [{"var": "id"}, "ab"]}), json!({"id": "abc"})), json!(true));
-        assert_eq!(run(json!({"ends_with": [{"var": "id"}, "ab"]}), json!({"id": 5})), Value::Null);
+        assert_eq!(
+            run(
+                json!({"starts_with": [{"var": "id"}, "ab"]}),
+                json!({"id": "abc"})
+            ),
+            json!(true)
+        );
+        assert_eq!(
+            run(
+                json!({"ends_with": [{"var": "id"}, "ab"]}),
+                json!({"id": 5})
+            ),
+            Value::Null
+        );
     }
 }

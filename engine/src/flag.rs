@@ -12,6 +12,8 @@ use crate::rule::{self, Rule, Strictness};
 #[derive(Debug, Clone)]
 pub struct CompiledFlag {
     key: Box<str>,
+    /// The key as a JSON string, lent to rules reading `$flagd.flagKey`.
+    key_value: Value,
     definition: FlagDefinition,
     /// `Ok(None)`: no targeting; `Err`: the targeting does not compile and
     /// every resolution fails with `PARSE_ERROR`.
@@ -31,9 +33,15 @@ impl CompiledFlag {
             Some(t) => rule::compile(t, Strictness::Lenient).map(Some),
         };
         let mut metadata = set_metadata.clone();
-        metadata.extend(definition.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+        metadata.extend(
+            definition
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         Self {
             key: key.into(),
+            key_value: Value::String(key.to_owned()),
             definition,
             rule,
             metadata,
@@ -68,6 +76,10 @@ impl CompiledFlag {
             };
         }
         let rule = match &self.rule {
+            // without a default variant the caller's default applies: DEFAULT
+            Ok(None) if self.definition.default_variant.is_none() => {
+                return self.default_variant(Reason::Default);
+            }
             Ok(None) => return self.default_variant(Reason::Static),
             Ok(Some(rule)) => rule,
             Err(e) => {
@@ -78,10 +90,14 @@ impl CompiledFlag {
                 );
             }
         };
-        if let Some(problem) = context_problem(context) {
-            return Resolution::error(ErrorCode::InvalidContext, problem, &self.metadata);
+        if !matches!(context, Value::Object(_) | Value::Null) {
+            return Resolution::error(
+                ErrorCode::InvalidContext,
+                "the evaluation context must be a JSON object",
+                &self.metadata,
+            );
         }
-        let outcome = rule.evaluate(context, &self.key);
+        let outcome = rule.evaluate(context, &self.key_value);
         let name: &str = match outcome.as_ref() {
             Value::Null => return self.default_variant(Reason::Default),
             Value::Bool(true) => "true",
@@ -153,31 +169,22 @@ impl CompiledFlag {
     }
 }
 
-/// Why a context cannot be evaluated, if it cannot.
-fn context_problem(context: &Value) -> Option<&'static str> {
-    match context {
-        Value::Object(m) => match m.get("targetingKey") {
-            None | Some(Value::String(_)) | Some(Value::Null) => None,
-            Some(_) => Some("targetingKey must be a string"),
-        },
-        Value::Null => None,
-        _ => Some("the evaluation context must be a JSON object"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn flag(raw: Value) -> CompiledFlag {
-        let def = FlagDefinition::from_json("f", &raw, &Map::new(), Strictness::Lenient).expect("valid flag");
+        let def = FlagDefinition::from_json("f", &raw, &Map::new(), Strictness::Lenient)
+            .expect("valid flag");
         CompiledFlag::new("f", def, &Map::new())
     }
 
     #[test]
     fn unknown_variant_from_targeting_is_a_general_error() {
-        let f = flag(json!({"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"var": "v"}}));
+        let f = flag(
+            json!({"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"var": "v"}}),
+        );
         let ctx = json!({"v": "zzz"});
         assert_eq!(f.resolve(&ctx).error_code(), Some(ErrorCode::General));
         let ctx = json!({"v": "a"});
@@ -186,19 +193,31 @@ mod tests {
 
     #[test]
     fn malformed_context_is_invalid_context() {
-        let f = flag(json!({"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"var": "v"}}));
-        let ctx = json!({"targetingKey": 5});
-        assert_eq!(f.resolve(&ctx).error_code(), Some(ErrorCode::InvalidContext));
+        let f = flag(
+            json!({"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"var": "v"}}),
+        );
         let ctx = json!([1]);
-        assert_eq!(f.resolve(&ctx).error_code(), Some(ErrorCode::InvalidContext));
+        assert_eq!(
+            f.resolve(&ctx).error_code(),
+            Some(ErrorCode::InvalidContext)
+        );
     }
 
     #[test]
     fn int_request_on_fractional_number_is_a_type_mismatch() {
         let f = flag(json!({"state": "ENABLED", "variants": {"a": 0.5}, "defaultVariant": "a"}));
         let ctx = json!({});
-        assert_eq!(f.resolve_typed(&ctx, ValueType::Int).error_code(), Some(ErrorCode::TypeMismatch));
-        assert_eq!(f.resolve_typed(&ctx, ValueType::Float).float_value(), Some(0.5));
-        assert_eq!(f.resolve_typed(&ctx, ValueType::String).error_code(), Some(ErrorCode::TypeMismatch));
+        assert_eq!(
+            f.resolve_typed(&ctx, ValueType::Int).error_code(),
+            Some(ErrorCode::TypeMismatch)
+        );
+        assert_eq!(
+            f.resolve_typed(&ctx, ValueType::Float).float_value(),
+            Some(0.5)
+        );
+        assert_eq!(
+            f.resolve_typed(&ctx, ValueType::String).error_code(),
+            Some(ErrorCode::TypeMismatch)
+        );
     }
 }

@@ -25,8 +25,10 @@ impl CompiledFlagSet {
             flags: HashMap::with_capacity_and_hasher(doc.flags.len(), Xxh3Builder::new()),
         };
         for (key, def) in &doc.flags {
-            set.flags
-                .insert(key.as_str().into(), CompiledFlag::new(key, def.clone(), &doc.metadata));
+            set.flags.insert(
+                key.as_str().into(),
+                CompiledFlag::new(key, def.clone(), &doc.metadata),
+            );
         }
         set
     }
@@ -72,7 +74,12 @@ impl CompiledFlagSet {
     }
 
     /// Resolves a flag expecting a type (see [`CompiledFlag::resolve_typed`]).
-    pub fn resolve_typed<'a>(&'a self, key: &str, context: &'a Value, expected: ValueType) -> Resolution<'a> {
+    pub fn resolve_typed<'a>(
+        &'a self,
+        key: &str,
+        context: &'a Value,
+        expected: ValueType,
+    ) -> Resolution<'a> {
         match self.flags.get(key) {
             Some(flag) => flag.resolve_typed(context, expected),
             None => Resolution::error(

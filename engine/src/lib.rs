@@ -28,6 +28,7 @@
 //! # Ok::<(), flagmesh_engine::DocumentError>(())
 //! ```
 
+pub mod context;
 pub mod definition;
 pub mod digest;
 pub mod document;
@@ -39,6 +40,7 @@ pub mod ops;
 pub mod resolution;
 pub mod rule;
 
+pub use context::validate_context;
 pub use definition::{FlagDefinition, FlagState, FlagType};
 pub use digest::{StateDigest, flag_hash};
 pub use document::FlagDocument;

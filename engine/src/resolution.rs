@@ -107,7 +107,11 @@ pub struct Resolution<'a> {
 
 impl<'a> Resolution<'a> {
     /// A failed resolution.
-    pub fn error(code: ErrorCode, message: impl Into<Cow<'static, str>>, metadata: &'a Map<String, Value>) -> Self {
+    pub fn error(
+        code: ErrorCode,
+        message: impl Into<Cow<'static, str>>,
+        metadata: &'a Map<String, Value>,
+    ) -> Self {
         Self {
             value: None,
             variant: None,

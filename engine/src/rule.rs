@@ -153,7 +153,10 @@ fn inline(
     stack: &mut Vec<String>,
 ) -> Result<Value, CompileError> {
     if depth > MAX_RULE_DEPTH * 2 {
-        return Err(CompileError::new(path, format!("nests deeper than {MAX_RULE_DEPTH} levels")));
+        return Err(CompileError::new(
+            path,
+            format!("nests deeper than {MAX_RULE_DEPTH} levels"),
+        ));
     }
     match rule {
         Value::Object(obj) => {
@@ -161,7 +164,10 @@ fn inline(
                 && let Some(target) = obj.get("$ref")
             {
                 let Value::String(name) = target else {
-                    return Err(CompileError::new(path, "\"$ref\" must name an evaluator (a string)"));
+                    return Err(CompileError::new(
+                        path,
+                        "\"$ref\" must name an evaluator (a string)",
+                    ));
                 };
                 let Some(shared) = evaluators.get(name) else {
                     return match strictness {
@@ -186,14 +192,26 @@ fn inline(
             let mut out = Map::new();
             for (k, v) in obj {
                 let p = format!("{path}/{}", crate::definition::escape_pointer(k));
-                out.insert(k.clone(), inline(v, evaluators, strictness, &p, depth + 1, stack)?);
+                out.insert(
+                    k.clone(),
+                    inline(v, evaluators, strictness, &p, depth + 1, stack)?,
+                );
             }
             Ok(Value::Object(out))
         }
         Value::Array(items) => items
             .iter()
             .enumerate()
-            .map(|(i, v)| inline(v, evaluators, strictness, &format!("{path}/{i}"), depth + 1, stack))
+            .map(|(i, v)| {
+                inline(
+                    v,
+                    evaluators,
+                    strictness,
+                    &format!("{path}/{i}"),
+                    depth + 1,
+                    stack,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(Value::Array),
         other => Ok(other.clone()),
@@ -211,7 +229,10 @@ impl Compiler {
 
     fn node(&mut self, v: &Value, path: &str, depth: usize) -> Result<Node, CompileError> {
         if depth > MAX_RULE_DEPTH {
-            return Err(CompileError::new(path, format!("nests deeper than {MAX_RULE_DEPTH} levels")));
+            return Err(CompileError::new(
+                path,
+                format!("nests deeper than {MAX_RULE_DEPTH} levels"),
+            ));
         }
         match v {
             Value::Object(obj) => {
@@ -240,7 +261,12 @@ impl Compiler {
         }
     }
 
-    fn list(&mut self, items: &[Value], path: &str, depth: usize) -> Result<Box<[Node]>, CompileError> {
+    fn list(
+        &mut self,
+        items: &[Value],
+        path: &str,
+        depth: usize,
+    ) -> Result<Box<[Node]>, CompileError> {
         items
             .iter()
             .enumerate()
@@ -250,14 +276,20 @@ impl Compiler {
 
     /// The arguments of an operator: an array, or one value standing for a
     /// one-element array (JsonLogic's shorthand).
-    fn args<'v>(args: &'v Value) -> &'v [Value] {
+    fn args(args: &Value) -> &[Value] {
         match args {
             Value::Array(items) => items,
             single => std::slice::from_ref(single),
         }
     }
 
-    fn arity(path: &str, op: &str, args: &[Value], min: usize, max: usize) -> Result<(), CompileError> {
+    fn arity(
+        path: &str,
+        op: &str,
+        args: &[Value],
+        min: usize,
+        max: usize,
+    ) -> Result<(), CompileError> {
         if args.len() < min || args.len() > max {
             let want = if min == max {
                 format!("{min}")
@@ -274,7 +306,13 @@ impl Compiler {
         Ok(())
     }
 
-    fn pair(&mut self, op: &str, raw: &Value, path: &str, depth: usize) -> Result<(Box<Node>, Box<Node>), CompileError> {
+    fn pair(
+        &mut self,
+        op: &str,
+        raw: &Value,
+        path: &str,
+        depth: usize,
+    ) -> Result<(Box<Node>, Box<Node>), CompileError> {
         let args = Self::args(raw);
         Self::arity(path, op, args, 2, 2)?;
         Ok((
@@ -283,7 +321,13 @@ impl Compiler {
         ))
     }
 
-    fn operation(&mut self, op: &str, raw: &Value, path: &str, depth: usize) -> Result<Node, CompileError> {
+    fn operation(
+        &mut self,
+        op: &str,
+        raw: &Value,
+        path: &str,
+        depth: usize,
+    ) -> Result<Node, CompileError> {
         let args = Self::args(raw);
         let node = match op {
             "var" => self.var(raw, path, depth)?,
@@ -305,7 +349,11 @@ impl Compiler {
             "!" | "!!" => {
                 Self::arity(path, op, args, 1, 1)?;
                 let inner = Box::new(self.node(&args[0], &format!("{path}/0"), depth)?);
-                if op == "!" { Node::Not(inner) } else { Node::Truthy(inner) }
+                if op == "!" {
+                    Node::Not(inner)
+                } else {
+                    Node::Truthy(inner)
+                }
             }
             "or" => Node::Or(self.list(args, path, depth)?),
             "and" => Node::And(self.list(args, path, depth)?),
@@ -363,7 +411,9 @@ impl Compiler {
                 let l = self.list(args, path, depth)?;
                 let mut it = l.into_vec().into_iter();
                 match (it.next(), it.next(), it.next()) {
-                    (Some(a), Some(b), Some(c)) => Node::Reduce(Box::new(a), Box::new(b), Box::new(c)),
+                    (Some(a), Some(b), Some(c)) => {
+                        Node::Reduce(Box::new(a), Box::new(b), Box::new(c))
+                    }
                     _ => return Err(CompileError::new(path, "\"reduce\" takes 3 arguments")),
                 }
             }
@@ -381,7 +431,10 @@ impl Compiler {
                 ));
             }
             other => {
-                return Err(CompileError::new(path, format!("unknown operator \"{other}\"")));
+                return Err(CompileError::new(
+                    path,
+                    format!("unknown operator \"{other}\""),
+                ));
             }
         };
         Ok(node)
@@ -405,7 +458,10 @@ impl Compiler {
             Value::Null => String::new(),
             Value::Object(_) => {
                 let dyn_path = Box::new(self.node(&name, &format!("{path}/0"), depth)?);
-                return Ok(Node::VarDyn { path: dyn_path, default });
+                return Ok(Node::VarDyn {
+                    path: dyn_path,
+                    default,
+                });
             }
             other => {
                 return Err(CompileError::new(
@@ -434,7 +490,13 @@ impl Compiler {
         })
     }
 
-    fn string_compare(&mut self, op: &str, args: &[Value], path: &str, depth: usize) -> Result<Node, CompileError> {
+    fn string_compare(
+        &mut self,
+        op: &str,
+        args: &[Value],
+        path: &str,
+        depth: usize,
+    ) -> Result<Node, CompileError> {
         if args.len() != 2 {
             if self.strict() {
                 Self::arity(path, op, args, 2, 2)?;
@@ -446,7 +508,9 @@ impl Compiler {
                 if self.strict() {
                     return Err(CompileError::new(
                         &format!("{path}/{i}"),
-                        format!("\"{op}\" compares strings: each argument must be a string or a rule, found {a}"),
+                        format!(
+                            "\"{op}\" compares strings: each argument must be a string or a rule, found {a}"
+                        ),
                     ));
                 }
                 return Ok(Node::Null);
@@ -511,7 +575,12 @@ impl Compiler {
         })))
     }
 
-    fn fractional(&mut self, args: &[Value], path: &str, depth: usize) -> Result<Node, CompileError> {
+    fn fractional(
+        &mut self,
+        args: &[Value],
+        path: &str,
+        depth: usize,
+    ) -> Result<Node, CompileError> {
         let (bucket_by, bucket_args, first) = match args.first() {
             Some(Value::Array(_)) => (None, args, 0),
             Some(Value::Object(_)) => (
@@ -527,12 +596,19 @@ impl Compiler {
                     ),
                 ));
             }
-            Some(_) => (Some(self.node(&args[0], &format!("{path}/0"), depth)?), &args[1..], 1),
+            Some(_) => (
+                Some(self.node(&args[0], &format!("{path}/0"), depth)?),
+                &args[1..],
+                1,
+            ),
             None => (None, args, 0),
         };
         if bucket_args.is_empty() {
             if self.strict() {
-                return Err(CompileError::new(path, "\"fractional\" needs at least one bucket"));
+                return Err(CompileError::new(
+                    path,
+                    "\"fractional\" needs at least one bucket",
+                ));
             }
             return Ok(Node::Null);
         }
@@ -544,11 +620,18 @@ impl Compiler {
                 None => return Ok(Node::Null),
             }
         }
-        Ok(Node::Fractional(Box::new(Fractional::new(bucket_by, buckets))))
+        Ok(Node::Fractional(Box::new(Fractional::new(
+            bucket_by, buckets,
+        ))))
     }
 
     /// One `[variant, weight]` bucket; `None` (lenient only) when malformed.
-    fn bucket(&mut self, raw: &Value, path: &str, depth: usize) -> Result<Option<Bucket>, CompileError> {
+    fn bucket(
+        &mut self,
+        raw: &Value,
+        path: &str,
+        depth: usize,
+    ) -> Result<Option<Bucket>, CompileError> {
         let malformed = |msg: String| -> Result<Option<Bucket>, CompileError> {
             Err(CompileError::new(path, msg))
         };
@@ -560,7 +643,10 @@ impl Compiler {
         };
         if parts.is_empty() || parts.len() > 2 {
             if self.strict() {
-                return malformed(format!("a bucket must be [variant] or [variant, weight], found {} items", parts.len()));
+                return malformed(format!(
+                    "a bucket must be [variant] or [variant, weight], found {} items",
+                    parts.len()
+                ));
             }
             return Ok(None);
         }
@@ -569,7 +655,10 @@ impl Compiler {
                 if self.strict() {
                     return Err(CompileError::new(
                         &format!("{path}/0"),
-                        format!("a bucket's variant must be a string or a rule, found {}", parts[0]),
+                        format!(
+                            "a bucket's variant must be a string or a rule, found {}",
+                            parts[0]
+                        ),
                     ));
                 }
                 return Ok(None);
@@ -654,7 +743,11 @@ mod tests {
         let mut ev = Map::new();
         ev.insert("a".into(), json!({"$ref": "b"}));
         ev.insert("b".into(), json!({"==": [1, 1]}));
-        let out = inline_refs(&json!({"if": [{"$ref": "a"}, "x"]}), &ev, Strictness::Strict);
+        let out = inline_refs(
+            &json!({"if": [{"$ref": "a"}, "x"]}),
+            &ev,
+            Strictness::Strict,
+        );
         assert_eq!(out.ok(), Some(json!({"if": [{"==": [1, 1]}, "x"]})));
         ev.insert("b".into(), json!({"$ref": "a"}));
         assert!(inline_refs(&json!({"$ref": "a"}), &ev, Strictness::Strict).is_err());

@@ -60,7 +60,10 @@ mod tests {
             "flagd.sync.v1",
             "google.protobuf",
         ] {
-            assert!(packages.contains(&want), "missing package {want}: {packages:?}");
+            assert!(
+                packages.contains(&want),
+                "missing package {want}: {packages:?}"
+            );
         }
         Ok(())
     }
@@ -80,10 +83,22 @@ mod tests {
                 .find(|f| f.name() == name)
                 .map(|f| f.number())
         };
-        assert_eq!(field("flagd.evaluation.v1", "AnyFlag", "object_value"), Some(6));
-        assert_eq!(field("flagd.evaluation.v2", "ResolveIntResponse", "metadata"), Some(4));
-        assert_eq!(field("flagd.sync.v1", "GetMetadataResponse", "metadata"), Some(2));
-        assert_eq!(field("flagd.sync.v1", "SyncFlagsResponse", "sync_context"), Some(2));
+        assert_eq!(
+            field("flagd.evaluation.v1", "AnyFlag", "object_value"),
+            Some(6)
+        );
+        assert_eq!(
+            field("flagd.evaluation.v2", "ResolveIntResponse", "metadata"),
+            Some(4)
+        );
+        assert_eq!(
+            field("flagd.sync.v1", "GetMetadataResponse", "metadata"),
+            Some(2)
+        );
+        assert_eq!(
+            field("flagd.sync.v1", "SyncFlagsResponse", "sync_context"),
+            Some(2)
+        );
         Ok(())
     }
 }
