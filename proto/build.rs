@@ -24,6 +24,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     std::fs::write(out_dir.join("flagmesh_descriptor.bin"), fds.encode_to_vec())?;
 
+    // A second server for flagmesh.v1.Sync whose stream items are
+    // `crate::shared::SharedSyncEvent`: wire-identical to `SyncEvent`, but it
+    // can carry bytes encoded once and shared by every subscriber. Every
+    // other type maps to the messages generated above.
+    let shared_dir = out_dir.join("shared");
+    std::fs::create_dir_all(&shared_dir)?;
+    let mut sync_only = fds.clone();
+    sync_only.file.retain(|f| {
+        matches!(
+            f.name(),
+            "flagmesh/v1/sync.proto" | "flagmesh/v1/types.proto"
+        )
+    });
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .extern_path(".flagmesh.v1.SyncEvent", "crate::shared::SharedSyncEvent")
+        .extern_path(".flagmesh.v1", "crate::v1")
+        .out_dir(&shared_dir)
+        .compile_fds(sync_only)?;
+
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

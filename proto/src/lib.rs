@@ -43,6 +43,79 @@ pub mod flagd {
 
 pub use flagmesh::v1;
 
+/// The `flagmesh.v1.Sync` server whose `Subscribe` stream carries
+/// [`SharedSyncEvent`](shared::SharedSyncEvent)s: each event is encoded once
+/// and its bytes are shared by every subscriber it is sent to.
+pub mod shared {
+    use prost::bytes::{Buf, BufMut, Bytes};
+    use prost::encoding::{DecodeContext, WireType, skip_field};
+
+    /// A `flagmesh.v1.SyncEvent` already encoded; sending it copies no
+    /// message and encodes nothing. The wire bytes are exactly those of the
+    /// `SyncEvent` it was made from.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct SharedSyncEvent {
+        encoded: Bytes,
+    }
+
+    impl SharedSyncEvent {
+        /// Encodes an event once.
+        pub fn new(event: &super::v1::SyncEvent) -> Self {
+            Self {
+                encoded: Bytes::from(prost::Message::encode_to_vec(event)),
+            }
+        }
+
+        /// The encoded size in bytes.
+        pub fn len(&self) -> usize {
+            self.encoded.len()
+        }
+
+        /// Whether the event is empty (a default value).
+        pub fn is_empty(&self) -> bool {
+            self.encoded.is_empty()
+        }
+
+        /// The shared bytes.
+        pub fn bytes(&self) -> &Bytes {
+            &self.encoded
+        }
+    }
+
+    impl From<&super::v1::SyncEvent> for SharedSyncEvent {
+        fn from(event: &super::v1::SyncEvent) -> Self {
+            Self::new(event)
+        }
+    }
+
+    impl prost::Message for SharedSyncEvent {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            buf.put_slice(&self.encoded);
+        }
+
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: WireType,
+            buf: &mut impl Buf,
+            ctx: DecodeContext,
+        ) -> Result<(), prost::DecodeError> {
+            // Only ever sent by servers; decoding goes through `SyncEvent`.
+            skip_field(wire_type, tag, buf, ctx)
+        }
+
+        fn encoded_len(&self) -> usize {
+            self.encoded.len()
+        }
+
+        fn clear(&mut self) {
+            self.encoded = Bytes::new();
+        }
+    }
+
+    include!(concat!(env!("OUT_DIR"), "/shared/flagmesh.v1.rs"));
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
@@ -65,6 +138,25 @@ mod tests {
                 "missing package {want}: {packages:?}"
             );
         }
+        Ok(())
+    }
+
+    /// A shared event's bytes decode as the event it was made from.
+    #[test]
+    fn shared_event_is_wire_identical() -> Result<(), prost::DecodeError> {
+        use crate::v1::{Progress, SyncEvent, sync_event::Event};
+        let event = SyncEvent {
+            event: Some(Event::Progress(Progress {
+                revision: 7,
+                head_revision: 9,
+                history_id: "h".into(),
+                upstream_connected: true,
+            })),
+        };
+        let shared = crate::shared::SharedSyncEvent::new(&event);
+        let mut buf = Vec::new();
+        prost::Message::encode(&shared, &mut buf).map_err(|_| prost::DecodeError::new("encode"))?;
+        assert_eq!(SyncEvent::decode(buf.as_slice())?, event);
         Ok(())
     }
 
