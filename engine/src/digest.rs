@@ -17,6 +17,13 @@ pub fn flag_hash(flag_set: &str, key: &str, definition: &[u8]) -> u64 {
     h.digest()
 }
 
+/// The hash a flag set's metadata contributes to a state's digest: the flag
+/// hash with an empty key (flag keys are never empty) over the metadata's
+/// canonical JSON.
+pub fn flag_set_hash(flag_set: &str, metadata_json: &[u8]) -> u64 {
+    flag_hash(flag_set, "", metadata_json)
+}
+
 /// The additive digest of a whole state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct StateDigest(pub u64);

@@ -42,7 +42,7 @@ pub mod rule;
 
 pub use context::validate_context;
 pub use definition::{FlagDefinition, FlagState, FlagType};
-pub use digest::{StateDigest, flag_hash};
+pub use digest::{StateDigest, flag_hash, flag_set_hash};
 pub use document::FlagDocument;
 pub use error::{CompileError, DocumentError, ErrorCode, ValidationError, ValidationErrors};
 pub use flag::CompiledFlag;

@@ -7,25 +7,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
+
 
 use std::path::{Path, PathBuf};
 
 use flagmesh_engine::rule::inline_refs;
+use flagmesh_integration_tests::flagd_kit::json_files;
 use flagmesh_engine::{DocumentError, FlagDocument, Strictness, compile};
 
 fn schema_tests() -> PathBuf {
-    support::flagd_package_dir().join("schemas/json/test")
-}
-
-fn json_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    files
+    flagmesh_integration_tests::flagd_kit::package_dir().join("schemas/json/test")
 }
 
 fn parse(path: &Path) -> Result<FlagDocument, DocumentError> {

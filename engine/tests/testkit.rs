@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod support;
+
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -19,7 +19,7 @@ use flagmesh_engine::{CompiledFlagSet, FlagDocument, Strictness, ValueType};
 use serde_json::{Map, Value, json};
 
 fn testbed() -> PathBuf {
-    support::flagd_package_dir().join("flagd-testbed/evaluator")
+    flagmesh_integration_tests::flagd_kit::package_dir().join("flagd-testbed/evaluator")
 }
 
 /// The test kit's flags, compiled once like a flagd evaluator loads them.

@@ -7,6 +7,8 @@
 #![allow(missing_docs)] // generated code carries the .proto comments instead
 #![allow(clippy::all, clippy::pedantic)]
 
+pub mod convert;
+
 /// The encoded `FileDescriptorSet` of every flagmesh and flagd proto file.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/flagmesh_descriptor.bin"));
@@ -143,7 +145,7 @@ mod tests {
 
     /// A shared event's bytes decode as the event it was made from.
     #[test]
-    fn shared_event_is_wire_identical() -> Result<(), prost::DecodeError> {
+    fn shared_event_is_wire_identical() -> Result<(), Box<dyn std::error::Error>> {
         use crate::v1::{Progress, SyncEvent, sync_event::Event};
         let event = SyncEvent {
             event: Some(Event::Progress(Progress {
@@ -155,7 +157,7 @@ mod tests {
         };
         let shared = crate::shared::SharedSyncEvent::new(&event);
         let mut buf = Vec::new();
-        prost::Message::encode(&shared, &mut buf).map_err(|_| prost::DecodeError::new("encode"))?;
+        prost::Message::encode(&shared, &mut buf)?;
         assert_eq!(SyncEvent::decode(buf.as_slice())?, event);
         Ok(())
     }

@@ -1,0 +1,489 @@
+//! The `flagmesh.v1.Admin` service: every definition is validated by the
+//! engine's compiler before it is stored; writes check expected revisions
+//! under the store's commit lock; each committed change is published to the
+//! fan-out and recorded for the propagation view.
+
+use std::sync::Arc;
+
+use flagmesh_engine::{FlagDefinition, FlagDocument, Strictness};
+use flagmesh_mesh::Fanout;
+use flagmesh_mesh::auth::principal;
+use flagmesh_proto::convert::struct_to_map;
+use flagmesh_proto::v1::admin_server::Admin;
+use flagmesh_proto::v1::*;
+use serde_json::{Map, Value};
+use tonic::{Request, Response, Status};
+
+use crate::error::ControlError;
+use crate::propagation::Propagation;
+use crate::store::{ChangeRequest, CommitOutcome, FlagStore, FlagWrite, SetWrite, StateView};
+
+/// Largest flag definition accepted, in bytes.
+pub const MAX_DEFINITION_BYTES: usize = 256 << 10;
+/// Largest flag key, in bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Largest flag-set id, in bytes.
+pub const MAX_FLAG_SET_BYTES: usize = 128;
+
+/// The Admin service.
+pub struct AdminService<S> {
+    store: Arc<S>,
+    fanout: Arc<Fanout>,
+    propagation: Arc<Propagation>,
+}
+
+impl<S: FlagStore> AdminService<S> {
+    /// The service over a store, publishing to a fan-out.
+    pub fn new(store: Arc<S>, fanout: Arc<Fanout>, propagation: Arc<Propagation>) -> Self {
+        Self {
+            store,
+            fanout,
+            propagation,
+        }
+    }
+
+    /// Commits (in a blocking task: sled flushes) and publishes.
+    async fn commit(
+        &self,
+        mut plan: impl FnMut(&dyn StateView) -> Result<ChangeRequest, ControlError> + Send + 'static,
+        dry_run: bool,
+    ) -> Result<CommitOutcome, Status> {
+        let store = self.store.clone();
+        let fanout = self.fanout.clone();
+        let propagation = self.propagation.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = store.commit(&mut plan, dry_run)?;
+            if let Some(delta) = &outcome.delta {
+                propagation.committed(delta.to_revision, delta.committed_at_unix_ms);
+                tracing::info!(revision = delta.to_revision, changes = outcome.changes.len(), "committed");
+                fanout.publish(delta.clone());
+            }
+            Ok::<_, ControlError>(outcome)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("commit task failed: {e}")))?
+        .map_err(Status::from)
+    }
+}
+
+fn actor<T>(req: &Request<T>) -> String {
+    principal(req).map(|p| p.name.clone()).unwrap_or_else(|| "anonymous".into())
+}
+
+/// Checks a flag-set id: 1..=128 bytes of letters, digits, `.`, `_`, `-`, `:`.
+pub fn check_flag_set(id: &str) -> Result<(), ControlError> {
+    if id.is_empty() {
+        return Err(ControlError::InvalidArgument("flag_set: must not be empty".into()));
+    }
+    if id.len() > MAX_FLAG_SET_BYTES || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c)) {
+        return Err(ControlError::InvalidArgument(format!(
+            "flag_set \"{}\": use at most {MAX_FLAG_SET_BYTES} letters, digits, '.', '_', '-' or ':'",
+            id.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a flag key: 1..=256 bytes without control characters.
+pub fn check_key(key: &str) -> Result<(), ControlError> {
+    if key.is_empty() {
+        return Err(ControlError::InvalidArgument("key: must not be empty".into()));
+    }
+    if key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
+        return Err(ControlError::InvalidArgument(format!(
+            "key \"{}\": use at most {MAX_KEY_BYTES} bytes and no control characters",
+            key.chars().filter(|c| !c.is_control()).take(40).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// Parses and validates one flag definition; returns its canonical bytes.
+pub fn validate_definition(key: &str, json: &str) -> Result<Vec<u8>, ControlError> {
+    if json.len() > MAX_DEFINITION_BYTES {
+        return Err(ControlError::InvalidArgument(format!(
+            "flag \"{key}\": definition_json: larger than {MAX_DEFINITION_BYTES} bytes"
+        )));
+    }
+    let value: Value = serde_json::from_str(json).map_err(|e| {
+        ControlError::InvalidArgument(format!("flag \"{key}\": definition_json: not valid JSON: {e}"))
+    })?;
+    let def = FlagDefinition::from_json(key, &value, &Map::new(), Strictness::Strict)
+        .map_err(|e| ControlError::InvalidArgument(e.to_string()))?;
+    Ok(def.to_canonical_json())
+}
+
+fn expect_revision(what: &str, current: Option<u64>, expected: u64, force: bool, creating: bool) -> Result<(), ControlError> {
+    if force {
+        return Ok(());
+    }
+    match (current, expected) {
+        (None, 0) if creating => Ok(()),
+        (Some(cur), 0) if creating => Err(ControlError::FailedPrecondition(format!(
+            "{what} exists (mod_revision {cur}); pass expected_mod_revision {cur} to replace it"
+        ))),
+        (None, _) => Err(ControlError::NotFound(format!("{what} not found"))),
+        (Some(_), 0) => Ok(()),
+        (Some(cur), exp) if cur == exp => Ok(()),
+        (Some(cur), exp) => Err(ControlError::FailedPrecondition(format!(
+            "{what} changed: its mod_revision is {cur}, not the expected {exp}; read it again"
+        ))),
+    }
+}
+
+fn page_size(requested: u32, default: usize) -> usize {
+    match requested {
+        0 => default,
+        n => (n as usize).min(1000),
+    }
+}
+
+#[tonic::async_trait]
+impl<S: FlagStore> Admin for AdminService<S> {
+    async fn get_flag(&self, request: Request<GetFlagRequest>) -> Result<Response<GetFlagResponse>, Status> {
+        let r = request.into_inner();
+        let flag = self
+            .store
+            .get_flag(&r.flag_set, &r.key)?
+            .ok_or_else(|| Status::not_found(format!("flag \"{}\" not found in flag set \"{}\"", r.key, r.flag_set)))?;
+        Ok(Response::new(GetFlagResponse {
+            flag: Some(flag),
+            revision: self.store.head()?.revision,
+        }))
+    }
+
+    async fn list_flags(&self, request: Request<ListFlagsRequest>) -> Result<Response<ListFlagsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = page_size(r.page_size, 100);
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            let raw = hex::decode(&r.page_token).map_err(|_| Status::invalid_argument("page_token: not a token from this API"))?;
+            let text = String::from_utf8(raw).map_err(|_| Status::invalid_argument("page_token: not a token from this API"))?;
+            let (s, k) = text
+                .split_once('\0')
+                .ok_or_else(|| Status::invalid_argument("page_token: not a token from this API"))?;
+            Some((s.to_owned(), k.to_owned()))
+        };
+        let set = (!r.flag_set.is_empty()).then_some(r.flag_set.as_str());
+        let revision = self.store.head()?.revision;
+        let mut flags = self
+            .store
+            .list_flags(set, after.as_ref().map(|(s, k)| (s.as_str(), k.as_str())), limit + 1)?;
+        let next_page_token = if flags.len() > limit {
+            flags.truncate(limit);
+            flags
+                .last()
+                .map(|f| hex::encode(format!("{}\0{}", f.flag_set, f.key)))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListFlagsResponse {
+            flags,
+            next_page_token,
+            revision,
+        }))
+    }
+
+    async fn create_flag(&self, request: Request<CreateFlagRequest>) -> Result<Response<WriteResponse>, Status> {
+        let actor = actor(&request);
+        let r = request.into_inner();
+        check_flag_set(&r.flag_set)?;
+        check_key(&r.key)?;
+        let def = validate_definition(&r.key, &r.definition_json)?;
+        let outcome = self
+            .commit(
+                move |view| {
+                    if let Some(f) = view.flag(&r.flag_set, &r.key)? {
+                        return Err(ControlError::AlreadyExists(format!(
+                            "flag \"{}\" exists in flag set \"{}\" (mod_revision {})",
+                            r.key, r.flag_set, f.mod_revision
+                        )));
+                    }
+                    Ok(ChangeRequest {
+                        actor: actor.clone(),
+                        operation: "create".into(),
+                        comment: r.comment.clone(),
+                        flags: vec![FlagWrite {
+                            flag_set: r.flag_set.clone(),
+                            key: r.key.clone(),
+                            definition: Some(def.clone()),
+                        }],
+                        sets: vec![],
+                    })
+                },
+                false,
+            )
+            .await?;
+        Ok(Response::new(WriteResponse {
+            revision: outcome.revision,
+            changed: outcome.delta.is_some(),
+        }))
+    }
+
+    async fn update_flag(&self, request: Request<UpdateFlagRequest>) -> Result<Response<WriteResponse>, Status> {
+        let actor = actor(&request);
+        let r = request.into_inner();
+        check_flag_set(&r.flag_set)?;
+        check_key(&r.key)?;
+        let def = validate_definition(&r.key, &r.definition_json)?;
+        let outcome = self
+            .commit(
+                move |view| {
+                    let current = view.flag(&r.flag_set, &r.key)?.map(|f| f.mod_revision);
+                    let what = format!("flag \"{}\" of flag set \"{}\"", r.key, r.flag_set);
+                    expect_revision(&what, current, r.expected_mod_revision, r.force, true)?;
+                    Ok(ChangeRequest {
+                        actor: actor.clone(),
+                        operation: "update".into(),
+                        comment: r.comment.clone(),
+                        flags: vec![FlagWrite {
+                            flag_set: r.flag_set.clone(),
+                            key: r.key.clone(),
+                            definition: Some(def.clone()),
+                        }],
+                        sets: vec![],
+                    })
+                },
+                false,
+            )
+            .await?;
+        Ok(Response::new(WriteResponse {
+            revision: outcome.revision,
+            changed: outcome.delta.is_some(),
+        }))
+    }
+
+    async fn delete_flag(&self, request: Request<DeleteFlagRequest>) -> Result<Response<WriteResponse>, Status> {
+        let actor = actor(&request);
+        let r = request.into_inner();
+        let outcome = self
+            .commit(
+                move |view| {
+                    let current = view.flag(&r.flag_set, &r.key)?.map(|f| f.mod_revision);
+                    let what = format!("flag \"{}\" of flag set \"{}\"", r.key, r.flag_set);
+                    expect_revision(&what, current, r.expected_mod_revision, false, false)?;
+                    Ok(ChangeRequest {
+                        actor: actor.clone(),
+                        operation: "delete".into(),
+                        comment: r.comment.clone(),
+                        flags: vec![FlagWrite {
+                            flag_set: r.flag_set.clone(),
+                            key: r.key.clone(),
+                            definition: None,
+                        }],
+                        sets: vec![],
+                    })
+                },
+                false,
+            )
+            .await?;
+        Ok(Response::new(WriteResponse {
+            revision: outcome.revision,
+            changed: outcome.delta.is_some(),
+        }))
+    }
+
+    async fn list_flag_sets(&self, _request: Request<ListFlagSetsRequest>) -> Result<Response<ListFlagSetsResponse>, Status> {
+        Ok(Response::new(ListFlagSetsResponse {
+            flag_sets: self.store.list_flag_sets()?,
+            revision: self.store.head()?.revision,
+        }))
+    }
+
+    async fn delete_flag_set(&self, request: Request<DeleteFlagSetRequest>) -> Result<Response<WriteResponse>, Status> {
+        let actor = actor(&request);
+        let r = request.into_inner();
+        let outcome = self
+            .commit(
+                move |view| {
+                    let current = view.flag_set(&r.flag_set)?.map(|s| s.mod_revision);
+                    let what = format!("flag set \"{}\"", r.flag_set);
+                    expect_revision(&what, current, r.expected_mod_revision, false, false)?;
+                    let flags = view
+                        .flags_of(&r.flag_set)?
+                        .into_iter()
+                        .map(|f| FlagWrite {
+                            flag_set: f.flag_set,
+                            key: f.key,
+                            definition: None,
+                        })
+                        .collect();
+                    Ok(ChangeRequest {
+                        actor: actor.clone(),
+                        operation: "delete-set".into(),
+                        comment: r.comment.clone(),
+                        flags,
+                        sets: vec![SetWrite {
+                            flag_set: r.flag_set.clone(),
+                            metadata: Map::new(),
+                            delete: true,
+                        }],
+                    })
+                },
+                false,
+            )
+            .await?;
+        Ok(Response::new(WriteResponse {
+            revision: outcome.revision,
+            changed: outcome.delta.is_some(),
+        }))
+    }
+
+    async fn apply_flag_set(&self, request: Request<ApplyFlagSetRequest>) -> Result<Response<ApplyFlagSetResponse>, Status> {
+        let actor = actor(&request);
+        let r = request.into_inner();
+        let doc = FlagDocument::parse(&r.document, Strictness::Strict)
+            .map_err(|e| Status::invalid_argument(format!("document: {e}")))?;
+        let flag_set = match (r.flag_set.as_str(), doc.flag_set_id.as_deref()) {
+            ("", Some(id)) => id.to_owned(),
+            ("", None) => {
+                return Err(Status::invalid_argument(
+                    "flag_set: name the flag set, or set metadata.flagSetId in the document",
+                ));
+            }
+            (given, Some(id)) if given != id => {
+                return Err(Status::invalid_argument(format!(
+                    "flag_set: the request names \"{given}\" but the document's metadata.flagSetId is \"{id}\""
+                )));
+            }
+            (given, _) => given.to_owned(),
+        };
+        check_flag_set(&flag_set)?;
+        for key in doc.flags.keys() {
+            check_key(key)?;
+        }
+        let replace = r.mode() != ApplyMode::Merge;
+        let writes: Vec<FlagWrite> = doc
+            .flags
+            .iter()
+            .map(|(k, d)| FlagWrite {
+                flag_set: flag_set.clone(),
+                key: k.clone(),
+                definition: Some(d.to_canonical_json()),
+            })
+            .collect();
+        let metadata = doc.metadata.clone();
+        let expected = r.expected_mod_revision;
+        let comment = r.comment.clone();
+        let outcome = self
+            .commit(
+                move |view| {
+                    let current = view.flag_set(&flag_set)?.map(|s| s.mod_revision);
+                    if expected != 0 {
+                        expect_revision(&format!("flag set \"{flag_set}\""), current, expected, false, false)?;
+                    }
+                    let mut flags = writes.clone();
+                    if replace {
+                        for f in view.flags_of(&flag_set)? {
+                            if !flags.iter().any(|w| w.key == f.key) {
+                                flags.push(FlagWrite {
+                                    flag_set: f.flag_set,
+                                    key: f.key,
+                                    definition: None,
+                                });
+                            }
+                        }
+                    }
+                    Ok(ChangeRequest {
+                        actor: actor.clone(),
+                        operation: "apply".into(),
+                        comment: comment.clone(),
+                        flags,
+                        sets: vec![SetWrite {
+                            flag_set: flag_set.clone(),
+                            metadata: metadata.clone(),
+                            delete: false,
+                        }],
+                    })
+                },
+                r.dry_run,
+            )
+            .await?;
+        let mut changes = outcome.changes;
+        changes.sort_by(|a, b| (&a.flag_set, &a.key).cmp(&(&b.flag_set, &b.key)));
+        Ok(Response::new(ApplyFlagSetResponse {
+            revision: outcome.revision,
+            changes,
+            dry_run: r.dry_run,
+        }))
+    }
+
+    async fn export_flag_set(&self, request: Request<ExportFlagSetRequest>) -> Result<Response<ExportFlagSetResponse>, Status> {
+        let r = request.into_inner();
+        let set = self
+            .store
+            .get_flag_set(&r.flag_set)?
+            .ok_or_else(|| Status::not_found(format!("flag set \"{}\" not found", r.flag_set)))?;
+        let mut flags = Map::new();
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = self.store.list_flags(
+                Some(&r.flag_set),
+                after.as_ref().map(|(s, k)| (s.as_str(), k.as_str())),
+                1000,
+            )?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.flag_set.clone(), last.key.clone()));
+            for f in page {
+                let def: Value = serde_json::from_slice(&f.definition_json)
+                    .map_err(|e| Status::internal(format!("stored flag {} unreadable: {e}", f.key)))?;
+                flags.insert(f.key, def);
+            }
+        }
+        let mut doc = Map::new();
+        doc.insert("flags".into(), Value::Object(flags));
+        let metadata = set.metadata.as_ref().map(struct_to_map).unwrap_or_default();
+        if !metadata.is_empty() {
+            doc.insert("metadata".into(), Value::Object(metadata));
+        }
+        Ok(Response::new(ExportFlagSetResponse {
+            document: serde_json::to_string_pretty(&Value::Object(doc)).unwrap_or_default(),
+            revision: self.store.head()?.revision,
+        }))
+    }
+
+    async fn list_history(&self, request: Request<ListHistoryRequest>) -> Result<Response<ListHistoryResponse>, Status> {
+        let r = request.into_inner();
+        let limit = page_size(r.page_size, 50);
+        let before = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(r.page_token.parse::<u64>().map_err(|_| Status::invalid_argument("page_token: not a token from this API"))?)
+        };
+        let set = (!r.flag_set.is_empty()).then_some(r.flag_set.as_str());
+        let key = (!r.key.is_empty()).then_some(r.key.as_str());
+        let mut change_sets = self.store.history(before, limit + 1, set, key)?;
+        let next_page_token = if change_sets.len() > limit {
+            change_sets.truncate(limit);
+            change_sets.last().map(|c| c.revision.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListHistoryResponse {
+            change_sets,
+            next_page_token,
+            oldest_revision: self.store.head()?.compacted_through + 1,
+        }))
+    }
+
+    async fn get_revision(&self, _request: Request<GetRevisionRequest>) -> Result<Response<GetRevisionResponse>, Status> {
+        let head = self.store.head()?;
+        Ok(Response::new(GetRevisionResponse {
+            revision: head.revision,
+            history_id: head.history_id,
+            oldest_revision: head.compacted_through + 1,
+            digest: head.digest,
+        }))
+    }
+
+    async fn get_propagation(&self, request: Request<GetPropagationRequest>) -> Result<Response<GetPropagationResponse>, Status> {
+        let recent = match request.get_ref().recent_revisions {
+            0 => 20,
+            n => n.min(500) as usize,
+        };
+        let head = self.store.head()?.revision;
+        Ok(Response::new(self.propagation.view(head, recent)))
+    }
+}

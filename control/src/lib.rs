@@ -1,0 +1,19 @@
+//! The flagmesh control plane: the source of truth of the mesh.
+//!
+//! - [`store`]: flag sets and flags, the global revision and history id,
+//!   the change log and the audit trail, behind [`store::FlagStore`]; sled
+//!   by default ([`store::SledStore`]).
+//! - [`admin`]: the `flagmesh.v1.Admin` gRPC API (validation, optimistic
+//!   concurrency, dry-run diffs).
+//! - [`propagation`]: which node has applied which revision.
+//! - [`node`]: assembling and running a control node.
+//! - [`cli`]: the `flagctl` operator CLI's commands and output.
+
+pub mod admin;
+pub mod cli;
+pub mod error;
+pub mod node;
+pub mod propagation;
+pub mod store;
+
+pub use error::ControlError;

@@ -1,0 +1,143 @@
+//! Assembles a control-plane node: store, fan-out, Admin and Sync services
+//! behind the auth layer, health and reflection, the HTTP listener, and
+//! graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use flagmesh_mesh::auth::{AuthLayer, Authenticator, Requirement, common_requirement};
+use flagmesh_mesh::serve::{self, Readiness, Shutdown};
+use flagmesh_mesh::sync_service::SyncService;
+use flagmesh_mesh::{Fanout, FanoutConfig, Head};
+use flagmesh_proto::v1::admin_server::AdminServer;
+
+use crate::admin::AdminService;
+use crate::propagation::Propagation;
+use crate::store::{FlagStore, SledStore, StoreSource};
+
+/// What a control node needs to start.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// HTTP listen address, if any.
+    pub http_listen: Option<SocketAddr>,
+    /// The store's folder.
+    pub data_dir: PathBuf,
+    /// How many revisions of deltas the change log keeps.
+    pub retain_revisions: u64,
+    /// Fan-out tuning (heartbeat, ring, cut-off deadline).
+    pub fanout: FanoutConfig,
+    /// How long shutdown waits for connections to finish.
+    pub drain: Duration,
+}
+
+/// The access policy of the control plane's methods.
+pub fn requirement(path: &str) -> Requirement {
+    if let Some(r) = common_requirement(path) {
+        return r;
+    }
+    let Some(method) = path.strip_prefix("/flagmesh.v1.Admin/") else {
+        return Requirement::Admin;
+    };
+    match method {
+        "GetFlag" | "ListFlags" | "ListFlagSets" | "ExportFlagSet" | "ListHistory" | "GetRevision" | "GetPropagation" => {
+            Requirement::Read
+        }
+        "CreateFlag" | "UpdateFlag" | "DeleteFlag" | "ApplyFlagSet" => Requirement::Write,
+        _ => Requirement::Admin,
+    }
+}
+
+/// A running control node.
+pub struct RunningControl {
+    /// The bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: Option<SocketAddr>,
+    /// Triggers shutdown.
+    pub shutdown: Shutdown,
+    /// The store.
+    pub store: Arc<SledStore>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    drain: Duration,
+}
+
+impl RunningControl {
+    /// Stops accepting, then waits for connections at most the drain deadline.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        for t in self.tasks {
+            serve::drain(t, self.drain).await;
+        }
+    }
+}
+
+/// Opens the store, binds the listeners and starts serving.
+pub async fn start(config: ControlConfig, auth: Arc<Authenticator>) -> anyhow::Result<RunningControl> {
+    let store = Arc::new(
+        SledStore::open(&config.data_dir, config.retain_revisions)
+            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+    );
+    let head = store.head()?;
+    tracing::info!(revision = head.revision, history_id = %head.history_id, "store opened");
+    let shutdown = Shutdown::new();
+    let fanout = Fanout::new(
+        Arc::new(StoreSource(store.clone())),
+        Head {
+            history_id: head.history_id.as_str().into(),
+            revision: head.revision,
+            upstream_connected: true,
+        },
+        config.fanout.clone(),
+        shutdown.clone(),
+    );
+    let propagation = Arc::new(Propagation::default());
+
+    let grpc = serve::bind(config.listen).await?;
+    let grpc_addr = grpc.local_addr()?;
+    let http = match config.http_listen {
+        Some(a) => Some(serve::bind(a).await?),
+        None => None,
+    };
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+
+    let routes = tonic::service::Routes::new(AdminServer::new(AdminService::new(
+        store.clone(),
+        fanout.clone(),
+        propagation.clone(),
+    )))
+    .add_service(SyncService::server(fanout.clone(), propagation.clone()));
+    let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Admin", "flagmesh.v1.Sync"])?;
+    let layer = AuthLayer::new(auth, Arc::new(requirement));
+
+    let mut tasks = Vec::new();
+    let stop = shutdown.wait();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = serve::serve_grpc(routes, layer, grpc, stop).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+    let ready = Readiness::default();
+    ready.set(true);
+    if let Some(listener) = http {
+        let router = serve::base_http_routes(ready);
+        let stop = shutdown.wait();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve::serve_http(router, listener, stop).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+    }
+    Ok(RunningControl {
+        grpc_addr,
+        http_addr,
+        shutdown,
+        store,
+        tasks,
+        drain: config.drain,
+    })
+}

@@ -1,0 +1,563 @@
+//! The control plane's store: flag sets and flags in canonical form, the
+//! global revision and history id, the change log of deltas (kept for a
+//! window of revisions, compacted after it) and the audit trail.
+//!
+//! [`FlagStore`] is the small interface the rest of the control plane uses,
+//! so a server database can back it later; [`SledStore`] is the embedded
+//! implementation. Every commit is one atomic sled batch on one tree,
+//! flushed before it is acknowledged: a crash leaves all of a change set or
+//! none of it. Commits are serialized by a lock, under which the caller's
+//! plan reads the current state and checks its preconditions.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use flagmesh_engine::{StateDigest, flag_hash, flag_set_hash};
+use flagmesh_mesh::{SourceError, SourceSnapshot, SyncSource};
+use flagmesh_proto::convert::{map_to_struct, struct_to_map};
+use flagmesh_proto::v1::{ChangeKind, ChangeSet, Delta, Flag, FlagChange, FlagRef, FlagSet};
+use prost::Message;
+use serde_json::{Map, Value};
+
+use crate::error::ControlError;
+
+/// The head of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreHead {
+    /// The history id (random, made when the store was created).
+    pub history_id: String,
+    /// The newest committed revision.
+    pub revision: u64,
+    /// The change log holds the deltas of revisions above this one.
+    pub compacted_through: u64,
+    /// The digest of the state at `revision`.
+    pub digest: u64,
+}
+
+/// One flag to write: `definition` is canonical JSON, `None` deletes.
+#[derive(Debug, Clone)]
+pub struct FlagWrite {
+    /// The flag set.
+    pub flag_set: String,
+    /// The flag key.
+    pub key: String,
+    /// The new canonical definition, or `None` to delete.
+    pub definition: Option<Vec<u8>>,
+}
+
+/// One flag set to write: `metadata` replaces its metadata; `delete`
+/// removes the set (its flags must be deleted in the same change).
+#[derive(Debug, Clone)]
+pub struct SetWrite {
+    /// The flag set.
+    pub flag_set: String,
+    /// The new metadata (ignored when deleting).
+    pub metadata: Map<String, Value>,
+    /// Remove the set.
+    pub delete: bool,
+}
+
+/// A change set to commit.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeRequest {
+    /// Who (the credential's name).
+    pub actor: String,
+    /// The operation name for the audit trail.
+    pub operation: String,
+    /// The caller's note.
+    pub comment: String,
+    /// Flags to write.
+    pub flags: Vec<FlagWrite>,
+    /// Flag sets to write.
+    pub sets: Vec<SetWrite>,
+}
+
+/// The outcome of a commit (or of a dry run).
+#[derive(Debug, Clone)]
+pub struct CommitOutcome {
+    /// The revision committed; the current one when nothing changed or on a dry run.
+    pub revision: u64,
+    /// What changed, per flag (and per set metadata, with an empty key).
+    pub changes: Vec<FlagChange>,
+    /// The delta to publish; `None` when nothing changed or on a dry run.
+    pub delta: Option<Delta>,
+}
+
+/// Read access to the current state, for plans checking preconditions.
+pub trait StateView {
+    /// One flag.
+    fn flag(&self, flag_set: &str, key: &str) -> Result<Option<Flag>, ControlError>;
+    /// Every flag of a set, ordered by key.
+    fn flags_of(&self, flag_set: &str) -> Result<Vec<Flag>, ControlError>;
+    /// One flag set.
+    fn flag_set(&self, flag_set: &str) -> Result<Option<FlagSet>, ControlError>;
+}
+
+/// A plan: reads the current state, checks preconditions, returns what to write.
+pub type Plan<'a> = &'a mut dyn FnMut(&dyn StateView) -> Result<ChangeRequest, ControlError>;
+
+/// The control plane's source of truth.
+pub trait FlagStore: Send + Sync + 'static {
+    /// The head.
+    fn head(&self) -> Result<StoreHead, ControlError>;
+    /// One flag.
+    fn get_flag(&self, flag_set: &str, key: &str) -> Result<Option<Flag>, ControlError>;
+    /// Flags ordered by (set, key), after `after`, at most `limit`.
+    fn list_flags(&self, flag_set: Option<&str>, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Flag>, ControlError>;
+    /// Every flag set.
+    fn list_flag_sets(&self) -> Result<Vec<FlagSet>, ControlError>;
+    /// One flag set.
+    fn get_flag_set(&self, flag_set: &str) -> Result<Option<FlagSet>, ControlError>;
+    /// Runs `plan` against the current state and commits its changes
+    /// atomically under the next revision (nothing when it changes nothing,
+    /// or when `dry_run`).
+    fn commit(&self, plan: Plan<'_>, dry_run: bool) -> Result<CommitOutcome, ControlError>;
+    /// Change sets newest first, below `before` (exclusive), filtered.
+    fn history(&self, before: Option<u64>, limit: usize, flag_set: Option<&str>, key: Option<&str>) -> Result<Vec<ChangeSet>, ControlError>;
+    /// The whole state, consistently.
+    fn snapshot(&self) -> Result<SourceSnapshot, ControlError>;
+    /// Retained single-revision deltas from `from` to `to`.
+    fn deltas(&self, history_id: &str, from: u64, to: u64) -> Result<Option<Vec<Delta>>, ControlError>;
+}
+
+const META_HISTORY: &[u8] = b"m:history";
+const META_REVISION: &[u8] = b"m:revision";
+const META_COMPACTED: &[u8] = b"m:compacted";
+const META_DIGEST: &[u8] = b"m:digest";
+
+fn flag_key(set: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + set.len() + key.len());
+    k.extend_from_slice(b"f:");
+    k.extend_from_slice(set.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn flag_prefix(set: &str) -> Vec<u8> {
+    let mut k = flag_key(set, "");
+    k.truncate(3 + set.len());
+    k
+}
+
+fn set_key(set: &str) -> Vec<u8> {
+    [b"s:".as_slice(), set.as_bytes()].concat()
+}
+
+fn rev_key(prefix: &[u8], rev: u64) -> Vec<u8> {
+    [prefix, &rev.to_be_bytes()].concat()
+}
+
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, ControlError> {
+    Ok(match tree.get(key)? {
+        Some(v) => u64::from_be_bytes(
+            v.as_ref()
+                .try_into()
+                .map_err(|_| ControlError::Storage(format!("corrupt {}", String::from_utf8_lossy(key))))?,
+        ),
+        None => 0,
+    })
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Normalizes metadata the way it travels (protobuf `Struct`), so hashes
+/// computed here and at replicas agree.
+pub fn normalize_metadata(m: &Map<String, Value>) -> Map<String, Value> {
+    struct_to_map(&map_to_struct(m))
+}
+
+/// The canonical bytes of flag-set metadata.
+pub fn metadata_bytes(m: &Map<String, Value>) -> Vec<u8> {
+    serde_json::to_vec(m).unwrap_or_default()
+}
+
+/// Flag-set records a commit touches: id -> (record, metadata new or changed).
+type SetRecords = std::collections::BTreeMap<String, (Option<FlagSet>, bool)>;
+
+fn set_entry<'a>(
+    sets: &'a mut SetRecords,
+    id: &str,
+    store: &SledStore,
+) -> Result<&'a mut (Option<FlagSet>, bool), ControlError> {
+    if !sets.contains_key(id) {
+        sets.insert(id.to_owned(), (store.flag_set(id)?, false));
+    }
+    sets.get_mut(id).ok_or_else(|| ControlError::Storage("set record".into()))
+}
+
+/// The embedded store.
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    write: Mutex<()>,
+    retain: u64,
+}
+
+impl SledStore {
+    /// Opens (creating on first start) the store in `dir`, keeping the
+    /// deltas of the last `retain` revisions.
+    pub fn open(dir: &Path, retain: u64) -> Result<Self, ControlError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let tree = db.open_tree("control")?;
+        if tree.get(META_HISTORY)?.is_none() {
+            let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            tree.insert(META_HISTORY, id.as_bytes())?;
+            db.flush()?;
+            tracing::info!(history_id = %id, dir = %dir.display(), "created a new control store");
+        }
+        Ok(Self {
+            db,
+            tree,
+            write: Mutex::new(()),
+            retain: retain.max(1),
+        })
+    }
+
+    fn decode_flag(bytes: &[u8]) -> Result<Flag, ControlError> {
+        Ok(Flag::decode(bytes)?)
+    }
+
+    fn read_head(&self) -> Result<StoreHead, ControlError> {
+        let history_id = self
+            .tree
+            .get(META_HISTORY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .ok_or_else(|| ControlError::Storage("missing history id".into()))?;
+        Ok(StoreHead {
+            history_id,
+            revision: read_u64(&self.tree, META_REVISION)?,
+            compacted_through: read_u64(&self.tree, META_COMPACTED)?,
+            digest: read_u64(&self.tree, META_DIGEST)?,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl StateView for SledStore {
+    fn flag(&self, flag_set: &str, key: &str) -> Result<Option<Flag>, ControlError> {
+        self.tree
+            .get(flag_key(flag_set, key))?
+            .map(|v| Self::decode_flag(&v))
+            .transpose()
+    }
+
+    fn flags_of(&self, flag_set: &str) -> Result<Vec<Flag>, ControlError> {
+        self.tree
+            .scan_prefix(flag_prefix(flag_set))
+            .map(|kv| Self::decode_flag(&kv?.1))
+            .collect()
+    }
+
+    fn flag_set(&self, flag_set: &str) -> Result<Option<FlagSet>, ControlError> {
+        Ok(self.tree.get(set_key(flag_set))?.map(|v| FlagSet::decode(v.as_ref())).transpose()?)
+    }
+}
+
+impl FlagStore for SledStore {
+    fn head(&self) -> Result<StoreHead, ControlError> {
+        self.read_head()
+    }
+
+    fn get_flag(&self, flag_set: &str, key: &str) -> Result<Option<Flag>, ControlError> {
+        self.flag(flag_set, key)
+    }
+
+    fn list_flags(&self, flag_set: Option<&str>, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Flag>, ControlError> {
+        let prefix = match flag_set {
+            Some(s) => flag_prefix(s),
+            None => b"f:".to_vec(),
+        };
+        let start = match after {
+            Some((s, k)) => {
+                let mut k = flag_key(s, k);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(Self::decode_flag(&v)?);
+        }
+        Ok(out)
+    }
+
+    fn list_flag_sets(&self) -> Result<Vec<FlagSet>, ControlError> {
+        self.tree
+            .scan_prefix(b"s:")
+            .map(|kv| Ok(FlagSet::decode(kv?.1.as_ref())?))
+            .collect()
+    }
+
+    fn get_flag_set(&self, flag_set: &str) -> Result<Option<FlagSet>, ControlError> {
+        self.flag_set(flag_set)
+    }
+
+    fn commit(&self, plan: Plan<'_>, dry_run: bool) -> Result<CommitOutcome, ControlError> {
+        let _guard = self.lock();
+        let request = plan(self)?;
+        let head = self.read_head()?;
+        let revision = head.revision + 1;
+        let committed_at = now_ms();
+        let mut batch = sled::Batch::default();
+        let mut digest = StateDigest(head.digest);
+        let mut delta = Delta {
+            history_id: head.history_id.clone(),
+            from_revision: head.revision,
+            to_revision: revision,
+            committed_at_unix_ms: committed_at,
+            ..Default::default()
+        };
+        let mut changes = Vec::new();
+        // flag-set records touched by this change: id -> (record, metadata changed)
+        let mut sets: SetRecords = Default::default();
+
+        for w in &request.sets {
+            let entry = set_entry(&mut sets, &w.flag_set, self)?;
+            if w.delete {
+                if let Some(old) = entry.0.take() {
+                    let old_md = old.metadata.as_ref().map(struct_to_map).unwrap_or_default();
+                    digest.remove(flag_set_hash(&old.id, &metadata_bytes(&old_md)));
+                    changes.push(FlagChange {
+                        flag_set: old.id.clone(),
+                        key: String::new(),
+                        kind: ChangeKind::Delete as i32,
+                        before_json: String::from_utf8_lossy(&metadata_bytes(&old_md)).into_owned(),
+                        after_json: String::new(),
+                    });
+                    batch.remove(set_key(&old.id));
+                    delta.flag_set_deletes.push(old.id);
+                }
+                entry.1 = false;
+                continue;
+            }
+            let new_md = normalize_metadata(&w.metadata);
+            let record = entry.0.get_or_insert_with(|| FlagSet {
+                id: w.flag_set.clone(),
+                ..Default::default()
+            });
+            let old_md = record.metadata.as_ref().map(struct_to_map);
+            if record.mod_revision != 0 && old_md.as_ref() == Some(&new_md) {
+                continue;
+            }
+            changes.push(FlagChange {
+                flag_set: w.flag_set.clone(),
+                key: String::new(),
+                kind: if record.mod_revision == 0 { ChangeKind::Create } else { ChangeKind::Update } as i32,
+                before_json: old_md.map(|m| String::from_utf8_lossy(&metadata_bytes(&m)).into_owned()).unwrap_or_default(),
+                after_json: String::from_utf8_lossy(&metadata_bytes(&new_md)).into_owned(),
+            });
+            record.metadata = Some(map_to_struct(&new_md));
+            record.mod_revision = revision;
+            entry.1 = true;
+        }
+
+        for w in &request.flags {
+            let old = self.flag(&w.flag_set, &w.key)?;
+            let entry = set_entry(&mut sets, &w.flag_set, self)?;
+            match &w.definition {
+                Some(def) => {
+                    if old.as_ref().is_some_and(|o| &o.definition_json == def) {
+                        continue;
+                    }
+                    let flag = Flag {
+                        flag_set: w.flag_set.clone(),
+                        key: w.key.clone(),
+                        definition_json: def.clone(),
+                        mod_revision: revision,
+                        create_revision: old.as_ref().map(|o| o.create_revision).unwrap_or(revision),
+                    };
+                    digest.replace(
+                        old.as_ref().map(|o| flag_hash(&o.flag_set, &o.key, &o.definition_json)),
+                        Some(flag_hash(&flag.flag_set, &flag.key, def)),
+                    );
+                    let record = entry.0.get_or_insert_with(|| FlagSet {
+                        id: w.flag_set.clone(),
+                        ..Default::default()
+                    });
+                    if record.mod_revision == 0 {
+                        entry.1 = true; // a new set
+                    }
+                    if old.is_none() {
+                        record.flag_count += 1;
+                    }
+                    record.mod_revision = revision;
+                    changes.push(FlagChange {
+                        flag_set: w.flag_set.clone(),
+                        key: w.key.clone(),
+                        kind: if old.is_some() { ChangeKind::Update } else { ChangeKind::Create } as i32,
+                        before_json: old.map(|o| String::from_utf8_lossy(&o.definition_json).into_owned()).unwrap_or_default(),
+                        after_json: String::from_utf8_lossy(def).into_owned(),
+                    });
+                    batch.insert(flag_key(&flag.flag_set, &flag.key), flag.encode_to_vec());
+                    delta.upserts.push(flag);
+                }
+                None => {
+                    let Some(old) = old else { continue };
+                    digest.remove(flag_hash(&old.flag_set, &old.key, &old.definition_json));
+                    if let Some(record) = entry.0.as_mut() {
+                        record.flag_count = record.flag_count.saturating_sub(1);
+                        record.mod_revision = revision;
+                    }
+                    changes.push(FlagChange {
+                        flag_set: old.flag_set.clone(),
+                        key: old.key.clone(),
+                        kind: ChangeKind::Delete as i32,
+                        before_json: String::from_utf8_lossy(&old.definition_json).into_owned(),
+                        after_json: String::new(),
+                    });
+                    batch.remove(flag_key(&old.flag_set, &old.key));
+                    delta.deletes.push(FlagRef {
+                        flag_set: old.flag_set,
+                        key: old.key,
+                    });
+                }
+            }
+        }
+
+        // write every touched set record; hash metadata of new or changed sets
+        for (id, (record, metadata_changed)) in &sets {
+            let Some(record) = record else { continue };
+            if record.mod_revision != revision {
+                continue;
+            }
+            let old = self.flag_set(id)?;
+            if *metadata_changed {
+                let old_hash = old.as_ref().map(|o| {
+                    flag_set_hash(id, &metadata_bytes(&o.metadata.as_ref().map(struct_to_map).unwrap_or_default()))
+                });
+                let new_md = record.metadata.as_ref().map(struct_to_map).unwrap_or_default();
+                digest.replace(old_hash, Some(flag_set_hash(id, &metadata_bytes(&new_md))));
+                let mut sent = record.clone();
+                sent.flag_count = 0;
+                delta.flag_set_upserts.push(sent);
+                if old.is_none() && !changes.iter().any(|c| c.flag_set == *id && c.key.is_empty()) {
+                    changes.push(FlagChange {
+                        flag_set: id.clone(),
+                        key: String::new(),
+                        kind: ChangeKind::Create as i32,
+                        before_json: String::new(),
+                        after_json: String::from_utf8_lossy(&metadata_bytes(&new_md)).into_owned(),
+                    });
+                }
+            }
+            batch.insert(set_key(id), record.encode_to_vec());
+        }
+
+        if changes.is_empty() || dry_run {
+            return Ok(CommitOutcome {
+                revision: head.revision,
+                changes,
+                delta: None,
+            });
+        }
+
+        delta.digest = digest.0;
+        let audit = ChangeSet {
+            revision,
+            committed_at_unix_ms: committed_at,
+            actor: request.actor.clone(),
+            operation: request.operation.clone(),
+            comment: request.comment.clone(),
+            changes: changes.clone(),
+        };
+        batch.insert(META_REVISION, &revision.to_be_bytes());
+        batch.insert(META_DIGEST, &digest.0.to_be_bytes());
+        batch.insert(rev_key(b"l:", revision), delta.encode_to_vec());
+        batch.insert(rev_key(b"a:", revision), audit.encode_to_vec());
+        if revision.saturating_sub(head.compacted_through) > self.retain {
+            let through = revision - self.retain;
+            for r in head.compacted_through + 1..=through {
+                batch.remove(rev_key(b"l:", r));
+            }
+            batch.insert(META_COMPACTED, &through.to_be_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(CommitOutcome {
+            revision,
+            changes,
+            delta: Some(delta),
+        })
+    }
+
+    fn history(&self, before: Option<u64>, limit: usize, flag_set: Option<&str>, key: Option<&str>) -> Result<Vec<ChangeSet>, ControlError> {
+        let end = rev_key(b"a:", before.unwrap_or(u64::MAX));
+        let mut out = Vec::new();
+        for kv in self.tree.range(b"a:".to_vec()..end).rev() {
+            let (_, v) = kv?;
+            let cs = ChangeSet::decode(v.as_ref())?;
+            let matches = cs.changes.iter().any(|c| {
+                flag_set.is_none_or(|s| c.flag_set == s) && key.is_none_or(|k| c.key == k)
+            });
+            if matches {
+                out.push(cs);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn snapshot(&self) -> Result<SourceSnapshot, ControlError> {
+        let _guard = self.lock();
+        let head = self.read_head()?;
+        let flags = self
+            .tree
+            .scan_prefix(b"f:")
+            .map(|kv| Self::decode_flag(&kv?.1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let flag_sets = self.list_flag_sets()?;
+        Ok(SourceSnapshot {
+            history_id: head.history_id,
+            revision: head.revision,
+            digest: head.digest,
+            flags,
+            flag_sets,
+        })
+    }
+
+    fn deltas(&self, history_id: &str, from: u64, to: u64) -> Result<Option<Vec<Delta>>, ControlError> {
+        let head = self.read_head()?;
+        if history_id != head.history_id || from < head.compacted_through || to > head.revision {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity((to - from) as usize);
+        for r in from + 1..=to {
+            match self.tree.get(rev_key(b"l:", r))? {
+                Some(v) => out.push(Delta::decode(v.as_ref())?),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Serves snapshots and retained deltas to the fan-out.
+pub struct StoreSource<S>(pub std::sync::Arc<S>);
+
+impl<S: FlagStore> SyncSource for StoreSource<S> {
+    fn snapshot(&self) -> Result<SourceSnapshot, SourceError> {
+        self.0.snapshot().map_err(|e| SourceError(e.to_string()))
+    }
+
+    fn deltas(&self, history_id: &str, from: u64, to: u64) -> Result<Option<Vec<Delta>>, SourceError> {
+        self.0.deltas(history_id, from, to).map_err(|e| SourceError(e.to_string()))
+    }
+}

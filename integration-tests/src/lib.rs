@@ -1,0 +1,8 @@
+//! The flagmesh test harness: starting real node processes on
+//! `127.0.0.1` ports chosen by the OS (each reports its addresses on its
+//! ready line), stopping them by signal or SIGKILL, and locating the flagd
+//! test kit shipped in the crates.io package `open-feature-flagd` 0.3.0.
+
+pub mod flagd_kit;
+pub mod process;
+pub mod tools;

@@ -1,0 +1,404 @@
+//! The server side of `Subscribe`: one shared, bounded ring of recent
+//! deltas, each encoded once; every subscriber is a cursor into it.
+//!
+//! A subscriber is first brought to the head (a snapshot when it has no
+//! state, is of another history, or resumes below what the ring and the
+//! source retain; otherwise one coalesced delta), then receives each new
+//! delta as the very bytes every other subscriber receives, and a Progress
+//! heartbeat when idle. Each subscriber has a small bounded queue: one that
+//! accepts nothing for `send_timeout` is cut off (it resumes from its own
+//! store), so a slow subscriber never slows the others and memory stays
+//! bounded by the ring plus a few events per subscriber.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use flagmesh_proto::shared::SharedSyncEvent;
+use flagmesh_proto::v1::{Delta, Progress, Snapshot, SubscribeRequest, SyncEvent, sync_event::Event};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::coalesce::{coalesce, filter_delta};
+use crate::serve::Shutdown;
+use crate::source::SyncSource;
+
+/// Tuning of a fan-out.
+#[derive(Debug, Clone)]
+pub struct FanoutConfig {
+    /// Most deltas the ring keeps.
+    pub ring_revisions: usize,
+    /// Most encoded bytes the ring keeps.
+    pub ring_bytes: usize,
+    /// Progress heartbeat interval on an idle stream.
+    pub heartbeat: Duration,
+    /// How long a subscriber may accept nothing before it is cut off.
+    pub send_timeout: Duration,
+    /// Events queued per subscriber.
+    pub queue: usize,
+    /// Target size of one snapshot chunk.
+    pub snapshot_chunk_bytes: usize,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self {
+            ring_revisions: 1024,
+            ring_bytes: 16 << 20,
+            heartbeat: Duration::from_secs(2),
+            send_timeout: Duration::from_secs(10),
+            queue: 16,
+            snapshot_chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The head of the state a fan-out serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The history.
+    pub history_id: Arc<str>,
+    /// The newest revision.
+    pub revision: u64,
+    /// Whether this server is itself connected upstream (always true at control).
+    pub upstream_connected: bool,
+}
+
+struct RingEntry {
+    delta: Arc<Delta>,
+    event: SharedSyncEvent,
+}
+
+#[derive(Default)]
+struct Ring {
+    entries: VecDeque<RingEntry>,
+    bytes: usize,
+}
+
+/// Counters of a fan-out, for metrics.
+#[derive(Debug, Default)]
+pub struct FanoutStats {
+    /// Subscribers connected now.
+    pub subscribers: AtomicI64,
+    /// Subscribers cut off for not reading.
+    pub cut_off: AtomicU64,
+    /// Snapshots sent (whole snapshots, not chunks).
+    pub snapshots_sent: AtomicU64,
+    /// Deltas sent.
+    pub deltas_sent: AtomicU64,
+    /// Deltas sent as shared bytes (no per-subscriber encoding).
+    pub shared_sends: AtomicU64,
+    /// Bytes of snapshots and deltas sent.
+    pub bytes_sent: AtomicU64,
+}
+
+/// The fan-out of one server.
+pub struct Fanout {
+    ring: RwLock<Ring>,
+    head: watch::Sender<Head>,
+    source: Arc<dyn SyncSource>,
+    config: FanoutConfig,
+    shutdown: Shutdown,
+    stats: FanoutStats,
+}
+
+impl Fanout {
+    /// A fan-out at `head`, serving from `source`, ending every stream on `shutdown`.
+    pub fn new(source: Arc<dyn SyncSource>, head: Head, config: FanoutConfig, shutdown: Shutdown) -> Arc<Self> {
+        let (tx, _) = watch::channel(head);
+        Arc::new(Self {
+            ring: RwLock::new(Ring::default()),
+            head: tx,
+            source,
+            config,
+            shutdown,
+            stats: FanoutStats::default(),
+        })
+    }
+
+    /// The current head.
+    pub fn head(&self) -> Head {
+        self.head.borrow().clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &FanoutStats {
+        &self.stats
+    }
+
+    /// Publishes a committed delta to every subscriber. A delta that does
+    /// not continue from the head (or is of another history) restarts the
+    /// ring from it.
+    pub fn publish(&self, delta: Delta) {
+        let delta = Arc::new(delta);
+        let event = SharedSyncEvent::new(&SyncEvent {
+            event: Some(Event::Delta((*delta).clone())),
+        });
+        let head = self.head();
+        {
+            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            if *head.history_id != delta.history_id || delta.from_revision != head.revision {
+                ring.entries.clear();
+                ring.bytes = 0;
+            }
+            ring.bytes += event.len();
+            ring.entries.push_back(RingEntry {
+                delta: delta.clone(),
+                event,
+            });
+            while ring.entries.len() > self.config.ring_revisions
+                || (ring.bytes > self.config.ring_bytes && ring.entries.len() > 1)
+            {
+                if let Some(old) = ring.entries.pop_front() {
+                    ring.bytes -= old.event.len();
+                }
+            }
+        }
+        self.head.send_modify(|h| {
+            if *h.history_id != delta.history_id {
+                h.history_id = delta.history_id.as_str().into();
+            }
+            h.revision = delta.to_revision;
+        });
+    }
+
+    /// The state was replaced (a snapshot applied at a hub): the ring
+    /// restarts empty at `revision` of `history_id`.
+    pub fn reset(&self, history_id: &str, revision: u64) {
+        {
+            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+            ring.entries.clear();
+            ring.bytes = 0;
+        }
+        self.head.send_modify(|h| {
+            h.history_id = history_id.into();
+            h.revision = revision;
+        });
+    }
+
+    /// Whether this server is connected upstream (reported in Progress).
+    pub fn set_upstream_connected(&self, connected: bool) {
+        self.head.send_if_modified(|h| {
+            let changed = h.upstream_connected != connected;
+            h.upstream_connected = connected;
+            changed
+        });
+    }
+
+    /// Opens a subscription. Fails with `UNAVAILABLE` when the subscriber
+    /// is ahead of this server in the same history.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        req: SubscribeRequest,
+    ) -> Result<ReceiverStream<Result<SharedSyncEvent, Status>>, Status> {
+        let head = self.head();
+        if !req.history_id.is_empty() && req.history_id == *head.history_id && req.resume_revision > head.revision {
+            return Err(Status::unavailable(format!(
+                "this server is at revision {}, behind the requested {}: try another upstream",
+                head.revision, req.resume_revision
+            )));
+        }
+        let (tx, rx) = mpsc::channel(self.config.queue);
+        let fanout = self.clone();
+        tokio::spawn(async move {
+            fanout.stats.subscribers.fetch_add(1, Ordering::Relaxed);
+            let node = req.node_id.clone();
+            let outcome = fanout.session(req, &tx).await;
+            fanout.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
+            match outcome {
+                Ok(()) => tracing::debug!(node = %node, "subscriber left"),
+                Err(reason) => tracing::info!(node = %node, reason, "subscriber stream ended"),
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn session(
+        &self,
+        req: SubscribeRequest,
+        tx: &mpsc::Sender<Result<SharedSyncEvent, Status>>,
+    ) -> Result<(), &'static str> {
+        let filter: Option<HashSet<String>> =
+            (!req.flag_sets.is_empty()).then(|| req.flag_sets.iter().cloned().collect());
+        let mut cursor: Option<(Arc<str>, u64)> = (!req.history_id.is_empty() && req.resume_revision > 0)
+            .then(|| (req.history_id.as_str().into(), req.resume_revision));
+        let mut head_rx = self.head.subscribe();
+        let shutdown = self.shutdown.wait();
+        tokio::pin!(shutdown);
+        loop {
+            let head = head_rx.borrow_and_update().clone();
+            match &cursor {
+                Some((history, rev)) if *history == head.history_id && *rev >= head.revision => {}
+                Some((history, rev)) if *history == head.history_id => {
+                    match self.catch_up(&head.history_id, *rev, head.revision, filter.as_ref()).await {
+                        Some(events) => {
+                            for e in events {
+                                self.send(tx, e).await?;
+                            }
+                            cursor = Some((head.history_id.clone(), head.revision));
+                        }
+                        None => cursor = Some(self.send_snapshot(tx, filter.as_ref()).await?),
+                    }
+                }
+                _ => cursor = Some(self.send_snapshot(tx, filter.as_ref()).await?),
+            }
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                changed = head_rx.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = tokio::time::sleep(self.config.heartbeat) => {
+                    let head = self.head();
+                    let revision = cursor.as_ref().map(|c| c.1).unwrap_or(0);
+                    let progress = SyncEvent {
+                        event: Some(Event::Progress(Progress {
+                            revision,
+                            head_revision: head.revision.max(revision),
+                            history_id: head.history_id.to_string(),
+                            upstream_connected: head.upstream_connected,
+                        })),
+                    };
+                    self.send(tx, SharedSyncEvent::new(&progress)).await?;
+                }
+                _ = tx.closed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Events that bring a subscriber from `from` to `to`: from the ring
+    /// when it still holds them (one shared event when a single delta
+    /// does), else from the source; `None` when neither retains them.
+    async fn catch_up(&self, history: &str, from: u64, to: u64, filter: Option<&HashSet<String>>) -> Option<Vec<SharedSyncEvent>> {
+        let from_ring = {
+            let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
+            let start = ring.entries.iter().position(|e| e.delta.from_revision == from);
+            match start {
+                Some(i) => {
+                    let run: Vec<&RingEntry> = ring
+                        .entries
+                        .iter()
+                        .skip(i)
+                        .take_while(|e| e.delta.to_revision <= to)
+                        .collect();
+                    match run.as_slice() {
+                        [] => None,
+                        [one] if filter.is_none() && one.delta.to_revision == to => {
+                            self.stats.shared_sends.fetch_add(1, Ordering::Relaxed);
+                            Some(Ok(one.event.clone()))
+                        }
+                        many => {
+                            let deltas: Vec<Arc<Delta>> = many.iter().map(|e| e.delta.clone()).collect();
+                            Some(Err(deltas))
+                        }
+                    }
+                }
+                None => None,
+            }
+        };
+        let deltas: Vec<Arc<Delta>> = match from_ring {
+            Some(Ok(shared)) => return Some(vec![shared]),
+            Some(Err(deltas)) => deltas,
+            None => {
+                let source = self.source.clone();
+                let history = history.to_owned();
+                let fetched = tokio::task::spawn_blocking(move || source.deltas(&history, from, to)).await;
+                match fetched {
+                    Ok(Ok(Some(ds))) => ds.into_iter().map(Arc::new).collect(),
+                    Ok(Ok(None)) => return None,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "reading retained deltas failed; sending a snapshot");
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        };
+        let merged = coalesce(&deltas)?;
+        if merged.from_revision != from {
+            return None;
+        }
+        let merged = match filter {
+            Some(sets) => filter_delta(merged, sets),
+            None => merged,
+        };
+        Some(vec![SharedSyncEvent::new(&SyncEvent {
+            event: Some(Event::Delta(merged)),
+        })])
+    }
+
+    async fn send_snapshot(
+        &self,
+        tx: &mpsc::Sender<Result<SharedSyncEvent, Status>>,
+        filter: Option<&HashSet<String>>,
+    ) -> Result<(Arc<str>, u64), &'static str> {
+        let source = self.source.clone();
+        let snap = match tokio::task::spawn_blocking(move || source.snapshot()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading a snapshot failed");
+                let _ = tx.send(Err(Status::unavailable("this server cannot read its state"))).await;
+                return Err("snapshot unavailable");
+            }
+            Err(_) => return Err("snapshot task failed"),
+        };
+        let keep = |set: &str| filter.is_none_or(|f| f.contains(set));
+        let digest = if filter.is_some() { 0 } else { snap.digest };
+        let flag_sets: Vec<_> = snap.flag_sets.into_iter().filter(|s| keep(&s.id)).collect();
+        let mut chunk = Snapshot {
+            history_id: snap.history_id.clone(),
+            revision: snap.revision,
+            digest,
+            chunk: 0,
+            last: false,
+            flags: Vec::new(),
+            flag_sets,
+        };
+        let mut chunk_bytes = 0usize;
+        for flag in snap.flags.into_iter().filter(|f| keep(&f.flag_set)) {
+            chunk_bytes += flag.definition_json.len() + flag.key.len() + flag.flag_set.len() + 16;
+            chunk.flags.push(flag);
+            if chunk_bytes >= self.config.snapshot_chunk_bytes {
+                let next = Snapshot {
+                    history_id: chunk.history_id.clone(),
+                    revision: chunk.revision,
+                    digest,
+                    chunk: chunk.chunk + 1,
+                    ..Default::default()
+                };
+                let full = std::mem::replace(&mut chunk, next);
+                self.send(tx, SharedSyncEvent::new(&SyncEvent { event: Some(Event::Snapshot(full)) }))
+                    .await?;
+                chunk_bytes = 0;
+            }
+        }
+        chunk.last = true;
+        self.send(tx, SharedSyncEvent::new(&SyncEvent { event: Some(Event::Snapshot(chunk)) }))
+            .await?;
+        self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+        Ok((snap.history_id.as_str().into(), snap.revision))
+    }
+
+    async fn send(
+        &self,
+        tx: &mpsc::Sender<Result<SharedSyncEvent, Status>>,
+        event: SharedSyncEvent,
+    ) -> Result<(), &'static str> {
+        let len = event.len() as u64;
+        match tokio::time::timeout(self.config.send_timeout, tx.send(Ok(event))).await {
+            Ok(Ok(())) => {
+                self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
+                self.stats.deltas_sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(_)) => Err("subscriber went away"),
+            Err(_) => {
+                self.stats.cut_off.fetch_add(1, Ordering::Relaxed);
+                Err("subscriber accepted nothing before the send deadline: cut off")
+            }
+        }
+    }
+}

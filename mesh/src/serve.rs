@@ -1,0 +1,198 @@
+//! Server plumbing every node shares: binding listeners before anything
+//! else so tests and scripts can read real addresses, the ready line, gRPC
+//! health and reflection, the HTTP listener with `/healthz` and `/readyz`,
+//! and shutdown: signal → stop accepting → drain with a deadline.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::auth::AuthLayer;
+
+/// A shutdown signal that many tasks can wait on.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    tx: Arc<watch::Sender<bool>>,
+    rx: watch::Receiver<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    /// A signal not yet triggered.
+    pub fn new() -> Self {
+        let (tx, rx) = watch::channel(false);
+        Self { tx: Arc::new(tx), rx }
+    }
+
+    /// Triggers it (idempotent).
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+
+    /// Whether it has been triggered.
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once triggered.
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Binds a TCP listener, naming the address on failure.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Prints the ready line scripts and tests wait for:
+/// `flagmesh ready grpc=ADDR http=ADDR` (`http=-` without an HTTP listener).
+pub fn print_ready(grpc: SocketAddr, http: Option<SocketAddr>) {
+    let http = http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    println!("flagmesh ready grpc={grpc} http={http}");
+}
+
+/// gRPC health (every listed service reported serving) and reflection over
+/// every flagmesh and flagd descriptor, added to `routes`.
+pub fn with_health_and_reflection(
+    routes: tonic::service::Routes,
+    services: &[&str],
+) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in services {
+        let reporter = reporter.clone();
+        let name = (*name).to_owned();
+        // the reporter's state is a watch channel: setting it never blocks
+        tokio::spawn(async move {
+            reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        });
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flagmesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flagmesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok(routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha))
+}
+
+/// Serves gRPC on `listener` until `shutdown`, behind the auth layer.
+pub async fn serve_grpc(
+    routes: tonic::service::Routes,
+    auth: AuthLayer,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        // detect dead peers on long-lived streams
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .tcp_nodelay(true)
+        // every call is checked against the node's access policy
+        .layer(auth)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Whether a node is ready to serve (`/readyz`).
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Marks the node ready or not.
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the node is ready.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The HTTP routes every node has: `/healthz` (alive) and `/readyz` (ready).
+pub fn base_http_routes(ready: Readiness) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.get() {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        )
+}
+
+/// Serves HTTP on `listener` until `shutdown`.
+pub async fn serve_http(
+    router: axum::Router,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// Waits for `task` at most `deadline` after shutdown began, then gives up
+/// on it (connections still open are dropped when the process exits).
+pub async fn drain<T>(task: tokio::task::JoinHandle<T>, deadline: Duration) -> Option<T> {
+    match tokio::time::timeout(deadline, task).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "server task failed while draining");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(deadline_ms = deadline.as_millis() as u64, "drain deadline passed; closing remaining connections");
+            None
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! What a Subscribe server serves from: the control plane's store or a
+//! hub's replica. The fan-out keeps recent deltas itself; it asks the source
+//! for whole snapshots and for older deltas.
+
+use flagmesh_proto::v1::{Delta, Flag, FlagSet, NodeReport};
+
+/// A consistent copy of a whole state.
+#[derive(Debug, Clone, Default)]
+pub struct SourceSnapshot {
+    /// The history it belongs to.
+    pub history_id: String,
+    /// Its revision.
+    pub revision: u64,
+    /// Its digest.
+    pub digest: u64,
+    /// Every flag.
+    pub flags: Vec<Flag>,
+    /// Every flag set.
+    pub flag_sets: Vec<FlagSet>,
+}
+
+/// Why the source could not answer.
+#[derive(Debug, thiserror::Error)]
+#[error("state source: {0}")]
+pub struct SourceError(pub String);
+
+/// The state behind a fan-out.
+pub trait SyncSource: Send + Sync + 'static {
+    /// The whole current state.
+    fn snapshot(&self) -> Result<SourceSnapshot, SourceError>;
+
+    /// The single-revision deltas that lead from `from` to `to` in
+    /// `history_id`, or `None` when they are no longer retained.
+    fn deltas(&self, history_id: &str, from: u64, to: u64) -> Result<Option<Vec<Delta>>, SourceError>;
+}
+
+/// Where a Report stream's messages go.
+pub trait ReportSink: Send + Sync + 'static {
+    /// One node's report arrived.
+    fn report(&self, report: NodeReport);
+}
