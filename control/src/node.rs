@@ -44,9 +44,8 @@ pub fn requirement(path: &str) -> Requirement {
         return Requirement::Admin;
     };
     match method {
-        "GetFlag" | "ListFlags" | "ListFlagSets" | "ExportFlagSet" | "ListHistory" | "GetRevision" | "GetPropagation" => {
-            Requirement::Read
-        }
+        "GetFlag" | "ListFlags" | "ListFlagSets" | "ExportFlagSet" | "ListHistory"
+        | "GetRevision" | "GetPropagation" => Requirement::Read,
         "CreateFlag" | "UpdateFlag" | "DeleteFlag" | "ApplyFlagSet" => Requirement::Write,
         _ => Requirement::Admin,
     }
@@ -77,7 +76,10 @@ impl RunningControl {
 }
 
 /// Opens the store, binds the listeners and starts serving.
-pub async fn start(config: ControlConfig, auth: Arc<Authenticator>) -> anyhow::Result<RunningControl> {
+pub async fn start(
+    config: ControlConfig,
+    auth: Arc<Authenticator>,
+) -> anyhow::Result<RunningControl> {
     let store = Arc::new(
         SledStore::open(&config.data_dir, config.retain_revisions)
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
@@ -85,6 +87,15 @@ pub async fn start(config: ControlConfig, auth: Arc<Authenticator>) -> anyhow::R
     let head = store.head()?;
     tracing::info!(revision = head.revision, history_id = %head.history_id, "store opened");
     let shutdown = Shutdown::new();
+    // the ring never holds more than the change log retains, so "compacted"
+    // means the same thing to every subscriber
+    let retain = usize::try_from(config.retain_revisions)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    let fanout_config = FanoutConfig {
+        ring_revisions: config.fanout.ring_revisions.min(retain),
+        ..config.fanout.clone()
+    };
     let fanout = Fanout::new(
         Arc::new(StoreSource(store.clone())),
         Head {
@@ -92,7 +103,7 @@ pub async fn start(config: ControlConfig, auth: Arc<Authenticator>) -> anyhow::R
             revision: head.revision,
             upstream_connected: true,
         },
-        config.fanout.clone(),
+        fanout_config,
         shutdown.clone(),
     );
     let propagation = Arc::new(Propagation::default());
@@ -111,7 +122,8 @@ pub async fn start(config: ControlConfig, auth: Arc<Authenticator>) -> anyhow::R
         propagation.clone(),
     )))
     .add_service(SyncService::server(fanout.clone(), propagation.clone()));
-    let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Admin", "flagmesh.v1.Sync"])?;
+    let routes =
+        serve::with_health_and_reflection(routes, &["flagmesh.v1.Admin", "flagmesh.v1.Sync"])?;
     let layer = AuthLayer::new(auth, Arc::new(requirement));
 
     let mut tasks = Vec::new();

@@ -102,8 +102,16 @@ impl ReportSink for Propagation {
         }
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let record = nodes.entry(report.node_id.clone()).or_default();
-        let at = if report.applied_at_unix_ms > 0 { report.applied_at_unix_ms } else { now_ms() };
-        if record.applied.back().is_none_or(|(r, _)| *r != report.applied_revision) {
+        let at = if report.applied_at_unix_ms > 0 {
+            report.applied_at_unix_ms
+        } else {
+            now_ms()
+        };
+        if record
+            .applied
+            .back()
+            .is_none_or(|(r, _)| *r != report.applied_revision)
+        {
             record.applied.push_back((report.applied_revision, at));
             while record.applied.len() > REMEMBERED {
                 record.applied.pop_front();

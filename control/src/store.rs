@@ -104,7 +104,12 @@ pub trait FlagStore: Send + Sync + 'static {
     /// One flag.
     fn get_flag(&self, flag_set: &str, key: &str) -> Result<Option<Flag>, ControlError>;
     /// Flags ordered by (set, key), after `after`, at most `limit`.
-    fn list_flags(&self, flag_set: Option<&str>, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Flag>, ControlError>;
+    fn list_flags(
+        &self,
+        flag_set: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Flag>, ControlError>;
     /// Every flag set.
     fn list_flag_sets(&self) -> Result<Vec<FlagSet>, ControlError>;
     /// One flag set.
@@ -114,11 +119,22 @@ pub trait FlagStore: Send + Sync + 'static {
     /// or when `dry_run`).
     fn commit(&self, plan: Plan<'_>, dry_run: bool) -> Result<CommitOutcome, ControlError>;
     /// Change sets newest first, below `before` (exclusive), filtered.
-    fn history(&self, before: Option<u64>, limit: usize, flag_set: Option<&str>, key: Option<&str>) -> Result<Vec<ChangeSet>, ControlError>;
+    fn history(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        flag_set: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Vec<ChangeSet>, ControlError>;
     /// The whole state, consistently.
     fn snapshot(&self) -> Result<SourceSnapshot, ControlError>;
     /// Retained single-revision deltas from `from` to `to`.
-    fn deltas(&self, history_id: &str, from: u64, to: u64) -> Result<Option<Vec<Delta>>, ControlError>;
+    fn deltas(
+        &self,
+        history_id: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<Vec<Delta>>, ControlError>;
 }
 
 const META_HISTORY: &[u8] = b"m:history";
@@ -151,11 +167,9 @@ fn rev_key(prefix: &[u8], rev: u64) -> Vec<u8> {
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, ControlError> {
     Ok(match tree.get(key)? {
-        Some(v) => u64::from_be_bytes(
-            v.as_ref()
-                .try_into()
-                .map_err(|_| ControlError::Storage(format!("corrupt {}", String::from_utf8_lossy(key))))?,
-        ),
+        Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+            ControlError::Storage(format!("corrupt {}", String::from_utf8_lossy(key)))
+        })?),
         None => 0,
     })
 }
@@ -190,7 +204,8 @@ fn set_entry<'a>(
     if !sets.contains_key(id) {
         sets.insert(id.to_owned(), (store.flag_set(id)?, false));
     }
-    sets.get_mut(id).ok_or_else(|| ControlError::Storage("set record".into()))
+    sets.get_mut(id)
+        .ok_or_else(|| ControlError::Storage("set record".into()))
 }
 
 /// The embedded store.
@@ -260,7 +275,11 @@ impl StateView for SledStore {
     }
 
     fn flag_set(&self, flag_set: &str) -> Result<Option<FlagSet>, ControlError> {
-        Ok(self.tree.get(set_key(flag_set))?.map(|v| FlagSet::decode(v.as_ref())).transpose()?)
+        Ok(self
+            .tree
+            .get(set_key(flag_set))?
+            .map(|v| FlagSet::decode(v.as_ref()))
+            .transpose()?)
     }
 }
 
@@ -273,7 +292,12 @@ impl FlagStore for SledStore {
         self.flag(flag_set, key)
     }
 
-    fn list_flags(&self, flag_set: Option<&str>, after: Option<(&str, &str)>, limit: usize) -> Result<Vec<Flag>, ControlError> {
+    fn list_flags(
+        &self,
+        flag_set: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Flag>, ControlError> {
         let prefix = match flag_set {
             Some(s) => flag_prefix(s),
             None => b"f:".to_vec(),
@@ -358,8 +382,14 @@ impl FlagStore for SledStore {
             changes.push(FlagChange {
                 flag_set: w.flag_set.clone(),
                 key: String::new(),
-                kind: if record.mod_revision == 0 { ChangeKind::Create } else { ChangeKind::Update } as i32,
-                before_json: old_md.map(|m| String::from_utf8_lossy(&metadata_bytes(&m)).into_owned()).unwrap_or_default(),
+                kind: if record.mod_revision == 0 {
+                    ChangeKind::Create
+                } else {
+                    ChangeKind::Update
+                } as i32,
+                before_json: old_md
+                    .map(|m| String::from_utf8_lossy(&metadata_bytes(&m)).into_owned())
+                    .unwrap_or_default(),
                 after_json: String::from_utf8_lossy(&metadata_bytes(&new_md)).into_owned(),
             });
             record.metadata = Some(map_to_struct(&new_md));
@@ -380,10 +410,14 @@ impl FlagStore for SledStore {
                         key: w.key.clone(),
                         definition_json: def.clone(),
                         mod_revision: revision,
-                        create_revision: old.as_ref().map(|o| o.create_revision).unwrap_or(revision),
+                        create_revision: old
+                            .as_ref()
+                            .map(|o| o.create_revision)
+                            .unwrap_or(revision),
                     };
                     digest.replace(
-                        old.as_ref().map(|o| flag_hash(&o.flag_set, &o.key, &o.definition_json)),
+                        old.as_ref()
+                            .map(|o| flag_hash(&o.flag_set, &o.key, &o.definition_json)),
                         Some(flag_hash(&flag.flag_set, &flag.key, def)),
                     );
                     let record = entry.0.get_or_insert_with(|| FlagSet {
@@ -400,8 +434,14 @@ impl FlagStore for SledStore {
                     changes.push(FlagChange {
                         flag_set: w.flag_set.clone(),
                         key: w.key.clone(),
-                        kind: if old.is_some() { ChangeKind::Update } else { ChangeKind::Create } as i32,
-                        before_json: old.map(|o| String::from_utf8_lossy(&o.definition_json).into_owned()).unwrap_or_default(),
+                        kind: if old.is_some() {
+                            ChangeKind::Update
+                        } else {
+                            ChangeKind::Create
+                        } as i32,
+                        before_json: old
+                            .map(|o| String::from_utf8_lossy(&o.definition_json).into_owned())
+                            .unwrap_or_default(),
                         after_json: String::from_utf8_lossy(def).into_owned(),
                     });
                     batch.insert(flag_key(&flag.flag_set, &flag.key), flag.encode_to_vec());
@@ -439,14 +479,27 @@ impl FlagStore for SledStore {
             let old = self.flag_set(id)?;
             if *metadata_changed {
                 let old_hash = old.as_ref().map(|o| {
-                    flag_set_hash(id, &metadata_bytes(&o.metadata.as_ref().map(struct_to_map).unwrap_or_default()))
+                    flag_set_hash(
+                        id,
+                        &metadata_bytes(
+                            &o.metadata.as_ref().map(struct_to_map).unwrap_or_default(),
+                        ),
+                    )
                 });
-                let new_md = record.metadata.as_ref().map(struct_to_map).unwrap_or_default();
+                let new_md = record
+                    .metadata
+                    .as_ref()
+                    .map(struct_to_map)
+                    .unwrap_or_default();
                 digest.replace(old_hash, Some(flag_set_hash(id, &metadata_bytes(&new_md))));
                 let mut sent = record.clone();
                 sent.flag_count = 0;
                 delta.flag_set_upserts.push(sent);
-                if old.is_none() && !changes.iter().any(|c| c.flag_set == *id && c.key.is_empty()) {
+                if old.is_none()
+                    && !changes
+                        .iter()
+                        .any(|c| c.flag_set == *id && c.key.is_empty())
+                {
                     changes.push(FlagChange {
                         flag_set: id.clone(),
                         key: String::new(),
@@ -496,7 +549,13 @@ impl FlagStore for SledStore {
         })
     }
 
-    fn history(&self, before: Option<u64>, limit: usize, flag_set: Option<&str>, key: Option<&str>) -> Result<Vec<ChangeSet>, ControlError> {
+    fn history(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        flag_set: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Vec<ChangeSet>, ControlError> {
         let end = rev_key(b"a:", before.unwrap_or(u64::MAX));
         let mut out = Vec::new();
         for kv in self.tree.range(b"a:".to_vec()..end).rev() {
@@ -533,7 +592,12 @@ impl FlagStore for SledStore {
         })
     }
 
-    fn deltas(&self, history_id: &str, from: u64, to: u64) -> Result<Option<Vec<Delta>>, ControlError> {
+    fn deltas(
+        &self,
+        history_id: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<Vec<Delta>>, ControlError> {
         let head = self.read_head()?;
         if history_id != head.history_id || from < head.compacted_through || to > head.revision {
             return Ok(None);
@@ -557,7 +621,14 @@ impl<S: FlagStore> SyncSource for StoreSource<S> {
         self.0.snapshot().map_err(|e| SourceError(e.to_string()))
     }
 
-    fn deltas(&self, history_id: &str, from: u64, to: u64) -> Result<Option<Vec<Delta>>, SourceError> {
-        self.0.deltas(history_id, from, to).map_err(|e| SourceError(e.to_string()))
+    fn deltas(
+        &self,
+        history_id: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<Vec<Delta>>, SourceError> {
+        self.0
+            .deltas(history_id, from, to)
+            .map_err(|e| SourceError(e.to_string()))
     }
 }

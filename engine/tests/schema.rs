@@ -7,13 +7,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-
-
 use std::path::{Path, PathBuf};
 
 use flagmesh_engine::rule::inline_refs;
-use flagmesh_integration_tests::flagd_kit::json_files;
 use flagmesh_engine::{DocumentError, FlagDocument, Strictness, compile};
+use flagmesh_integration_tests::flagd_kit::json_files;
 
 fn schema_tests() -> PathBuf {
     flagmesh_integration_tests::flagd_kit::package_dir().join("schemas/json/test")

@@ -7,8 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-
-
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 

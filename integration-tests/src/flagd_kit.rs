@@ -26,8 +26,8 @@ pub fn package_dir() -> PathBuf {
         "cargo metadata failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let meta: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("cargo metadata output: {e}"));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("cargo metadata output: {e}"));
     let manifest_path = meta["packages"]
         .as_array()
         .and_then(|ps| {

@@ -42,8 +42,16 @@ pub fn parse_ready(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
 impl NodeProcess {
     /// Starts `binary` with `args` (and `envs`), its stderr appended to
     /// `log`, and waits for its ready line.
-    pub fn start(binary: &Path, args: &[String], envs: &[(&str, &str)], log: &Path) -> std::io::Result<Self> {
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    pub fn start(
+        binary: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log: &Path,
+    ) -> std::io::Result<Self> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let mut cmd = Command::new(binary);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -161,7 +169,8 @@ mod tests {
 
     #[test]
     fn parses_ready_lines() {
-        let (g, h) = parse_ready("flagmesh ready grpc=127.0.0.1:5000 http=-").expect("a ready line");
+        let (g, h) =
+            parse_ready("flagmesh ready grpc=127.0.0.1:5000 http=-").expect("a ready line");
         assert_eq!(g.port(), 5000);
         assert_eq!(h, None);
         assert!(parse_ready("something else").is_none());

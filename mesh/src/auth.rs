@@ -169,7 +169,10 @@ impl Authenticator {
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .ok_or_else(|| {
-                    AuthConfigError::Invalid(format!("token \"{}\": sha256 must be 64 hex digits", e.name))
+                    AuthConfigError::Invalid(format!(
+                        "token \"{}\": sha256 must be 64 hex digits",
+                        e.name
+                    ))
                 })?;
             out.push((e, bytes));
         }
@@ -203,8 +206,9 @@ impl Authenticator {
                         item.split(':').next().unwrap_or_default()
                     )));
                 };
-                let role = Role::parse(role)
-                    .ok_or_else(|| AuthConfigError::Invalid(format!("token \"{name}\": unknown role \"{role}\"")))?;
+                let role = Role::parse(role).ok_or_else(|| {
+                    AuthConfigError::Invalid(format!("token \"{name}\": unknown role \"{role}\""))
+                })?;
                 entries.push(TokenEntry {
                     name: (*name).to_owned(),
                     role,
@@ -225,7 +229,11 @@ impl Authenticator {
     }
 
     /// Identifies the caller from request headers and checks `requirement`.
-    pub fn authorize(&self, headers: &http::HeaderMap, requirement: Requirement) -> Result<Option<Principal>, Status> {
+    pub fn authorize(
+        &self,
+        headers: &http::HeaderMap,
+        requirement: Requirement,
+    ) -> Result<Option<Principal>, Status> {
         if self.entries.is_none() {
             return Ok(Some(Principal {
                 name: "dev".into(),
@@ -236,7 +244,10 @@ impl Authenticator {
         let token = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim);
         let principal = token.and_then(|t| self.lookup(t));
         if requirement == Requirement::Public {
@@ -337,7 +348,10 @@ type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send
 
 impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
@@ -382,11 +396,9 @@ impl BearerToken {
     /// Sends `token` (or nothing when `None`).
     pub fn new(token: Option<&str>) -> Result<Self, Status> {
         let value = match token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| Status::invalid_argument("the token holds characters a header cannot carry"))?,
-            ),
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                Status::invalid_argument("the token holds characters a header cannot carry")
+            })?),
             None => None,
         };
         Ok(Self(value))
@@ -407,40 +419,65 @@ mod tests {
     use super::*;
 
     fn auth() -> Authenticator {
-        let list = format!("ops:write:{},edge:mesh:{}", hash_token("w-secret"), hash_token("m-secret"));
+        let list = format!(
+            "ops:write:{},edge:mesh:{}",
+            hash_token("w-secret"),
+            hash_token("m-secret")
+        );
         Authenticator::configure(None, Some(&list), false).expect("valid tokens")
     }
 
     fn headers(token: &str) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
-        h.insert(http::header::AUTHORIZATION, format!("Bearer {token}").parse().expect("header"));
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("header"),
+        );
         h
     }
 
     #[test]
     fn roles_meet_requirements() {
         let a = auth();
-        assert!(a.authorize(&headers("w-secret"), Requirement::Write).is_ok());
+        assert!(
+            a.authorize(&headers("w-secret"), Requirement::Write)
+                .is_ok()
+        );
         assert_eq!(
-            a.authorize(&headers("w-secret"), Requirement::Mesh).err().map(|s| s.code()),
+            a.authorize(&headers("w-secret"), Requirement::Mesh)
+                .err()
+                .map(|s| s.code()),
             Some(tonic::Code::PermissionDenied)
         );
         assert_eq!(
-            a.authorize(&headers("nope"), Requirement::Read).err().map(|s| s.code()),
+            a.authorize(&headers("nope"), Requirement::Read)
+                .err()
+                .map(|s| s.code()),
             Some(tonic::Code::Unauthenticated)
         );
         assert_eq!(
-            a.authorize(&http::HeaderMap::new(), Requirement::Read).err().map(|s| s.code()),
+            a.authorize(&http::HeaderMap::new(), Requirement::Read)
+                .err()
+                .map(|s| s.code()),
             Some(tonic::Code::Unauthenticated)
         );
-        assert!(a.authorize(&http::HeaderMap::new(), Requirement::Public).is_ok());
-        let p = a.authorize(&headers("m-secret"), Requirement::Mesh).ok().flatten();
+        assert!(
+            a.authorize(&http::HeaderMap::new(), Requirement::Public)
+                .is_ok()
+        );
+        let p = a
+            .authorize(&headers("m-secret"), Requirement::Mesh)
+            .ok()
+            .flatten();
         assert_eq!(p.map(|p| p.name), Some("edge".to_owned()));
     }
 
     #[test]
     fn refuses_to_start_without_tokens_unless_dev() {
-        assert!(matches!(Authenticator::configure(None, None, false), Err(AuthConfigError::NoTokens)));
+        assert!(matches!(
+            Authenticator::configure(None, None, false),
+            Err(AuthConfigError::NoTokens)
+        ));
         assert!(Authenticator::configure(None, None, true).is_ok_and(|a| a.is_insecure()));
         assert!(Authenticator::configure(None, Some("x:root:abcd"), false).is_err());
     }
@@ -448,7 +485,9 @@ mod tests {
     #[test]
     fn errors_never_echo_the_token() {
         let a = auth();
-        let e = a.authorize(&headers("super-secret-value"), Requirement::Read).err();
+        let e = a
+            .authorize(&headers("super-secret-value"), Requirement::Read)
+            .err();
         assert!(e.is_some_and(|s| !s.message().contains("super-secret-value")));
     }
 }

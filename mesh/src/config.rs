@@ -46,7 +46,11 @@ pub struct CommonArgs {
     #[arg(long = "tokens", env = "FLAGMESH_TOKENS", hide_env_values = true)]
     pub tokens: Option<String>,
     /// The mesh credential this node presents to its upstreams.
-    #[arg(long = "mesh-token", env = "FLAGMESH_MESH_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "mesh-token",
+        env = "FLAGMESH_MESH_TOKEN",
+        hide_env_values = true
+    )]
     pub mesh_token: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long = "log-format", env = "FLAGMESH_LOG_FORMAT")]
@@ -88,7 +92,17 @@ impl CommonArgs {
         macro_rules! fill {
             ($($field:ident),*) => { $( if self.$field.is_none() { self.$field = file.$field; } )* };
         }
-        fill!(listen, http_listen, data_dir, node_id, region, tokens_file, tokens, mesh_token, log_format);
+        fill!(
+            listen,
+            http_listen,
+            data_dir,
+            node_id,
+            region,
+            tokens_file,
+            tokens,
+            mesh_token,
+            log_format
+        );
         if self.upstream.is_empty() {
             self.upstream = file.upstream;
         }
@@ -98,14 +112,15 @@ impl CommonArgs {
 
     /// The gRPC listen address (default `127.0.0.1:0`).
     pub fn listen_addr(&self) -> SocketAddr {
-        self.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// The data directory, or an error naming the option.
     pub fn require_data_dir(&self) -> Result<PathBuf, ConfigError> {
-        self.data_dir
-            .clone()
-            .ok_or_else(|| ConfigError::Missing("--data-dir (FLAGMESH_DATA_DIR) is required".into()))
+        self.data_dir.clone().ok_or_else(|| {
+            ConfigError::Missing("--data-dir (FLAGMESH_DATA_DIR) is required".into())
+        })
     }
 
     /// The credentials this server checks.

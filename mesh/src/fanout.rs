@@ -16,7 +16,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use flagmesh_proto::shared::SharedSyncEvent;
-use flagmesh_proto::v1::{Delta, Progress, Snapshot, SubscribeRequest, SyncEvent, sync_event::Event};
+use flagmesh_proto::v1::{
+    Delta, Progress, Snapshot, SubscribeRequest, SyncEvent, sync_event::Event,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -106,7 +108,12 @@ pub struct Fanout {
 
 impl Fanout {
     /// A fan-out at `head`, serving from `source`, ending every stream on `shutdown`.
-    pub fn new(source: Arc<dyn SyncSource>, head: Head, config: FanoutConfig, shutdown: Shutdown) -> Arc<Self> {
+    pub fn new(
+        source: Arc<dyn SyncSource>,
+        head: Head,
+        config: FanoutConfig,
+        shutdown: Shutdown,
+    ) -> Arc<Self> {
         let (tx, _) = watch::channel(head);
         Arc::new(Self {
             ring: RwLock::new(Ring::default()),
@@ -194,7 +201,10 @@ impl Fanout {
         req: SubscribeRequest,
     ) -> Result<ReceiverStream<Result<SharedSyncEvent, Status>>, Status> {
         let head = self.head();
-        if !req.history_id.is_empty() && req.history_id == *head.history_id && req.resume_revision > head.revision {
+        if !req.history_id.is_empty()
+            && req.history_id == *head.history_id
+            && req.resume_revision > head.revision
+        {
             return Err(Status::unavailable(format!(
                 "this server is at revision {}, behind the requested {}: try another upstream",
                 head.revision, req.resume_revision
@@ -222,7 +232,8 @@ impl Fanout {
     ) -> Result<(), &'static str> {
         let filter: Option<HashSet<String>> =
             (!req.flag_sets.is_empty()).then(|| req.flag_sets.iter().cloned().collect());
-        let mut cursor: Option<(Arc<str>, u64)> = (!req.history_id.is_empty() && req.resume_revision > 0)
+        let mut cursor: Option<(Arc<str>, u64)> = (!req.history_id.is_empty()
+            && req.resume_revision > 0)
             .then(|| (req.history_id.as_str().into(), req.resume_revision));
         let mut head_rx = self.head.subscribe();
         let shutdown = self.shutdown.wait();
@@ -232,7 +243,10 @@ impl Fanout {
             match &cursor {
                 Some((history, rev)) if *history == head.history_id && *rev >= head.revision => {}
                 Some((history, rev)) if *history == head.history_id => {
-                    match self.catch_up(&head.history_id, *rev, head.revision, filter.as_ref()).await {
+                    match self
+                        .catch_up(&head.history_id, *rev, head.revision, filter.as_ref())
+                        .await
+                    {
                         Some(events) => {
                             for e in events {
                                 self.send(tx, e).await?;
@@ -272,10 +286,19 @@ impl Fanout {
     /// Events that bring a subscriber from `from` to `to`: from the ring
     /// when it still holds them (one shared event when a single delta
     /// does), else from the source; `None` when neither retains them.
-    async fn catch_up(&self, history: &str, from: u64, to: u64, filter: Option<&HashSet<String>>) -> Option<Vec<SharedSyncEvent>> {
+    async fn catch_up(
+        &self,
+        history: &str,
+        from: u64,
+        to: u64,
+        filter: Option<&HashSet<String>>,
+    ) -> Option<Vec<SharedSyncEvent>> {
         let from_ring = {
             let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
-            let start = ring.entries.iter().position(|e| e.delta.from_revision == from);
+            let start = ring
+                .entries
+                .iter()
+                .position(|e| e.delta.from_revision == from);
             match start {
                 Some(i) => {
                     let run: Vec<&RingEntry> = ring
@@ -291,7 +314,8 @@ impl Fanout {
                             Some(Ok(one.event.clone()))
                         }
                         many => {
-                            let deltas: Vec<Arc<Delta>> = many.iter().map(|e| e.delta.clone()).collect();
+                            let deltas: Vec<Arc<Delta>> =
+                                many.iter().map(|e| e.delta.clone()).collect();
                             Some(Err(deltas))
                         }
                     }
@@ -305,7 +329,8 @@ impl Fanout {
             None => {
                 let source = self.source.clone();
                 let history = history.to_owned();
-                let fetched = tokio::task::spawn_blocking(move || source.deltas(&history, from, to)).await;
+                let fetched =
+                    tokio::task::spawn_blocking(move || source.deltas(&history, from, to)).await;
                 match fetched {
                     Ok(Ok(Some(ds))) => ds.into_iter().map(Arc::new).collect(),
                     Ok(Ok(None)) => return None,
@@ -340,7 +365,11 @@ impl Fanout {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading a snapshot failed");
-                let _ = tx.send(Err(Status::unavailable("this server cannot read its state"))).await;
+                let _ = tx
+                    .send(Err(Status::unavailable(
+                        "this server cannot read its state",
+                    )))
+                    .await;
                 return Err("snapshot unavailable");
             }
             Err(_) => return Err("snapshot task failed"),
@@ -370,14 +399,24 @@ impl Fanout {
                     ..Default::default()
                 };
                 let full = std::mem::replace(&mut chunk, next);
-                self.send(tx, SharedSyncEvent::new(&SyncEvent { event: Some(Event::Snapshot(full)) }))
-                    .await?;
+                self.send(
+                    tx,
+                    SharedSyncEvent::new(&SyncEvent {
+                        event: Some(Event::Snapshot(full)),
+                    }),
+                )
+                .await?;
                 chunk_bytes = 0;
             }
         }
         chunk.last = true;
-        self.send(tx, SharedSyncEvent::new(&SyncEvent { event: Some(Event::Snapshot(chunk)) }))
-            .await?;
+        self.send(
+            tx,
+            SharedSyncEvent::new(&SyncEvent {
+                event: Some(Event::Snapshot(chunk)),
+            }),
+        )
+        .await?;
         self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
         Ok((snap.history_id.as_str().into(), snap.revision))
     }

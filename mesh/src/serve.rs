@@ -33,7 +33,10 @@ impl Shutdown {
     /// A signal not yet triggered.
     pub fn new() -> Self {
         let (tx, rx) = watch::channel(false);
-        Self { tx: Arc::new(tx), rx }
+        Self {
+            tx: Arc::new(tx),
+            rx,
+        }
     }
 
     /// Triggers it (idempotent).
@@ -104,7 +107,9 @@ pub fn with_health_and_reflection(
         let name = (*name).to_owned();
         // the reporter's state is a watch channel: setting it never blocks
         tokio::spawn(async move {
-            reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
         });
     }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -115,7 +120,10 @@ pub fn with_health_and_reflection(
         .register_encoded_file_descriptor_set(flagmesh_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    Ok(routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha))
+    Ok(routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
 }
 
 /// Serves gRPC on `listener` until `shutdown`, behind the auth layer.
@@ -178,7 +186,9 @@ pub async fn serve_http(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Waits for `task` at most `deadline` after shutdown began, then gives up
@@ -191,7 +201,10 @@ pub async fn drain<T>(task: tokio::task::JoinHandle<T>, deadline: Duration) -> O
             None
         }
         Err(_) => {
-            tracing::warn!(deadline_ms = deadline.as_millis() as u64, "drain deadline passed; closing remaining connections");
+            tracing::warn!(
+                deadline_ms = deadline.as_millis() as u64,
+                "drain deadline passed; closing remaining connections"
+            );
             None
         }
     }

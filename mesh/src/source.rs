@@ -31,7 +31,12 @@ pub trait SyncSource: Send + Sync + 'static {
 
     /// The single-revision deltas that lead from `from` to `to` in
     /// `history_id`, or `None` when they are no longer retained.
-    fn deltas(&self, history_id: &str, from: u64, to: u64) -> Result<Option<Vec<Delta>>, SourceError>;
+    fn deltas(
+        &self,
+        history_id: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<Vec<Delta>>, SourceError>;
 }
 
 /// Where a Report stream's messages go.

@@ -31,12 +31,18 @@ impl Sync for SyncService {
     type SubscribeStream = ReceiverStream<Result<SharedSyncEvent, Status>>;
 
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().node_id, resume = request.get_ref().resume_revision))]
-    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let stream = self.fanout.subscribe(request.into_inner())?;
         Ok(Response::new(stream))
     }
 
-    async fn report(&self, request: Request<Streaming<NodeReport>>) -> Result<Response<ReportAck>, Status> {
+    async fn report(
+        &self,
+        request: Request<Streaming<NodeReport>>,
+    ) -> Result<Response<ReportAck>, Status> {
         let mut stream = request.into_inner();
         let mut received = 0u64;
         while let Some(report) = stream.message().await? {

@@ -22,7 +22,10 @@ pub fn json_to_value(v: &Value) -> prost_types::Value {
 /// A JSON object as a protobuf `Struct`.
 pub fn map_to_struct(m: &Map<String, Value>) -> prost_types::Struct {
     prost_types::Struct {
-        fields: m.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
     }
 }
 
@@ -41,7 +44,10 @@ pub fn value_to_json(v: &prost_types::Value) -> Value {
 
 /// A protobuf `Struct` as a JSON object.
 pub fn struct_to_map(s: &prost_types::Struct) -> Map<String, Value> {
-    s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect()
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), value_to_json(v)))
+        .collect()
 }
 
 fn number(n: f64) -> Value {
@@ -49,7 +55,9 @@ fn number(n: f64) -> Value {
         // exact below 2^53
         Value::from(n as i64)
     } else {
-        Number::from_f64(n).map(Value::Number).unwrap_or(Value::Null)
+        Number::from_f64(n)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
     }
 }
 

@@ -17,10 +17,18 @@ struct Args {
     #[command(flatten)]
     common: CommonArgs,
     /// How many revisions of deltas the change log keeps before compacting.
-    #[arg(long = "retain-revisions", env = "FLAGMESH_RETAIN_REVISIONS", default_value_t = 10_000)]
+    #[arg(
+        long = "retain-revisions",
+        env = "FLAGMESH_RETAIN_REVISIONS",
+        default_value_t = 10_000
+    )]
     retain_revisions: u64,
     /// Progress heartbeat interval on idle Subscribe streams, in milliseconds.
-    #[arg(long = "heartbeat-ms", env = "FLAGMESH_HEARTBEAT_MS", default_value_t = 2_000)]
+    #[arg(
+        long = "heartbeat-ms",
+        env = "FLAGMESH_HEARTBEAT_MS",
+        default_value_t = 2_000
+    )]
     heartbeat_ms: u64,
     /// How long shutdown waits for open connections, in milliseconds.
     #[arg(long = "drain-ms", env = "FLAGMESH_DRAIN_MS", default_value_t = 5_000)]
@@ -42,7 +50,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         drain: Duration::from_millis(args.drain_ms),
     };
-    let node = start(config, auth).await.context("starting the control plane")?;
+    let node = start(config, auth)
+        .await
+        .context("starting the control plane")?;
     serve::print_ready(node.grpc_addr, node.http_addr);
     tracing::info!(grpc = %node.grpc_addr, http = ?node.http_addr, "control plane serving");
     serve::signal().await;
