@@ -214,12 +214,19 @@ pub struct SledStore {
     tree: sled::Tree,
     write: Mutex<()>,
     retain: u64,
+    durable: bool,
 }
 
 impl SledStore {
     /// Opens (creating on first start) the store in `dir`, keeping the
     /// deltas of the last `retain` revisions.
     pub fn open(dir: &Path, retain: u64) -> Result<Self, ControlError> {
+        Self::open_with(dir, retain, true)
+    }
+
+    /// Like [`SledStore::open`]; without `durable` commits are not flushed
+    /// before they are acknowledged (for simulations, never for serving).
+    pub fn open_with(dir: &Path, retain: u64, durable: bool) -> Result<Self, ControlError> {
         let db = sled::Config::new().path(dir).open()?;
         let tree = db.open_tree("control")?;
         if tree.get(META_HISTORY)?.is_none() {
@@ -233,6 +240,7 @@ impl SledStore {
             tree,
             write: Mutex::new(()),
             retain: retain.max(1),
+            durable,
         })
     }
 
@@ -541,7 +549,9 @@ impl FlagStore for SledStore {
             batch.insert(META_COMPACTED, &through.to_be_bytes());
         }
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        if self.durable {
+            self.db.flush()?;
+        }
         Ok(CommitOutcome {
             revision,
             changes,

@@ -25,7 +25,7 @@ use tonic::Status;
 
 use crate::coalesce::{coalesce, filter_delta};
 use crate::serve::Shutdown;
-use crate::source::SyncSource;
+use crate::source::{SourceError, SyncSource};
 
 /// Tuning of a fan-out.
 #[derive(Debug, Clone)]
@@ -95,6 +95,9 @@ pub struct FanoutStats {
     /// Bytes of snapshots and deltas sent.
     pub bytes_sent: AtomicU64,
 }
+
+/// Where a subscriber stands: its history and revision (`None`: no state).
+pub type Cursor = Option<(Arc<str>, u64)>;
 
 /// The fan-out of one server.
 pub struct Fanout {
@@ -226,37 +229,36 @@ impl Fanout {
     }
 
     async fn session(
-        &self,
+        self: &Arc<Self>,
         req: SubscribeRequest,
         tx: &mpsc::Sender<Result<SharedSyncEvent, Status>>,
     ) -> Result<(), &'static str> {
-        let filter: Option<HashSet<String>> =
-            (!req.flag_sets.is_empty()).then(|| req.flag_sets.iter().cloned().collect());
-        let mut cursor: Option<(Arc<str>, u64)> = (!req.history_id.is_empty()
-            && req.resume_revision > 0)
+        let filter: Option<Arc<HashSet<String>>> =
+            (!req.flag_sets.is_empty()).then(|| Arc::new(req.flag_sets.iter().cloned().collect()));
+        let mut cursor: Cursor = (!req.history_id.is_empty() && req.resume_revision > 0)
             .then(|| (req.history_id.as_str().into(), req.resume_revision));
         let mut head_rx = self.head.subscribe();
         let shutdown = self.shutdown.wait();
         tokio::pin!(shutdown);
         loop {
-            let head = head_rx.borrow_and_update().clone();
-            match &cursor {
-                Some((history, rev)) if *history == head.history_id && *rev >= head.revision => {}
-                Some((history, rev)) if *history == head.history_id => {
-                    match self
-                        .catch_up(&head.history_id, *rev, head.revision, filter.as_ref())
-                        .await
-                    {
-                        Some(events) => {
-                            for e in events {
-                                self.send(tx, e).await?;
-                            }
-                            cursor = Some((head.history_id.clone(), head.revision));
-                        }
-                        None => cursor = Some(self.send_snapshot(tx, filter.as_ref()).await?),
+            head_rx.borrow_and_update();
+            let fanout = self.clone();
+            let (from, sets) = (cursor.clone(), filter.clone());
+            let caught_up =
+                tokio::task::spawn_blocking(move || fanout.catch_up(&from, sets.as_deref())).await;
+            match caught_up {
+                Ok(Ok((events, next))) => {
+                    for e in events {
+                        self.send(tx, e).await?;
                     }
+                    cursor = next;
                 }
-                _ => cursor = Some(self.send_snapshot(tx, filter.as_ref()).await?),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reading state for a subscriber failed");
+                    let _ = tx.send(Err(Status::unavailable("this server cannot read its state"))).await;
+                    return Err("state unavailable");
+                }
+                Err(_) => return Err("catch-up task failed"),
             }
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
@@ -283,23 +285,43 @@ impl Fanout {
         }
     }
 
-    /// Events that bring a subscriber from `from` to `to`: from the ring
-    /// when it still holds them (one shared event when a single delta
-    /// does), else from the source; `None` when neither retains them.
-    async fn catch_up(
+    /// The events that bring a subscriber standing at `cursor` to this
+    /// server's head, and where it stands after them: nothing when it is
+    /// there already (or ahead: it waits for the head to catch up); one
+    /// delta (the ring's shared bytes when a single entry covers it, else
+    /// the ring's or the source's deltas coalesced); or a snapshot, in
+    /// chunks, when neither retains what it misses or its history differs.
+    /// Blocking: it may read the source.
+    pub fn catch_up(
+        &self,
+        cursor: &Cursor,
+        filter: Option<&HashSet<String>>,
+    ) -> Result<(Vec<SharedSyncEvent>, Cursor), SourceError> {
+        let head = self.head();
+        match cursor {
+            Some((history, rev)) if *history == head.history_id && *rev >= head.revision => {
+                Ok((Vec::new(), cursor.clone()))
+            }
+            Some((history, rev)) if *history == head.history_id => {
+                match self.deltas_between(history, *rev, head.revision, filter)? {
+                    Some(event) => Ok((vec![event], Some((history.clone(), head.revision)))),
+                    None => self.snapshot_events(filter),
+                }
+            }
+            _ => self.snapshot_events(filter),
+        }
+    }
+
+    fn deltas_between(
         &self,
         history: &str,
         from: u64,
         to: u64,
         filter: Option<&HashSet<String>>,
-    ) -> Option<Vec<SharedSyncEvent>> {
+    ) -> Result<Option<SharedSyncEvent>, SourceError> {
         let from_ring = {
             let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
-            let start = ring
-                .entries
-                .iter()
-                .position(|e| e.delta.from_revision == from);
-            match start {
+            match ring.entries.iter().position(|e| e.delta.from_revision == from) {
                 Some(i) => {
                     let run: Vec<&RingEntry> = ring
                         .entries
@@ -311,80 +333,46 @@ impl Fanout {
                         [] => None,
                         [one] if filter.is_none() && one.delta.to_revision == to => {
                             self.stats.shared_sends.fetch_add(1, Ordering::Relaxed);
-                            Some(Ok(one.event.clone()))
+                            return Ok(Some(one.event.clone()));
                         }
-                        many => {
-                            let deltas: Vec<Arc<Delta>> =
-                                many.iter().map(|e| e.delta.clone()).collect();
-                            Some(Err(deltas))
-                        }
+                        many => Some(many.iter().map(|e| e.delta.clone()).collect::<Vec<_>>()),
                     }
                 }
                 None => None,
             }
         };
         let deltas: Vec<Arc<Delta>> = match from_ring {
-            Some(Ok(shared)) => return Some(vec![shared]),
-            Some(Err(deltas)) => deltas,
-            None => {
-                let source = self.source.clone();
-                let history = history.to_owned();
-                let fetched =
-                    tokio::task::spawn_blocking(move || source.deltas(&history, from, to)).await;
-                match fetched {
-                    Ok(Ok(Some(ds))) => ds.into_iter().map(Arc::new).collect(),
-                    Ok(Ok(None)) => return None,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "reading retained deltas failed; sending a snapshot");
-                        return None;
-                    }
-                    Err(_) => return None,
-                }
-            }
+            Some(ds) => ds,
+            None => match self.source.deltas(history, from, to)? {
+                Some(ds) => ds.into_iter().map(Arc::new).collect(),
+                None => return Ok(None),
+            },
         };
-        let merged = coalesce(&deltas)?;
-        if merged.from_revision != from {
-            return None;
+        let Some(merged) = coalesce(&deltas) else { return Ok(None) };
+        if merged.from_revision != from || merged.to_revision != to {
+            return Ok(None);
         }
         let merged = match filter {
             Some(sets) => filter_delta(merged, sets),
             None => merged,
         };
-        Some(vec![SharedSyncEvent::new(&SyncEvent {
+        Ok(Some(SharedSyncEvent::new(&SyncEvent {
             event: Some(Event::Delta(merged)),
-        })])
+        })))
     }
 
-    async fn send_snapshot(
-        &self,
-        tx: &mpsc::Sender<Result<SharedSyncEvent, Status>>,
-        filter: Option<&HashSet<String>>,
-    ) -> Result<(Arc<str>, u64), &'static str> {
-        let source = self.source.clone();
-        let snap = match tokio::task::spawn_blocking(move || source.snapshot()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "reading a snapshot failed");
-                let _ = tx
-                    .send(Err(Status::unavailable(
-                        "this server cannot read its state",
-                    )))
-                    .await;
-                return Err("snapshot unavailable");
-            }
-            Err(_) => return Err("snapshot task failed"),
-        };
+    fn snapshot_events(&self, filter: Option<&HashSet<String>>) -> Result<(Vec<SharedSyncEvent>, Cursor), SourceError> {
+        let snap = self.source.snapshot()?;
         let keep = |set: &str| filter.is_none_or(|f| f.contains(set));
         let digest = if filter.is_some() { 0 } else { snap.digest };
         let flag_sets: Vec<_> = snap.flag_sets.into_iter().filter(|s| keep(&s.id)).collect();
+        let mut events = Vec::new();
         let mut chunk = Snapshot {
             history_id: snap.history_id.clone(),
             revision: snap.revision,
             digest,
-            chunk: 0,
-            last: false,
-            flags: Vec::new(),
             flag_sets,
+            ..Default::default()
         };
         let mut chunk_bytes = 0usize;
         for flag in snap.flags.into_iter().filter(|f| keep(&f.flag_set)) {
@@ -399,26 +387,14 @@ impl Fanout {
                     ..Default::default()
                 };
                 let full = std::mem::replace(&mut chunk, next);
-                self.send(
-                    tx,
-                    SharedSyncEvent::new(&SyncEvent {
-                        event: Some(Event::Snapshot(full)),
-                    }),
-                )
-                .await?;
+                events.push(SharedSyncEvent::new(&SyncEvent { event: Some(Event::Snapshot(full)) }));
                 chunk_bytes = 0;
             }
         }
         chunk.last = true;
-        self.send(
-            tx,
-            SharedSyncEvent::new(&SyncEvent {
-                event: Some(Event::Snapshot(chunk)),
-            }),
-        )
-        .await?;
+        events.push(SharedSyncEvent::new(&SyncEvent { event: Some(Event::Snapshot(chunk)) }));
         self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
-        Ok((snap.history_id.as_str().into(), snap.revision))
+        Ok((events, Some((snap.history_id.as_str().into(), snap.revision))))
     }
 
     async fn send(

@@ -12,9 +12,22 @@ pub mod auth;
 pub mod coalesce;
 pub mod config;
 pub mod fanout;
+pub mod node_args;
+pub mod relay;
+pub mod replica;
+pub mod reporter;
 pub mod serve;
 pub mod source;
+pub mod subscriber;
 pub mod sync_service;
 
-pub use fanout::{Fanout, FanoutConfig, Head};
+pub use fanout::{Cursor, Fanout, FanoutConfig, Head};
 pub use source::{ReportSink, SourceError, SourceSnapshot, SyncSource};
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

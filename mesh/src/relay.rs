@@ -1,0 +1,149 @@
+//! A relay: what hubs and PoPs share. It follows its upstreams into a
+//! replica store, serves the same state downstream through a fan-out (a
+//! PoP serves SDKs in local mode this way), and reports its applied
+//! revision (and its subtree's reports) upward.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flagmesh_proto::v1::NodeReport;
+use tokio::sync::watch;
+
+use crate::fanout::{Fanout, FanoutConfig, Head};
+use crate::replica::{Applied, ApplyError, ReplicaSource, ReplicaStore};
+use crate::reporter::Reporter;
+use crate::serve::Shutdown;
+use crate::subscriber::{ReplicaObserver, Subscriber, SubscriberConfig, SubscriberStats, SyncStatus};
+
+/// How a relay runs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The replica's folder.
+    pub data_dir: PathBuf,
+    /// Whom to follow, and how.
+    pub subscriber: SubscriberConfig,
+    /// The downstream fan-out.
+    pub fanout: FanoutConfig,
+    /// How often the node reports itself when nothing changes.
+    pub report_interval: Duration,
+    /// Flush every applied event before serving it.
+    pub sync_writes: bool,
+}
+
+/// A running relay.
+pub struct Relay {
+    /// The replica.
+    pub replica: Arc<ReplicaStore>,
+    /// The downstream fan-out.
+    pub fanout: Arc<Fanout>,
+    /// The subscriber's status.
+    pub status: watch::Receiver<SyncStatus>,
+    /// The subscriber's counters.
+    pub stats: Arc<SubscriberStats>,
+    /// Sends reports upward; also the sink for the subtree's reports.
+    pub reporter: Arc<Reporter>,
+    /// The background tasks.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct RelayObserver {
+    fanout: Arc<Fanout>,
+    extra: Option<Arc<dyn ReplicaObserver>>,
+}
+
+impl ReplicaObserver for RelayObserver {
+    fn applied(&self, applied: &Applied) {
+        if let Some(extra) = &self.extra {
+            extra.applied(applied);
+        }
+        match applied {
+            Applied::Snapshot(s) => self.fanout.reset(&s.history_id, s.revision),
+            Applied::Delta(d) => self.fanout.publish((**d).clone()),
+            _ => {}
+        }
+    }
+}
+
+fn own_report(config: &SubscriberConfig, replica: &ReplicaStore, s: &SyncStatus) -> NodeReport {
+    let position = replica.position();
+    NodeReport {
+        node_id: config.node_id.clone(),
+        role: config.role as i32,
+        region: config.region.clone(),
+        upstream: if s.connected { s.upstream.clone() } else { String::new() },
+        history_id: position.history_id,
+        applied_revision: position.revision,
+        applied_at_unix_ms: s.applied_at_unix_ms,
+        rejected_revision: s.rejected_revision,
+        rejected_error: s.rejected_error.clone(),
+        head_revision: s.head_revision,
+        via: String::new(),
+    }
+}
+
+impl Relay {
+    /// Opens the replica and starts following, serving and reporting.
+    /// `extra` sees every applied change first (a PoP's in-memory state).
+    pub fn start(
+        config: RelayConfig,
+        replica: Arc<ReplicaStore>,
+        extra: Option<Arc<dyn ReplicaObserver>>,
+        shutdown: Shutdown,
+    ) -> Result<Self, ApplyError> {
+        let position = replica.position();
+        let fanout = Fanout::new(
+            Arc::new(ReplicaSource(replica.clone())),
+            Head {
+                history_id: position.history_id.as_str().into(),
+                revision: position.revision,
+                upstream_connected: false,
+            },
+            config.fanout.clone(),
+            shutdown.clone(),
+        );
+        let observer = Arc::new(RelayObserver {
+            fanout: fanout.clone(),
+            extra,
+        });
+        let subscriber = Subscriber::new(config.subscriber.clone(), replica.clone(), observer);
+        let status = subscriber.status();
+        let stats = subscriber.stats();
+        let reporter = Reporter::new(config.subscriber.node_id.clone(), config.subscriber.mesh_token.clone());
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(subscriber.run(shutdown.clone())));
+        tasks.push(tokio::spawn(reporter.clone().run(status.clone(), shutdown.clone())));
+
+        // report on every change of status, and every interval when idle;
+        // tell downstream whether this relay is connected
+        let (mut watch_status, reporter2, fanout2, replica2) =
+            (status.clone(), reporter.clone(), fanout.clone(), replica.clone());
+        let sub_config = config.subscriber.clone();
+        let interval = config.report_interval;
+        let stop = shutdown.wait();
+        tasks.push(tokio::spawn(async move {
+            tokio::pin!(stop);
+            loop {
+                let report = {
+                    let s = watch_status.borrow_and_update();
+                    fanout2.set_upstream_connected(s.connected && s.upstream_connected);
+                    own_report(&sub_config, &replica2, &s)
+                };
+                reporter2.submit(report);
+                tokio::select! {
+                    _ = &mut stop => return,
+                    r = watch_status.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        }));
+        Ok(Self {
+            replica,
+            fanout,
+            status,
+            stats,
+            reporter,
+            tasks,
+        })
+    }
+}

@@ -1,0 +1,538 @@
+//! The replica store of a hub or PoP: the flag state, its revision, history
+//! and digest on sled, written together in one batch per applied event, so a
+//! crash at any point recovers to a consistent revision.
+//!
+//! [`ReplicaStore::apply`] enforces the subscriber's rules: a delta whose
+//! `to` is not above the local revision is dropped; one whose `from` equals
+//! it is applied; one whose `from` is above it is a gap; snapshot chunks are
+//! buffered and applied atomically on the last one. After every apply the
+//! digest, maintained in O(1) per changed flag, is checked against the
+//! sender's; a mismatch applies nothing and asks for a resync.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use flagmesh_engine::{StateDigest, flag_hash, flag_set_hash};
+use flagmesh_proto::convert::struct_to_map;
+use flagmesh_proto::v1::{Delta, Flag, FlagSet, Snapshot, SyncEvent, sync_event::Event};
+use prost::Message;
+
+use crate::source::{SourceError, SourceSnapshot};
+
+/// What applying an event did.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// The whole state was replaced.
+    Snapshot(Arc<SourceSnapshot>),
+    /// A delta was applied.
+    Delta(Arc<Delta>),
+    /// A snapshot chunk was buffered (not applied yet).
+    Buffered,
+    /// The event was older than the local state and was dropped.
+    Ignored,
+    /// A heartbeat: nothing to apply.
+    Progress {
+        /// The revision the stream has delivered.
+        revision: u64,
+        /// The sender's head.
+        head_revision: u64,
+        /// Whether the sender is connected upstream.
+        upstream_connected: bool,
+    },
+}
+
+/// Why an event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// A delta starts above the local revision: changes are missing.
+    #[error("gap: local revision {local}, delta from {from}")]
+    Gap {
+        /// The local revision.
+        local: u64,
+        /// The delta's `from`.
+        from: u64,
+    },
+    /// The state after applying would not have the sender's digest.
+    #[error("digest mismatch at revision {revision}: computed {computed:016x}, sender {expected:016x}")]
+    DigestMismatch {
+        /// The revision.
+        revision: u64,
+        /// The sender's digest.
+        expected: u64,
+        /// The digest computed here.
+        computed: u64,
+    },
+    /// A delta of another history than the local state.
+    #[error("delta of history {got}, local history {local}")]
+    WrongHistory {
+        /// The local history.
+        local: String,
+        /// The delta's history.
+        got: String,
+    },
+    /// A malformed event (chunks out of order, an empty event).
+    #[error("malformed event: {0}")]
+    Malformed(String),
+    /// The store failed.
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+impl From<sled::Error> for ApplyError {
+    fn from(e: sled::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+
+/// Where a replica stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The history of its state ("" when it has none).
+    pub history_id: String,
+    /// The applied revision (0 when it has no state).
+    pub revision: u64,
+    /// The digest of its state.
+    pub digest: u64,
+}
+
+struct Inner {
+    position: Position,
+    flag_hashes: HashMap<(String, String), u64>,
+    set_hashes: HashMap<String, u64>,
+    pending: Vec<Snapshot>,
+}
+
+/// A replica of the mesh state on sled.
+pub struct ReplicaStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    inner: Mutex<Inner>,
+    sync_writes: bool,
+}
+
+const META: &[u8] = b"m:position";
+
+fn flag_key(set: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + set.len() + key.len());
+    k.extend_from_slice(b"f:");
+    k.extend_from_slice(set.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn set_key(set: &str) -> Vec<u8> {
+    [b"s:".as_slice(), set.as_bytes()].concat()
+}
+
+fn encode_position(p: &Position) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + p.history_id.len());
+    v.extend_from_slice(&p.revision.to_be_bytes());
+    v.extend_from_slice(&p.digest.to_be_bytes());
+    v.extend_from_slice(p.history_id.as_bytes());
+    v
+}
+
+fn decode_position(b: &[u8]) -> Option<Position> {
+    if b.len() < 16 {
+        return None;
+    }
+    Some(Position {
+        revision: u64::from_be_bytes(b[..8].try_into().ok()?),
+        digest: u64::from_be_bytes(b[8..16].try_into().ok()?),
+        history_id: String::from_utf8(b[16..].to_vec()).ok()?,
+    })
+}
+
+/// The digest contribution of a flag set's metadata.
+pub fn set_hash(set: &FlagSet) -> u64 {
+    let md = set.metadata.as_ref().map(struct_to_map).unwrap_or_default();
+    flag_set_hash(&set.id, &serde_json::to_vec(&md).unwrap_or_default())
+}
+
+impl ReplicaStore {
+    /// Opens (or creates) a replica in `dir`. With `sync_writes`, every
+    /// applied event is flushed to disk before it is served, so a restarted
+    /// node never serves older state than it served before.
+    pub fn open(dir: &Path, sync_writes: bool) -> Result<Self, ApplyError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Self::from_db(db, sync_writes)
+    }
+
+    fn from_db(db: sled::Db, sync_writes: bool) -> Result<Self, ApplyError> {
+        let tree = db.open_tree("replica")?;
+        let position = match tree.get(META)? {
+            Some(b) => decode_position(&b).ok_or_else(|| ApplyError::Storage("corrupt position".into()))?,
+            None => Position::default(),
+        };
+        let mut flag_hashes = HashMap::new();
+        let mut set_hashes = HashMap::new();
+        for kv in tree.scan_prefix(b"f:") {
+            let (_, v) = kv?;
+            let f = Flag::decode(v.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?;
+            flag_hashes.insert(
+                (f.flag_set.clone(), f.key.clone()),
+                flag_hash(&f.flag_set, &f.key, &f.definition_json),
+            );
+        }
+        for kv in tree.scan_prefix(b"s:") {
+            let (_, v) = kv?;
+            let s = FlagSet::decode(v.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?;
+            set_hashes.insert(s.id.clone(), set_hash(&s));
+        }
+        Ok(Self {
+            db,
+            tree,
+            inner: Mutex::new(Inner {
+                position,
+                flag_hashes,
+                set_hashes,
+                pending: Vec::new(),
+            }),
+            sync_writes,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where the replica stands.
+    pub fn position(&self) -> Position {
+        self.lock().position.clone()
+    }
+
+    /// Every flag and flag set held.
+    pub fn load(&self) -> Result<SourceSnapshot, ApplyError> {
+        let inner = self.lock();
+        self.read_all(&inner.position)
+    }
+
+    fn read_all(&self, position: &Position) -> Result<SourceSnapshot, ApplyError> {
+        let mut flags = Vec::new();
+        for kv in self.tree.scan_prefix(b"f:") {
+            flags.push(Flag::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
+        }
+        let mut flag_sets = Vec::new();
+        for kv in self.tree.scan_prefix(b"s:") {
+            flag_sets.push(FlagSet::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
+        }
+        Ok(SourceSnapshot {
+            history_id: position.history_id.clone(),
+            revision: position.revision,
+            digest: position.digest,
+            flags,
+            flag_sets,
+        })
+    }
+
+    fn persist(&self, batch: sled::Batch) -> Result<(), ApplyError> {
+        self.tree.apply_batch(batch)?;
+        if self.sync_writes {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Applies one event of a Subscribe stream.
+    pub fn apply(&self, event: &SyncEvent) -> Result<Applied, ApplyError> {
+        match &event.event {
+            Some(Event::Progress(p)) => Ok(Applied::Progress {
+                revision: p.revision,
+                head_revision: p.head_revision,
+                upstream_connected: p.upstream_connected,
+            }),
+            Some(Event::Snapshot(s)) => self.apply_snapshot_chunk(s),
+            Some(Event::Delta(d)) => self.apply_delta(d),
+            None => Err(ApplyError::Malformed("an event with no content".into())),
+        }
+    }
+
+    fn apply_snapshot_chunk(&self, chunk: &Snapshot) -> Result<Applied, ApplyError> {
+        let mut inner = self.lock();
+        let expected_chunk = inner.pending.len() as u32;
+        let consistent = inner
+            .pending
+            .first()
+            .is_none_or(|f| f.revision == chunk.revision && f.history_id == chunk.history_id);
+        if chunk.chunk != expected_chunk || !consistent {
+            inner.pending.clear();
+            return Err(ApplyError::Malformed(format!(
+                "snapshot chunk {} arrived where chunk {expected_chunk} was expected",
+                chunk.chunk
+            )));
+        }
+        inner.pending.push(chunk.clone());
+        if !chunk.last {
+            return Ok(Applied::Buffered);
+        }
+        let chunks = std::mem::take(&mut inner.pending);
+        if chunk.history_id == inner.position.history_id && chunk.revision < inner.position.revision {
+            // never go back to an older state of the same history
+            return Ok(Applied::Ignored);
+        }
+        let flags: Vec<Flag> = chunks.iter().flat_map(|c| c.flags.iter().cloned()).collect();
+        let flag_sets: Vec<FlagSet> = chunks.iter().flat_map(|c| c.flag_sets.iter().cloned()).collect();
+        let flag_hashes: HashMap<(String, String), u64> = flags
+            .iter()
+            .map(|f| ((f.flag_set.clone(), f.key.clone()), flag_hash(&f.flag_set, &f.key, &f.definition_json)))
+            .collect();
+        let set_hashes: HashMap<String, u64> = flag_sets.iter().map(|s| (s.id.clone(), set_hash(s))).collect();
+        let digest = StateDigest::of(flag_hashes.values().chain(set_hashes.values()).copied()).0;
+        if chunk.digest != 0 && digest != chunk.digest {
+            return Err(ApplyError::DigestMismatch {
+                revision: chunk.revision,
+                expected: chunk.digest,
+                computed: digest,
+            });
+        }
+        let mut batch = sled::Batch::default();
+        for kv in self.tree.scan_prefix(b"f:").chain(self.tree.scan_prefix(b"s:")) {
+            batch.remove(kv?.0);
+        }
+        for f in &flags {
+            batch.insert(flag_key(&f.flag_set, &f.key), f.encode_to_vec());
+        }
+        for s in &flag_sets {
+            batch.insert(set_key(&s.id), s.encode_to_vec());
+        }
+        let position = Position {
+            history_id: chunk.history_id.clone(),
+            revision: chunk.revision,
+            digest,
+        };
+        batch.insert(META, encode_position(&position));
+        self.persist(batch)?;
+        inner.position = position.clone();
+        inner.flag_hashes = flag_hashes;
+        inner.set_hashes = set_hashes;
+        Ok(Applied::Snapshot(Arc::new(SourceSnapshot {
+            history_id: position.history_id,
+            revision: position.revision,
+            digest,
+            flags,
+            flag_sets,
+        })))
+    }
+
+    fn apply_delta(&self, d: &Delta) -> Result<Applied, ApplyError> {
+        let mut inner = self.lock();
+        inner.pending.clear();
+        let local = inner.position.revision;
+        if d.history_id != inner.position.history_id {
+            return Err(ApplyError::WrongHistory {
+                local: inner.position.history_id.clone(),
+                got: d.history_id.clone(),
+            });
+        }
+        if d.to_revision <= local {
+            return Ok(Applied::Ignored);
+        }
+        if d.from_revision != local {
+            return Err(ApplyError::Gap {
+                local,
+                from: d.from_revision,
+            });
+        }
+        let mut digest = StateDigest(inner.position.digest);
+        let mut flag_changes: Vec<((String, String), Option<u64>)> = Vec::new();
+        let mut set_changes: Vec<(String, Option<u64>)> = Vec::new();
+        let mut batch = sled::Batch::default();
+        for r in &d.deletes {
+            let id = (r.flag_set.clone(), r.key.clone());
+            let old = flag_changes
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == id)
+                .map(|(_, h)| *h)
+                .unwrap_or_else(|| inner.flag_hashes.get(&id).copied());
+            if let Some(old) = old {
+                digest.remove(old);
+            }
+            batch.remove(flag_key(&r.flag_set, &r.key));
+            flag_changes.push((id, None));
+        }
+        for f in &d.upserts {
+            let id = (f.flag_set.clone(), f.key.clone());
+            let old = flag_changes
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == id)
+                .map(|(_, h)| *h)
+                .unwrap_or_else(|| inner.flag_hashes.get(&id).copied());
+            let new = flag_hash(&f.flag_set, &f.key, &f.definition_json);
+            digest.replace(old, Some(new));
+            batch.insert(flag_key(&f.flag_set, &f.key), f.encode_to_vec());
+            flag_changes.push((id, Some(new)));
+        }
+        for s in &d.flag_set_deletes {
+            if let Some(old) = inner.set_hashes.get(s) {
+                digest.remove(*old);
+            }
+            batch.remove(set_key(s));
+            set_changes.push((s.clone(), None));
+        }
+        for s in &d.flag_set_upserts {
+            let new = set_hash(s);
+            digest.replace(inner.set_hashes.get(&s.id).copied(), Some(new));
+            batch.insert(set_key(&s.id), s.encode_to_vec());
+            set_changes.push((s.id.clone(), Some(new)));
+        }
+        if d.digest != 0 && digest.0 != d.digest {
+            return Err(ApplyError::DigestMismatch {
+                revision: d.to_revision,
+                expected: d.digest,
+                computed: digest.0,
+            });
+        }
+        let position = Position {
+            history_id: d.history_id.clone(),
+            revision: d.to_revision,
+            digest: digest.0,
+        };
+        batch.insert(META, encode_position(&position));
+        self.persist(batch)?;
+        inner.position = position;
+        for (id, h) in flag_changes {
+            match h {
+                Some(h) => inner.flag_hashes.insert(id, h),
+                None => inner.flag_hashes.remove(&id),
+            };
+        }
+        for (id, h) in set_changes {
+            match h {
+                Some(h) => inner.set_hashes.insert(id, h),
+                None => inner.set_hashes.remove(&id),
+            };
+        }
+        Ok(Applied::Delta(Arc::new(d.clone())))
+    }
+
+    /// Drops a half-received snapshot (the stream it came on ended).
+    pub fn discard_pending(&self) {
+        self.lock().pending.clear();
+    }
+}
+
+/// Serves a hub's snapshots from its replica; it keeps no older deltas
+/// than its fan-out ring.
+pub struct ReplicaSource(pub Arc<ReplicaStore>);
+
+impl crate::source::SyncSource for ReplicaSource {
+    fn snapshot(&self) -> Result<SourceSnapshot, SourceError> {
+        self.0.load().map_err(|e| SourceError(e.to_string()))
+    }
+
+    fn deltas(&self, _history_id: &str, _from: u64, _to: u64) -> Result<Option<Vec<Delta>>, SourceError> {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flagmesh_proto::v1::FlagRef;
+
+    fn flag(key: &str, v: &str, rev: u64) -> Flag {
+        Flag {
+            flag_set: "s".into(),
+            key: key.into(),
+            definition_json: v.as_bytes().to_vec(),
+            mod_revision: rev,
+            create_revision: rev,
+        }
+    }
+
+    fn digest_of(flags: &[Flag]) -> u64 {
+        StateDigest::of(flags.iter().map(|f| flag_hash(&f.flag_set, &f.key, &f.definition_json))).0
+    }
+
+    fn snapshot(rev: u64, flags: Vec<Flag>) -> SyncEvent {
+        SyncEvent {
+            event: Some(Event::Snapshot(Snapshot {
+                history_id: "h".into(),
+                revision: rev,
+                digest: digest_of(&flags),
+                chunk: 0,
+                last: true,
+                flags,
+                flag_sets: vec![],
+            })),
+        }
+    }
+
+    fn delta(from: u64, upserts: Vec<Flag>, deletes: &[&str], after: &[Flag]) -> SyncEvent {
+        SyncEvent {
+            event: Some(Event::Delta(Delta {
+                history_id: "h".into(),
+                from_revision: from,
+                to_revision: from + 1,
+                digest: digest_of(after),
+                upserts,
+                deletes: deletes
+                    .iter()
+                    .map(|k| FlagRef {
+                        flag_set: "s".into(),
+                        key: (*k).into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn applies_in_order_drops_old_and_detects_gaps_and_mismatches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = ReplicaStore::open(dir.path(), false).expect("open");
+        let a1 = flag("a", "1", 1);
+        assert!(matches!(r.apply(&snapshot(1, vec![a1.clone()])), Ok(Applied::Snapshot(_))));
+        let b2 = flag("b", "2", 2);
+        let d2 = delta(1, vec![b2.clone()], &[], &[a1.clone(), b2.clone()]);
+        assert!(matches!(r.apply(&d2), Ok(Applied::Delta(_))));
+        assert!(matches!(r.apply(&d2), Ok(Applied::Ignored)));
+        let gap = delta(5, vec![], &[], &[]);
+        assert_eq!(r.apply(&gap).err(), Some(ApplyError::Gap { local: 2, from: 5 }));
+        let mut bad = delta(2, vec![flag("c", "3", 3)], &["a"], &[b2.clone()]);
+        if let Some(Event::Delta(d)) = &mut bad.event {
+            d.digest ^= 1;
+        }
+        assert!(matches!(r.apply(&bad), Err(ApplyError::DigestMismatch { .. })));
+        assert_eq!(r.position().revision, 2, "a refused delta changes nothing");
+        let c3 = flag("c", "3", 3);
+        let ok = delta(2, vec![c3.clone()], &["a"], &[b2.clone(), c3.clone()]);
+        assert!(matches!(r.apply(&ok), Ok(Applied::Delta(_))));
+        drop(r);
+        // reopened, it stands where it stopped, with the same digest
+        let r = ReplicaStore::open(dir.path(), false).expect("reopen");
+        let p = r.position();
+        assert_eq!((p.revision, p.digest), (3, digest_of(&[b2, c3])));
+        assert_eq!(r.load().expect("load").flags.len(), 2);
+    }
+
+    #[test]
+    fn chunked_snapshots_apply_only_on_the_last_chunk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = ReplicaStore::open(dir.path(), false).expect("open");
+        let flags = vec![flag("a", "1", 1), flag("b", "1", 1)];
+        let digest = digest_of(&flags);
+        let chunk = |i: u32, last: bool, f: Vec<Flag>| SyncEvent {
+            event: Some(Event::Snapshot(Snapshot {
+                history_id: "h".into(),
+                revision: 4,
+                digest,
+                chunk: i,
+                last,
+                flags: f,
+                flag_sets: vec![],
+            })),
+        };
+        assert!(matches!(r.apply(&chunk(0, false, vec![flags[0].clone()])), Ok(Applied::Buffered)));
+        assert_eq!(r.position().revision, 0);
+        assert!(matches!(r.apply(&chunk(1, true, vec![flags[1].clone()])), Ok(Applied::Snapshot(_))));
+        assert_eq!(r.position().revision, 4);
+        // out-of-order chunks are refused
+        assert!(r.apply(&chunk(3, true, vec![])).is_err());
+    }
+}

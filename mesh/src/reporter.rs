@@ -1,0 +1,133 @@
+//! Reports flow up the mesh: every node reports its applied revision (and
+//! any revision it refused) to its current upstream on a `Report` stream;
+//! hubs forward the reports of their subtree the same way. Only the latest
+//! report per node is kept while waiting to be sent, so memory is bounded by
+//! the subtree's size.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flagmesh_proto::v1::NodeReport;
+use flagmesh_proto::v1::sync_client::SyncClient;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::auth::BearerToken;
+use crate::serve::Shutdown;
+use crate::source::ReportSink;
+use crate::subscriber::SyncStatus;
+
+/// Sends reports to the upstream the subscriber follows.
+pub struct Reporter {
+    node_id: String,
+    pending: Mutex<HashMap<String, NodeReport>>,
+    notify: Notify,
+    token: Option<String>,
+}
+
+impl Reporter {
+    /// A reporter for `node_id`, presenting `token`.
+    pub fn new(node_id: String, token: Option<String>) -> Arc<Self> {
+        Arc::new(Self {
+            node_id,
+            pending: Mutex::new(HashMap::new()),
+            notify: Notify::new(),
+            token,
+        })
+    }
+
+    /// Queues a report (replacing an unsent older one of the same node).
+    pub fn submit(&self, report: NodeReport) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(report.node_id.clone(), report);
+        self.notify.notify_one();
+    }
+
+    fn drain(&self) -> Vec<NodeReport> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// Sends queued reports to the current upstream until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut status: watch::Receiver<SyncStatus>, shutdown: Shutdown) {
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        loop {
+            let upstream = {
+                let s = status.borrow_and_update();
+                s.connected.then(|| s.upstream.clone())
+            };
+            let Some(upstream) = upstream else {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    r = status.changed() => if r.is_err() { return },
+                }
+                continue;
+            };
+            let uri = if upstream.contains("://") { upstream.clone() } else { format!("http://{upstream}") };
+            let channel = match Endpoint::from_shared(uri) {
+                Ok(e) => match e.connect_timeout(Duration::from_secs(2)).connect().await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        tokio::select! {
+                            _ = &mut stop => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        }
+                    }
+                },
+                Err(_) => return,
+            };
+            let Ok(token) = BearerToken::new(self.token.as_deref()) else { return };
+            let mut client = SyncClient::with_interceptor(channel, token);
+            let (tx, rx) = mpsc::channel(256);
+            let call = tokio::spawn(async move { client.report(ReceiverStream::new(rx)).await });
+            'stream: loop {
+                for r in self.drain() {
+                    if tx.send(r).await.is_err() {
+                        break 'stream;
+                    }
+                }
+                tokio::select! {
+                    _ = &mut stop => break 'stream,
+                    _ = self.notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    r = status.changed() => {
+                        if r.is_err() {
+                            break 'stream;
+                        }
+                        let s = status.borrow();
+                        if !s.connected || s.upstream != upstream {
+                            break 'stream;
+                        }
+                    }
+                }
+                if call.is_finished() {
+                    break;
+                }
+            }
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(1), call).await;
+            if shutdown.is_triggered() {
+                return;
+            }
+        }
+    }
+}
+
+impl ReportSink for Reporter {
+    /// A report from this node's subtree: forwarded upward.
+    fn report(&self, mut report: NodeReport) {
+        if report.via.is_empty() {
+            report.via = self.node_id.clone();
+        }
+        self.submit(report);
+    }
+}

@@ -1,0 +1,392 @@
+//! The subscriber: follows an upstream's `Subscribe` stream into a
+//! [`ReplicaStore`], with failover across upstreams.
+//!
+//! Upstreams are tried in rendezvous order (`xxh3(node_id, upstream)`,
+//! highest first), so subscribers spread across hubs and fail over
+//! deterministically. A subscription resumes from the replica's persisted
+//! revision; a gap resubscribes from there; a digest mismatch or another
+//! history resubscribes for a snapshot; a stream silent for longer than the
+//! stall timeout (missed heartbeats) is dropped. Rounds in which no upstream
+//! answered back off exponentially, with jitter.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flagmesh_proto::v1::sync_client::SyncClient;
+use flagmesh_proto::v1::{NodeRole, SubscribeRequest};
+use tokio::sync::watch;
+use tonic::transport::Endpoint;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::auth::BearerToken;
+use crate::replica::{Applied, ApplyError, ReplicaStore};
+use crate::serve::Shutdown;
+
+/// Sees every applied snapshot and delta, after it is persisted.
+pub trait ReplicaObserver: Send + Sync + 'static {
+    /// `applied` is a [`Applied::Snapshot`] or [`Applied::Delta`].
+    fn applied(&self, applied: &Applied);
+}
+
+/// How a subscriber runs.
+#[derive(Debug, Clone)]
+pub struct SubscriberConfig {
+    /// This node's id.
+    pub node_id: String,
+    /// This node's role.
+    pub role: NodeRole,
+    /// This node's region.
+    pub region: String,
+    /// Upstream addresses (`host:port` or URIs).
+    pub upstreams: Vec<String>,
+    /// The mesh credential presented upstream.
+    pub mesh_token: Option<String>,
+    /// Flag sets to follow (empty: all).
+    pub flag_sets: Vec<String>,
+    /// First backoff after a round with no upstream.
+    pub backoff_min: Duration,
+    /// Longest backoff.
+    pub backoff_max: Duration,
+    /// A stream silent this long is considered stalled and dropped.
+    pub stall_timeout: Duration,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+}
+
+impl SubscriberConfig {
+    /// Defaults for a node: 100 ms to 5 s backoff, 6 s stall timeout.
+    pub fn new(node_id: String, role: NodeRole, region: String, upstreams: Vec<String>) -> Self {
+        Self {
+            node_id,
+            role,
+            region,
+            upstreams,
+            mesh_token: None,
+            flag_sets: Vec::new(),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(6),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a subscriber currently knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Whether a stream is open.
+    pub connected: bool,
+    /// The upstream it follows (or last followed).
+    pub upstream: String,
+    /// The newest revision seen upstream.
+    pub head_revision: u64,
+    /// The revision applied locally.
+    pub applied_revision: u64,
+    /// Whether the upstream said it is connected to its own upstream.
+    pub upstream_connected: bool,
+    /// When the last message arrived (none yet: `None`).
+    pub last_message: Option<Instant>,
+    /// When the last snapshot or delta was applied, Unix ms.
+    pub applied_at_unix_ms: i64,
+    /// The last revision refused (digest mismatch, malformed), 0 when none.
+    pub rejected_revision: u64,
+    /// Why it was refused.
+    pub rejected_error: String,
+}
+
+impl SyncStatus {
+    /// Stale: not connected, behind the head seen, or the upstream itself
+    /// is cut off from its upstream.
+    pub fn stale(&self) -> bool {
+        !self.connected || self.applied_revision < self.head_revision || !self.upstream_connected
+    }
+}
+
+/// Counters of a subscriber, for metrics.
+#[derive(Debug, Default)]
+pub struct SubscriberStats {
+    /// Streams opened after the first.
+    pub reconnects: AtomicU64,
+    /// Digest mismatches detected (each followed by a resync).
+    pub digest_mismatches: AtomicU64,
+    /// Gaps detected (each followed by a resubscribe).
+    pub gaps: AtomicU64,
+    /// Snapshots applied.
+    pub snapshots: AtomicU64,
+    /// Deltas applied.
+    pub deltas: AtomicU64,
+    /// Snapshot bytes received.
+    pub snapshot_bytes: AtomicU64,
+    /// Delta bytes received.
+    pub delta_bytes: AtomicU64,
+}
+
+/// Orders upstreams for `node_id` by rendezvous hashing, best first.
+pub fn rendezvous_order(node_id: &str, upstreams: &[String]) -> Vec<String> {
+    let mut scored: Vec<(u64, &String)> = upstreams
+        .iter()
+        .map(|u| {
+            let mut key = Vec::with_capacity(node_id.len() + u.len() + 1);
+            key.extend_from_slice(node_id.as_bytes());
+            key.push(0);
+            key.extend_from_slice(u.as_bytes());
+            (xxh3_64(&key), u)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    scored.into_iter().map(|(_, u)| u.clone()).collect()
+}
+
+/// A subscriber.
+pub struct Subscriber {
+    config: SubscriberConfig,
+    replica: Arc<ReplicaStore>,
+    observer: Arc<dyn ReplicaObserver>,
+    status: watch::Sender<SyncStatus>,
+    stats: Arc<SubscriberStats>,
+}
+
+enum Ended {
+    /// The stream ended after it delivered messages.
+    AfterProgress(String),
+    /// Nothing was delivered.
+    WithoutProgress(String),
+    /// Shutdown.
+    Shutdown,
+}
+
+impl Subscriber {
+    /// A subscriber writing into `replica` and telling `observer`.
+    pub fn new(config: SubscriberConfig, replica: Arc<ReplicaStore>, observer: Arc<dyn ReplicaObserver>) -> Self {
+        let position = replica.position();
+        let (status, _) = watch::channel(SyncStatus {
+            applied_revision: position.revision,
+            ..Default::default()
+        });
+        Self {
+            config,
+            replica,
+            observer,
+            status,
+            stats: Arc::new(SubscriberStats::default()),
+        }
+    }
+
+    /// Follows the status.
+    pub fn status(&self) -> watch::Receiver<SyncStatus> {
+        self.status.subscribe()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<SubscriberStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: Shutdown) {
+        let mut force_snapshot = false;
+        let mut failed_rounds = 0u32;
+        let mut streams = 0u64;
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
+        loop {
+            let order = rendezvous_order(&self.config.node_id, &self.config.upstreams);
+            let mut progressed = false;
+            for upstream in &order {
+                if streams > 0 {
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                streams += 1;
+                let ended = tokio::select! {
+                    _ = &mut stop => Ended::Shutdown,
+                    e = self.follow(upstream, &mut force_snapshot) => e,
+                };
+                self.status.send_modify(|s| s.connected = false);
+                self.replica.discard_pending();
+                match ended {
+                    Ended::Shutdown => return,
+                    Ended::AfterProgress(reason) => {
+                        tracing::info!(upstream = %upstream, reason, "upstream stream ended; resubscribing");
+                        progressed = true;
+                        break;
+                    }
+                    Ended::WithoutProgress(reason) => {
+                        tracing::debug!(upstream = %upstream, reason, "upstream unavailable; trying the next");
+                    }
+                }
+            }
+            if progressed {
+                failed_rounds = 0;
+                continue;
+            }
+            failed_rounds = failed_rounds.saturating_add(1);
+            let base = self.config.backoff_min.as_millis() as u64;
+            let exp = base.saturating_mul(1u64 << failed_rounds.min(16)).min(self.config.backoff_max.as_millis() as u64);
+            let wait = Duration::from_millis(exp / 2 + fastrand::u64(0..=exp / 2));
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn follow(&self, upstream: &str, force_snapshot: &mut bool) -> Ended {
+        let uri = if upstream.contains("://") { upstream.to_owned() } else { format!("http://{upstream}") };
+        let endpoint = match Endpoint::from_shared(uri) {
+            Ok(e) => e
+                .connect_timeout(self.config.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(self.config.stall_timeout),
+            Err(e) => return Ended::WithoutProgress(format!("bad upstream address: {e}")),
+        };
+        let channel = match tokio::time::timeout(self.config.connect_timeout, endpoint.connect()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Ended::WithoutProgress(format!("connect: {e}")),
+            Err(_) => return Ended::WithoutProgress("connect timed out".into()),
+        };
+        let token = match BearerToken::new(self.config.mesh_token.as_deref()) {
+            Ok(t) => t,
+            Err(e) => return Ended::WithoutProgress(e.message().to_owned()),
+        };
+        let mut client = SyncClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
+        let position = self.replica.position();
+        let (history_id, resume_revision) = if *force_snapshot {
+            (String::new(), 0)
+        } else {
+            (position.history_id.clone(), position.revision)
+        };
+        let request = SubscribeRequest {
+            node_id: self.config.node_id.clone(),
+            role: self.config.role as i32,
+            region: self.config.region.clone(),
+            history_id,
+            resume_revision,
+            flag_sets: self.config.flag_sets.clone(),
+        };
+        let mut stream = match tokio::time::timeout(self.config.stall_timeout, client.subscribe(request)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => return Ended::WithoutProgress(format!("subscribe: {:?}: {}", s.code(), s.message())),
+            Err(_) => return Ended::WithoutProgress("subscribe timed out".into()),
+        };
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.upstream = upstream.to_owned();
+        });
+        let mut delivered = false;
+        let ended = |delivered: bool, reason: String| {
+            if delivered { Ended::AfterProgress(reason) } else { Ended::WithoutProgress(reason) }
+        };
+        loop {
+            let message = match tokio::time::timeout(self.config.stall_timeout, stream.message()).await {
+                Err(_) => {
+                    return ended(delivered, format!("stalled: no message for {:?}", self.config.stall_timeout));
+                }
+                Ok(Err(s)) => return ended(delivered, format!("{:?}: {}", s.code(), s.message())),
+                Ok(Ok(None)) => return ended(delivered, "closed by upstream".into()),
+                Ok(Ok(Some(m))) => m,
+            };
+            delivered = true;
+            self.status.send_modify(|s| s.last_message = Some(Instant::now()));
+            let size = prost::Message::encoded_len(&message) as u64;
+            let replica = self.replica.clone();
+            let result = match tokio::task::spawn_blocking(move || replica.apply(&message)).await {
+                Ok(r) => r,
+                Err(e) => return ended(delivered, format!("apply task failed: {e}")),
+            };
+            match result {
+                Ok(Applied::Progress {
+                    head_revision,
+                    upstream_connected,
+                    ..
+                }) => {
+                    self.status.send_modify(|s| {
+                        s.head_revision = s.head_revision.max(head_revision);
+                        s.upstream_connected = upstream_connected;
+                    });
+                }
+                Ok(applied @ (Applied::Snapshot(_) | Applied::Delta(_))) => {
+                    let revision = match &applied {
+                        Applied::Snapshot(s) => {
+                            self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                            self.stats.snapshot_bytes.fetch_add(size, Ordering::Relaxed);
+                            s.revision
+                        }
+                        Applied::Delta(d) => {
+                            self.stats.deltas.fetch_add(1, Ordering::Relaxed);
+                            self.stats.delta_bytes.fetch_add(size, Ordering::Relaxed);
+                            d.to_revision
+                        }
+                        _ => 0,
+                    };
+                    *force_snapshot = false;
+                    tracing::debug!(revision, upstream, "applied");
+                    self.observer.applied(&applied);
+                    let now = crate::now_ms();
+                    self.status.send_modify(|s| {
+                        s.applied_revision = revision;
+                        s.head_revision = s.head_revision.max(revision);
+                        s.applied_at_unix_ms = now;
+                        s.upstream_connected = true;
+                    });
+                }
+                Ok(Applied::Buffered | Applied::Ignored) => {}
+                Err(e @ ApplyError::Gap { .. }) => {
+                    self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                    return Ended::AfterProgress(format!("{e}; resubscribing from the local revision"));
+                }
+                Err(e @ (ApplyError::DigestMismatch { .. } | ApplyError::WrongHistory { .. } | ApplyError::Malformed(_))) => {
+                    if matches!(e, ApplyError::DigestMismatch { .. }) {
+                        self.stats.digest_mismatches.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(error = %e, upstream, "refused an event; resyncing from a snapshot");
+                    let rejected = match &e {
+                        ApplyError::DigestMismatch { revision, .. } => *revision,
+                        _ => self.replica.position().revision + 1,
+                    };
+                    self.status.send_modify(|s| {
+                        s.rejected_revision = rejected;
+                        s.rejected_error = e.to_string();
+                    });
+                    *force_snapshot = true;
+                    return Ended::AfterProgress(e.to_string());
+                }
+                Err(e @ ApplyError::Storage(_)) => {
+                    tracing::error!(error = %e, "the replica store failed");
+                    return Ended::WithoutProgress(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_is_deterministic_and_spreads() {
+        let ups: Vec<String> = (0..3).map(|i| format!("hub-{i}:7000")).collect();
+        assert_eq!(rendezvous_order("pop-1", &ups), rendezvous_order("pop-1", &ups));
+        let mut firsts = std::collections::HashMap::new();
+        for p in 0..300 {
+            let order = rendezvous_order(&format!("pop-{p}"), &ups);
+            assert_eq!(order.len(), 3);
+            *firsts.entry(order[0].clone()).or_insert(0) += 1;
+        }
+        for u in &ups {
+            let n = firsts.get(u).copied().unwrap_or(0);
+            assert!((60..=140).contains(&n), "{u} preferred by {n} of 300");
+        }
+        // removing an upstream only moves the subscribers that preferred it
+        let fewer: Vec<String> = ups[1..].to_vec();
+        for p in 0..300 {
+            let id = format!("pop-{p}");
+            let before = rendezvous_order(&id, &ups);
+            if before[0] != ups[0] {
+                assert_eq!(rendezvous_order(&id, &fewer)[0], before[0]);
+            }
+        }
+    }
+}

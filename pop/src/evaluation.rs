@@ -1,0 +1,305 @@
+//! `flagmesh.v1.Evaluation` at the PoP: every evaluation reads the current
+//! immutable state (one atomic load, no lock held while evaluating), checks
+//! the context once per request, and answers with value, variant, reason,
+//! error code, metadata, the flag's `mod_revision`, the state revision, the
+//! PoP's id and whether it is stale. Resolution failures are answered
+//! in-band (reason `ERROR`), so a caller always gets its default and a
+//! reason; only credentials fail a call.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use flagmesh_engine::{ErrorCode, Reason, Resolution, ValueType, validate_context};
+use flagmesh_mesh::auth::principal;
+use flagmesh_mesh::subscriber::SyncStatus;
+use flagmesh_proto::convert::{json_to_value, map_to_struct, struct_to_map};
+use flagmesh_proto::v1 as pb;
+use flagmesh_proto::v1::evaluation_server::Evaluation;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::state::{PopFlag, PopState, SetState};
+
+/// What the evaluation service reads.
+#[derive(Clone)]
+pub struct EvalContext {
+    /// The current state.
+    pub state: Arc<ArcSwap<PopState>>,
+    /// Notified with the revision after every apply.
+    pub changes: watch::Receiver<u64>,
+    /// The subscriber's status (staleness).
+    pub status: watch::Receiver<SyncStatus>,
+    /// This PoP's id.
+    pub pop_id: String,
+    /// The flag set of requests that name none.
+    pub default_flag_set: String,
+}
+
+impl EvalContext {
+    /// Whether answers are stale now.
+    pub fn stale(&self, state: &PopState) -> bool {
+        state.revision == 0 || self.status.borrow().stale()
+    }
+
+    /// The flag set a request means.
+    pub fn set_name<'a>(&'a self, requested: &'a str) -> &'a str {
+        if requested.is_empty() { &self.default_flag_set } else { requested }
+    }
+}
+
+/// The Evaluation service.
+pub struct EvaluationService {
+    ctx: EvalContext,
+}
+
+impl EvaluationService {
+    /// The service over a PoP's state.
+    pub fn new(ctx: EvalContext) -> Self {
+        Self { ctx }
+    }
+}
+
+/// Maps the proto's expected type to the engine's.
+pub fn value_type(t: i32) -> ValueType {
+    match pb::ValueType::try_from(t) {
+        Ok(pb::ValueType::Bool) => ValueType::Bool,
+        Ok(pb::ValueType::String) => ValueType::String,
+        Ok(pb::ValueType::Int) => ValueType::Int,
+        Ok(pb::ValueType::Float) => ValueType::Float,
+        Ok(pb::ValueType::Object) => ValueType::Object,
+        _ => ValueType::Any,
+    }
+}
+
+fn reason(r: Reason) -> pb::Reason {
+    match r {
+        Reason::Static => pb::Reason::Static,
+        Reason::TargetingMatch => pb::Reason::TargetingMatch,
+        Reason::Default => pb::Reason::Default,
+        Reason::Disabled => pb::Reason::Disabled,
+        Reason::Error => pb::Reason::Error,
+    }
+}
+
+fn error_code(c: ErrorCode) -> pb::ErrorCode {
+    match c {
+        ErrorCode::FlagNotFound => pb::ErrorCode::FlagNotFound,
+        ErrorCode::ParseError => pb::ErrorCode::ParseError,
+        ErrorCode::TypeMismatch => pb::ErrorCode::TypeMismatch,
+        ErrorCode::TargetingKeyMissing => pb::ErrorCode::TargetingKeyMissing,
+        ErrorCode::InvalidContext => pb::ErrorCode::InvalidContext,
+        ErrorCode::General => pb::ErrorCode::General,
+    }
+}
+
+/// The outcome of one evaluation at the PoP, before it is encoded.
+pub struct Outcome<'a> {
+    /// The resolution.
+    pub resolution: Resolution<'a>,
+    /// The flag's mod revision (0 when not found).
+    pub mod_revision: u64,
+}
+
+/// Resolves `key` of `set` for an already validated context.
+pub fn resolve<'a>(
+    state: &'a PopState,
+    set_name: &str,
+    key: &str,
+    context: &'a Value,
+    context_error: Option<&flagmesh_engine::ResolutionError>,
+    expected: ValueType,
+) -> Outcome<'a> {
+    static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+    let failed = |code, message: String, md: &'a Map<String, Value>| Outcome {
+        resolution: Resolution::error(code, message, md),
+        mod_revision: 0,
+    };
+    if state.revision == 0 {
+        return failed(
+            ErrorCode::General,
+            "this PoP has no flag state yet (it has never synced); use your default".into(),
+            &EMPTY,
+        );
+    }
+    let Some(set) = state.sets.get(set_name) else {
+        return failed(ErrorCode::FlagNotFound, format!("flag set \"{set_name}\" not found"), &EMPTY);
+    };
+    let Some(flag) = set.flags.get(key) else {
+        return failed(ErrorCode::FlagNotFound, format!("flag \"{key}\" not found in flag set \"{set_name}\""), &set.metadata);
+    };
+    resolve_flag(flag, context, context_error, expected)
+}
+
+/// Resolves one flag.
+pub fn resolve_flag<'a>(
+    flag: &'a PopFlag,
+    context: &'a Value,
+    context_error: Option<&flagmesh_engine::ResolutionError>,
+    expected: ValueType,
+) -> Outcome<'a> {
+    let mod_revision = flag.stored.mod_revision;
+    let resolution = match (&flag.compiled, context_error) {
+        (Err(e), _) => {
+            static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+            Resolution::error(ErrorCode::ParseError, format!("flag does not compile: {e}"), &EMPTY)
+        }
+        (Ok(c), Some(err)) => Resolution::error(err.code, err.message.clone(), c.metadata()),
+        (Ok(c), None) => c.resolve_typed(context, expected),
+    };
+    Outcome { resolution, mod_revision }
+}
+
+impl EvaluationService {
+    fn response(&self, key: &str, o: &Outcome<'_>, state: &PopState, stale: bool) -> pb::EvaluateResponse {
+        let r = &o.resolution;
+        pb::EvaluateResponse {
+            flag_key: key.to_owned(),
+            value: r.value.map(json_to_value),
+            variant: r.variant.unwrap_or_default().to_owned(),
+            reason: reason(r.reason) as i32,
+            error_code: r.error.as_ref().map(|e| error_code(e.code) as i32).unwrap_or(0),
+            error_message: r.error.as_ref().map(|e| e.message.to_string()).unwrap_or_default(),
+            metadata: (!r.metadata.is_empty()).then(|| map_to_struct(r.metadata)),
+            mod_revision: o.mod_revision,
+            revision: state.revision,
+            pop_id: self.ctx.pop_id.clone(),
+            stale,
+        }
+    }
+
+    fn check_access<T>(&self, req: &Request<T>, set: &str) -> Result<(), Status> {
+        match principal(req) {
+            Some(p) if !p.may_use_flag_set(set) => Err(Status::permission_denied(format!(
+                "credential \"{}\" may not evaluate flag set \"{set}\"",
+                p.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Evaluation for EvaluationService {
+    async fn evaluate(&self, request: Request<pb::EvaluateRequest>) -> Result<Response<pb::EvaluateResponse>, Status> {
+        let set = self.ctx.set_name(&request.get_ref().flag_set).to_owned();
+        self.check_access(&request, &set)?;
+        let r = request.into_inner();
+        let context = Value::Object(r.context.as_ref().map(struct_to_map).unwrap_or_default());
+        let context_error = validate_context(&context).err();
+        let state = self.ctx.state.load();
+        let stale = self.ctx.stale(&state);
+        let o = resolve(&state, &set, &r.flag_key, &context, context_error.as_ref(), value_type(r.expected_type));
+        Ok(Response::new(self.response(&r.flag_key, &o, &state, stale)))
+    }
+
+    async fn evaluate_all(&self, request: Request<pb::EvaluateAllRequest>) -> Result<Response<pb::EvaluateAllResponse>, Status> {
+        let set_name = self.ctx.set_name(&request.get_ref().flag_set).to_owned();
+        self.check_access(&request, &set_name)?;
+        let r = request.into_inner();
+        let context = Value::Object(r.context.as_ref().map(struct_to_map).unwrap_or_default());
+        let context_error = validate_context(&context).err();
+        let state = self.ctx.state.load();
+        let stale = self.ctx.stale(&state);
+        let empty = SetState::default();
+        let set = state.sets.get(&set_name).map(|s| s.as_ref()).unwrap_or(&empty);
+        let mut keys: Vec<&Box<str>> = set.flags.keys().collect();
+        keys.sort();
+        let flags = keys
+            .into_iter()
+            .filter_map(|k| set.flags.get(k).map(|f| (k, f)))
+            .map(|(k, f)| {
+                let o = resolve_flag(f, &context, context_error.as_ref(), ValueType::Any);
+                self.response(k, &o, &state, stale)
+            })
+            .collect();
+        Ok(Response::new(pb::EvaluateAllResponse {
+            flags,
+            revision: state.revision,
+            pop_id: self.ctx.pop_id.clone(),
+            stale,
+            metadata: (!set.metadata.is_empty()).then(|| map_to_struct(&set.metadata)),
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let set_name = self.ctx.set_name(&request.get_ref().flag_set).to_owned();
+        self.check_access(&request, &set_name)?;
+        let ctx = self.ctx.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut changes = ctx.changes.clone();
+            let mut last: Option<Arc<SetState>> = None;
+            let mut last_revision = 0u64;
+            loop {
+                let state = ctx.state.load_full();
+                if state.revision != last_revision || last.is_none() {
+                    let current = state.sets.get(&set_name).cloned().unwrap_or_default();
+                    let event = watch_event(last.as_deref(), &current, &state, ctx.stale(&state));
+                    if let Some(event) = event
+                        && tx.send(Ok(event)).await.is_err()
+                    {
+                        return;
+                    }
+                    last = Some(current);
+                    last_revision = state.revision;
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// The event taking a watcher from `old` (None: nothing yet) to `new`;
+/// `None` when the watched set did not change.
+fn watch_event(old: Option<&SetState>, new: &SetState, state: &PopState, stale: bool) -> Option<pb::WatchEvent> {
+    let metadata = (!new.metadata.is_empty()).then(|| map_to_struct(&new.metadata));
+    let full = match old {
+        None => true,
+        Some(o) => o.metadata != new.metadata,
+    };
+    if full {
+        return Some(pb::WatchEvent {
+            revision: state.revision,
+            full: true,
+            upserts: new.flags.values().map(|f| f.stored.clone()).collect(),
+            deletes: Vec::new(),
+            metadata,
+            stale,
+        });
+    }
+    let old = old?;
+    let upserts: Vec<pb::Flag> = new
+        .flags
+        .iter()
+        .filter(|(k, f)| old.flags.get(*k).is_none_or(|o| !Arc::ptr_eq(o, f)))
+        .map(|(_, f)| f.stored.clone())
+        .collect();
+    let deletes: Vec<String> = old
+        .flags
+        .keys()
+        .filter(|k| !new.flags.contains_key(*k))
+        .map(|k| k.to_string())
+        .collect();
+    if upserts.is_empty() && deletes.is_empty() {
+        return None;
+    }
+    Some(pb::WatchEvent {
+        revision: state.revision,
+        full: false,
+        upserts,
+        deletes,
+        metadata,
+        stale,
+    })
+}

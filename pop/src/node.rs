@@ -1,0 +1,164 @@
+//! Assembles a PoP: replica (loaded from sled at once), in-memory state,
+//! relay (subscriber, fan-out, reports), and the gRPC and HTTP servers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use flagmesh_mesh::auth::{AuthLayer, Authenticator, Requirement, common_requirement};
+use flagmesh_mesh::relay::{Relay, RelayConfig};
+use flagmesh_mesh::replica::{Applied, ReplicaStore};
+use flagmesh_mesh::serve::{self, Readiness, Shutdown};
+use flagmesh_mesh::subscriber::ReplicaObserver;
+use flagmesh_mesh::sync_service::SyncService;
+use flagmesh_proto::v1::evaluation_server::EvaluationServer;
+use tokio::sync::watch;
+
+use crate::evaluation::{EvalContext, EvaluationService};
+use crate::state::PopState;
+
+/// What a PoP needs to start.
+#[derive(Debug, Clone)]
+pub struct PopConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// HTTP listen address, if any.
+    pub http_listen: Option<SocketAddr>,
+    /// Following, fan-out and storage.
+    pub relay: RelayConfig,
+    /// The flag set of requests that name none.
+    pub default_flag_set: String,
+    /// How long shutdown waits for connections.
+    pub drain: Duration,
+}
+
+/// The PoP's access policy.
+pub fn requirement(path: &str) -> Requirement {
+    if let Some(r) = common_requirement(path) {
+        return r;
+    }
+    if path.starts_with("/flagmesh.v1.Evaluation/")
+        || path.starts_with("/flagd.evaluation.")
+        || path.starts_with("/flagd.sync.")
+    {
+        return Requirement::Evaluate;
+    }
+    Requirement::Admin
+}
+
+/// Swaps the in-memory state after each apply.
+struct PopObserver {
+    state: Arc<ArcSwap<PopState>>,
+    changes: watch::Sender<u64>,
+}
+
+impl ReplicaObserver for PopObserver {
+    fn applied(&self, applied: &Applied) {
+        let next = match applied {
+            Applied::Snapshot(s) => PopState::from_snapshot(s),
+            Applied::Delta(d) => self.state.load().apply(d),
+            _ => return,
+        };
+        let revision = next.revision;
+        self.state.store(Arc::new(next));
+        self.changes.send_replace(revision);
+    }
+}
+
+/// A running PoP.
+pub struct RunningPop {
+    /// The bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: Option<SocketAddr>,
+    /// Triggers shutdown.
+    pub shutdown: Shutdown,
+    /// The relay.
+    pub relay: Relay,
+    /// The in-memory state.
+    pub state: Arc<ArcSwap<PopState>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    drain: Duration,
+}
+
+impl RunningPop {
+    /// Stops accepting, then drains.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        for t in self.tasks.into_iter().chain(self.relay.tasks) {
+            serve::drain(t, self.drain).await;
+        }
+    }
+}
+
+/// Loads the replica, binds, serves at once, and starts following.
+pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Result<RunningPop> {
+    let replica = Arc::new(
+        ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes)
+            .with_context(|| format!("opening the replica in {}", config.relay.data_dir.display()))?,
+    );
+    let loaded = replica.load().context("loading the replica")?;
+    let state = Arc::new(ArcSwap::from_pointee(PopState::from_snapshot(&loaded)));
+    tracing::info!(revision = loaded.revision, flags = loaded.flags.len(), "state loaded from sled");
+    let (changes_tx, changes_rx) = watch::channel(loaded.revision);
+
+    let grpc = serve::bind(config.listen).await?;
+    let grpc_addr = grpc.local_addr()?;
+    let http = match config.http_listen {
+        Some(a) => Some(serve::bind(a).await?),
+        None => None,
+    };
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+    let shutdown = Shutdown::new();
+    let observer = Arc::new(PopObserver {
+        state: state.clone(),
+        changes: changes_tx,
+    });
+    let relay = Relay::start(config.relay.clone(), replica, Some(observer), shutdown.clone())?;
+    let eval = EvalContext {
+        state: state.clone(),
+        changes: changes_rx,
+        status: relay.status.clone(),
+        pop_id: config.relay.subscriber.node_id.clone(),
+        default_flag_set: config.default_flag_set.clone(),
+    };
+
+    let routes = tonic::service::Routes::new(EvaluationServer::new(EvaluationService::new(eval.clone())))
+        .add_service(SyncService::server(relay.fanout.clone(), relay.reporter.clone()));
+    let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Evaluation", "flagmesh.v1.Sync"])?;
+    let layer = AuthLayer::new(auth, Arc::new(requirement));
+    let mut tasks = Vec::new();
+    let stop = shutdown.wait();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = serve::serve_grpc(routes, layer, grpc, stop).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+    if let Some(listener) = http {
+        let ready = Readiness::default();
+        ready.set(state.load().revision > 0);
+        let (ready2, mut changes, state2) = (ready.clone(), eval.changes.clone(), state.clone());
+        tasks.push(tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                ready2.set(state2.load().revision > 0);
+            }
+        }));
+        let stop = shutdown.wait();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve::serve_http(serve::base_http_routes(ready), listener, stop).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+    }
+    Ok(RunningPop {
+        grpc_addr,
+        http_addr,
+        shutdown,
+        relay,
+        state,
+        tasks,
+        drain: config.drain,
+    })
+}

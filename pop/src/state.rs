@@ -1,0 +1,217 @@
+//! The PoP's in-memory state: every flag compiled once when it arrives,
+//! held in an immutable snapshot that is swapped atomically on each apply.
+//! A delta rebuilds only the flag sets it touches; every other set (and
+//! every unchanged flag) is shared with the previous snapshot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use flagmesh_engine::{CompiledFlag, FlagDefinition, Strictness};
+use flagmesh_mesh::SourceSnapshot;
+use flagmesh_proto::convert::struct_to_map;
+use flagmesh_proto::v1::{Delta, Flag, FlagSet};
+use serde_json::{Map, Value};
+use xxhash_rust::xxh3::Xxh3Builder;
+
+/// One flag, compiled (or the reason it could not be).
+#[derive(Debug)]
+pub struct PopFlag {
+    /// The compiled flag; `Err` holds why the definition does not compile
+    /// (it then resolves with `PARSE_ERROR`).
+    pub compiled: Result<CompiledFlag, String>,
+    /// The flag as stored and replicated.
+    pub stored: Flag,
+}
+
+/// One flag set.
+#[derive(Debug, Default)]
+pub struct SetState {
+    /// The set's metadata.
+    pub metadata: Map<String, Value>,
+    /// Its flags by key.
+    pub flags: HashMap<Box<str>, Arc<PopFlag>, Xxh3Builder>,
+}
+
+/// A whole state at one revision.
+#[derive(Debug, Default)]
+pub struct PopState {
+    /// The history.
+    pub history_id: String,
+    /// The revision (0: no state).
+    pub revision: u64,
+    /// The flag sets by id.
+    pub sets: HashMap<String, Arc<SetState>>,
+}
+
+fn compile(flag: &Flag, metadata: &Map<String, Value>) -> PopFlag {
+    let compiled = serde_json::from_slice::<Value>(&flag.definition_json)
+        .map_err(|e| format!("definition is not JSON: {e}"))
+        .and_then(|v| {
+            FlagDefinition::from_json(&flag.key, &v, &Map::new(), Strictness::Lenient).map_err(|e| e.to_string())
+        })
+        .map(|d| CompiledFlag::new(&flag.key, d, metadata));
+    if let Err(e) = &compiled {
+        tracing::warn!(flag_set = %flag.flag_set, key = %flag.key, error = %e, "flag does not compile");
+    }
+    PopFlag {
+        compiled,
+        stored: flag.clone(),
+    }
+}
+
+fn metadata_of(set: &FlagSet) -> Map<String, Value> {
+    set.metadata.as_ref().map(struct_to_map).unwrap_or_default()
+}
+
+impl PopState {
+    /// The state of a snapshot.
+    pub fn from_snapshot(s: &SourceSnapshot) -> Self {
+        let mut sets: HashMap<String, SetState> = s
+            .flag_sets
+            .iter()
+            .map(|fs| {
+                (
+                    fs.id.clone(),
+                    SetState {
+                        metadata: metadata_of(fs),
+                        flags: HashMap::default(),
+                    },
+                )
+            })
+            .collect();
+        for f in &s.flags {
+            let set = sets.entry(f.flag_set.clone()).or_default();
+            let compiled = compile(f, &set.metadata);
+            set.flags.insert(f.key.as_str().into(), Arc::new(compiled));
+        }
+        Self {
+            history_id: s.history_id.clone(),
+            revision: s.revision,
+            sets: sets.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        }
+    }
+
+    /// The state after a delta; untouched sets are shared.
+    pub fn apply(&self, d: &Delta) -> Self {
+        let mut sets = self.sets.clone();
+        let mut touched: HashMap<String, SetState> = HashMap::new();
+        let take = |id: &str, sets: &HashMap<String, Arc<SetState>>, touched: &mut HashMap<String, SetState>| {
+            if !touched.contains_key(id) {
+                let copy = sets
+                    .get(id)
+                    .map(|s| SetState {
+                        metadata: s.metadata.clone(),
+                        flags: s.flags.clone(),
+                    })
+                    .unwrap_or_default();
+                touched.insert(id.to_owned(), copy);
+            }
+        };
+        for id in &d.flag_set_deletes {
+            sets.remove(id);
+        }
+        for fs in &d.flag_set_upserts {
+            take(&fs.id, &sets, &mut touched);
+            if let Some(set) = touched.get_mut(&fs.id) {
+                set.metadata = metadata_of(fs);
+                // merged metadata changed: recompile the set's flags
+                let flags: Vec<Flag> = set.flags.values().map(|f| f.stored.clone()).collect();
+                for f in flags {
+                    let compiled = compile(&f, &set.metadata);
+                    set.flags.insert(f.key.as_str().into(), Arc::new(compiled));
+                }
+            }
+        }
+        for r in &d.deletes {
+            take(&r.flag_set, &sets, &mut touched);
+            if let Some(set) = touched.get_mut(&r.flag_set) {
+                set.flags.remove(r.key.as_str());
+            }
+        }
+        for f in &d.upserts {
+            take(&f.flag_set, &sets, &mut touched);
+            if let Some(set) = touched.get_mut(&f.flag_set) {
+                let compiled = compile(f, &set.metadata);
+                set.flags.insert(f.key.as_str().into(), Arc::new(compiled));
+            }
+        }
+        for (id, set) in touched {
+            if d.flag_set_deletes.contains(&id) && set.flags.is_empty() {
+                continue;
+            }
+            sets.insert(id, Arc::new(set));
+        }
+        Self {
+            history_id: d.history_id.clone(),
+            revision: d.to_revision,
+            sets,
+        }
+    }
+
+    /// Every flag, for checks: (set, key) -> definition bytes.
+    pub fn definitions(&self) -> std::collections::BTreeMap<(String, String), Vec<u8>> {
+        self.sets
+            .iter()
+            .flat_map(|(id, s)| {
+                s.flags
+                    .iter()
+                    .map(move |(k, f)| ((id.clone(), k.to_string()), f.stored.definition_json.clone()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flagmesh_proto::v1::FlagRef;
+
+    fn flag(set: &str, key: &str, default: &str) -> Flag {
+        Flag {
+            flag_set: set.into(),
+            key: key.into(),
+            definition_json: format!(
+                r#"{{"state":"ENABLED","variants":{{"a":"A","b":"B"}},"defaultVariant":"{default}"}}"#
+            )
+            .into_bytes(),
+            mod_revision: 1,
+            create_revision: 1,
+        }
+    }
+
+    #[test]
+    fn deltas_rebuild_only_touched_sets() {
+        let s = PopState::from_snapshot(&SourceSnapshot {
+            history_id: "h".into(),
+            revision: 1,
+            digest: 0,
+            flags: vec![flag("x", "f", "a"), flag("y", "g", "a")],
+            flag_sets: vec![],
+        });
+        let next = s.apply(&Delta {
+            history_id: "h".into(),
+            from_revision: 1,
+            to_revision: 2,
+            upserts: vec![flag("x", "f", "b")],
+            ..Default::default()
+        });
+        assert_eq!(next.revision, 2);
+        assert!(Arc::ptr_eq(&s.sets["y"], &next.sets["y"]), "an untouched set is shared");
+        let f = &next.sets["x"].flags["f"];
+        let ctx = serde_json::json!({});
+        let r = f.compiled.as_ref().map(|c| c.resolve(&ctx).string_value().map(str::to_owned));
+        assert_eq!(r, Ok(Some("B".to_owned())));
+        let last = next.apply(&Delta {
+            history_id: "h".into(),
+            from_revision: 2,
+            to_revision: 3,
+            deletes: vec![FlagRef {
+                flag_set: "x".into(),
+                key: "f".into(),
+            }],
+            ..Default::default()
+        });
+        assert!(last.sets["x"].flags.is_empty());
+        assert_eq!(last.definitions().len(), 1);
+    }
+}
