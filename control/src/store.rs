@@ -342,7 +342,16 @@ impl FlagStore for SledStore {
 
     fn commit(&self, plan: Plan<'_>, dry_run: bool) -> Result<CommitOutcome, ControlError> {
         let _guard = self.lock();
-        let request = plan(self)?;
+        let mut request = plan(self)?;
+        // one write per flag and per set: the last one asked for wins
+        let mut seen = std::collections::HashSet::new();
+        request.flags.reverse();
+        request.flags.retain(|w| seen.insert((w.flag_set.clone(), w.key.clone())));
+        request.flags.reverse();
+        let mut seen_sets = std::collections::HashSet::new();
+        request.sets.reverse();
+        request.sets.retain(|w| seen_sets.insert(w.flag_set.clone()));
+        request.sets.reverse();
         let head = self.read_head()?;
         let revision = head.revision + 1;
         let committed_at = now_ms();

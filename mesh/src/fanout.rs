@@ -298,6 +298,10 @@ impl Fanout {
         filter: Option<&HashSet<String>>,
     ) -> Result<(Vec<SharedSyncEvent>, Cursor), SourceError> {
         let head = self.head();
+        if head.history_id.is_empty() {
+            // nothing to serve until this server has state
+            return Ok((Vec::new(), cursor.clone()));
+        }
         match cursor {
             Some((history, rev)) if *history == head.history_id && *rev >= head.revision => {
                 Ok((Vec::new(), cursor.clone()))

@@ -268,6 +268,9 @@ impl ReplicaStore {
             return Ok(Applied::Buffered);
         }
         let chunks = std::mem::take(&mut inner.pending);
+        if chunk.history_id.is_empty() {
+            return Err(ApplyError::Malformed("a snapshot without a history".into()));
+        }
         if chunk.history_id == inner.position.history_id && chunk.revision < inner.position.revision {
             // never go back to an older state of the same history
             return Ok(Applied::Ignored);
