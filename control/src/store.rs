@@ -346,11 +346,15 @@ impl FlagStore for SledStore {
         // one write per flag and per set: the last one asked for wins
         let mut seen = std::collections::HashSet::new();
         request.flags.reverse();
-        request.flags.retain(|w| seen.insert((w.flag_set.clone(), w.key.clone())));
+        request
+            .flags
+            .retain(|w| seen.insert((w.flag_set.clone(), w.key.clone())));
         request.flags.reverse();
         let mut seen_sets = std::collections::HashSet::new();
         request.sets.reverse();
-        request.sets.retain(|w| seen_sets.insert(w.flag_set.clone()));
+        request
+            .sets
+            .retain(|w| seen_sets.insert(w.flag_set.clone()));
         request.sets.reverse();
         let head = self.read_head()?;
         let revision = head.revision + 1;

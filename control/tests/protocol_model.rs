@@ -23,8 +23,8 @@ use flagmesh_mesh::replica::{Applied, ApplyError, ReplicaSource, ReplicaStore};
 use flagmesh_mesh::serve::Shutdown;
 use flagmesh_mesh::{Cursor, Fanout, FanoutConfig, Head, ReportSink};
 use flagmesh_proto::v1::{NodeReport, SyncEvent};
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 
 const HUBS: usize = 2;
 const POPS: usize = 3;
@@ -102,7 +102,8 @@ fn fanout_config(ring: usize) -> FanoutConfig {
 impl Sim {
     fn new() -> Self {
         let root = tempfile::tempdir().unwrap();
-        let control = Arc::new(SledStore::open_with(&root.path().join("control"), 4, false).unwrap());
+        let control =
+            Arc::new(SledStore::open_with(&root.path().join("control"), 4, false).unwrap());
         let head = control.head().unwrap();
         let shutdown = Shutdown::new();
         let control_fanout = Fanout::new(
@@ -171,7 +172,11 @@ impl Sim {
                 flag_set: "sim".into(),
                 key: format!("f{k}"),
                 definition: (!delete).then(|| {
-                    format!(r#"{{"state":"ENABLED","variants":{{"v":{}}},"defaultVariant":"v"}}"#, self.next_value).into_bytes()
+                    format!(
+                        r#"{{"state":"ENABLED","variants":{{"v":{}}},"defaultVariant":"v"}}"#,
+                        self.next_value
+                    )
+                    .into_bytes()
                 }),
             });
         }
@@ -196,15 +201,22 @@ impl Sim {
         if self.nodes[i].session.is_some() {
             return true;
         }
-        let upstream = if i < HUBS { Upstream::Control } else { Upstream::Hub(choice % HUBS) };
+        let upstream = if i < HUBS {
+            Upstream::Control
+        } else {
+            Upstream::Hub(choice % HUBS)
+        };
         let head = self.upstream_fanout(upstream).head();
         let node = &self.nodes[i];
         let p = node.replica.position();
         // the server's rules: no state yet, or behind the subscriber -> UNAVAILABLE
-        if head.history_id.is_empty() || (*head.history_id == p.history_id && p.revision > head.revision) {
+        if head.history_id.is_empty()
+            || (*head.history_id == p.history_id && p.revision > head.revision)
+        {
             return false;
         }
-        let cursor: Cursor = (!node.force_snapshot && p.revision > 0).then(|| (p.history_id.as_str().into(), p.revision));
+        let cursor: Cursor = (!node.force_snapshot && p.revision > 0)
+            .then(|| (p.history_id.as_str().into(), p.revision));
         self.nodes[i].session = Some(Session {
             upstream,
             cursor,
@@ -234,13 +246,16 @@ impl Sim {
     /// Every session queues what its upstream's fan-out would send now.
     fn pump(&mut self) {
         for i in 0..self.nodes.len() {
-            let Some(s) = &self.nodes[i].session else { continue };
+            let Some(s) = &self.nodes[i].session else {
+                continue;
+            };
             let (upstream, cursor) = (s.upstream, s.cursor.clone());
             let fanout = self.upstream_fanout(upstream);
             let (events, next) = fanout.catch_up(&cursor, None).unwrap();
             let s = self.nodes[i].session.as_mut().unwrap();
             for e in events {
-                s.queue.push_back(SyncEvent::decode(e.bytes().as_ref()).unwrap());
+                s.queue
+                    .push_back(SyncEvent::decode(e.bytes().as_ref()).unwrap());
             }
             s.cursor = next;
             if s.queue.len() > QUEUE_MAX {
@@ -253,25 +268,40 @@ impl Sim {
     /// Node `i` applies up to `n` queued events.
     fn deliver(&mut self, i: usize, n: usize) {
         for _ in 0..n {
-            let Some(event) = self.nodes[i].session.as_mut().and_then(|s| s.queue.pop_front()) else { return };
+            let Some(event) = self.nodes[i]
+                .session
+                .as_mut()
+                .and_then(|s| s.queue.pop_front())
+            else {
+                return;
+            };
             let before = self.nodes[i].replica.position();
             match self.nodes[i].replica.apply(&event) {
                 Ok(applied) => {
                     let after = self.nodes[i].replica.position();
                     match &applied {
                         Applied::Delta(d) => {
-                            assert_eq!(d.from_revision, before.revision, "node {i}: a delta did not chain");
+                            assert_eq!(
+                                d.from_revision, before.revision,
+                                "node {i}: a delta did not chain"
+                            );
                             assert_eq!(after.revision, d.to_revision);
                         }
                         Applied::Snapshot(s) => {
                             if s.history_id == before.history_id {
-                                assert!(s.revision >= before.revision, "node {i}: a snapshot went back");
+                                assert!(
+                                    s.revision >= before.revision,
+                                    "node {i}: a snapshot went back"
+                                );
                             }
                             self.nodes[i].force_snapshot = false;
                         }
                         _ => {}
                     }
-                    assert!(after.revision >= self.nodes[i].high_water, "node {i}: revision went backwards");
+                    assert!(
+                        after.revision >= self.nodes[i].high_water,
+                        "node {i}: revision went backwards"
+                    );
                     self.nodes[i].high_water = after.revision;
                     self.nodes[i].pending_report = Some(after.revision);
                     if let Some(f) = &self.nodes[i].fanout {
@@ -286,7 +316,11 @@ impl Sim {
                     self.drop_stream(i);
                     return;
                 }
-                Err(e @ (ApplyError::DigestMismatch { .. } | ApplyError::WrongHistory { .. } | ApplyError::Malformed(_))) => {
+                Err(
+                    e @ (ApplyError::DigestMismatch { .. }
+                    | ApplyError::WrongHistory { .. }
+                    | ApplyError::Malformed(_)),
+                ) => {
                     panic!("node {i}: the protocol produced a refused event: {e}");
                 }
                 Err(e) => panic!("node {i}: storage failed: {e}"),
@@ -301,7 +335,11 @@ impl Sim {
         if i < HUBS {
             // its PoPs lose their streams with it
             for p in HUBS..self.nodes.len() {
-                if self.nodes[p].session.as_ref().is_some_and(|s| s.upstream == Upstream::Hub(i)) {
+                if self.nodes[p]
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.upstream == Upstream::Hub(i))
+                {
                     self.drop_stream(p);
                 }
             }
@@ -311,10 +349,16 @@ impl Sim {
         // release the store (sled locks its folder) before reopening it
         self.restarts += 1;
         let scratch = self._root.path().join(format!("scratch-{}", self.restarts));
-        drop(std::mem::replace(&mut self.nodes[i].replica, Arc::new(ReplicaStore::open(&scratch, false).unwrap())));
+        drop(std::mem::replace(
+            &mut self.nodes[i].replica,
+            Arc::new(ReplicaStore::open(&scratch, false).unwrap()),
+        ));
         let replica = Arc::new(ReplicaStore::open(&dir, false).unwrap());
         let p = replica.position();
-        assert!(p.revision >= self.nodes[i].high_water, "node {i}: came back older than it was");
+        assert!(
+            p.revision >= self.nodes[i].high_water,
+            "node {i}: came back older than it was"
+        );
         if i < HUBS {
             self.nodes[i].fanout = Some(self.hub_fanout(&replica));
         }
@@ -361,13 +405,22 @@ impl Sim {
                 return;
             }
         }
-        let positions: Vec<u64> = self.nodes.iter().map(|n| n.replica.position().revision).collect();
-        panic!("no convergence to revision {}: {positions:?}", head.revision);
+        let positions: Vec<u64> = self
+            .nodes
+            .iter()
+            .map(|n| n.replica.position().revision)
+            .collect();
+        panic!(
+            "no convergence to revision {}: {positions:?}",
+            head.revision
+        );
     }
 
     /// No node is ever reported at a revision it does not hold.
     fn check_reports(&self) {
-        let view = self.propagation.view(self.control.head().unwrap().revision, 0);
+        let view = self
+            .propagation
+            .view(self.control.head().unwrap().revision, 0);
         for n in &view.nodes {
             let i: usize = n.node_id.trim_start_matches("node-").parse().unwrap();
             assert!(
@@ -389,7 +442,11 @@ impl Sim {
         let head_revision = self.control.head().unwrap().revision;
         let view = self.propagation.view(head_revision, 0);
         for n in &view.nodes {
-            assert_eq!(n.applied_revision, head_revision, "{} is reported behind after convergence", n.node_id);
+            assert_eq!(
+                n.applied_revision, head_revision,
+                "{} is reported behind after convergence",
+                n.node_id
+            );
         }
         let head = self.control.head().unwrap();
         let truth: BTreeMap<(String, String), Vec<u8>> = self
@@ -402,7 +459,11 @@ impl Sim {
             .collect();
         for (i, n) in self.nodes.iter().enumerate() {
             let p = n.replica.position();
-            assert_eq!((p.history_id.as_str(), p.revision, p.digest), (head.history_id.as_str(), head.revision, head.digest), "node {i}");
+            assert_eq!(
+                (p.history_id.as_str(), p.revision, p.digest),
+                (head.history_id.as_str(), head.revision, head.digest),
+                "node {i}"
+            );
             let state: BTreeMap<(String, String), Vec<u8>> = n
                 .replica
                 .load()

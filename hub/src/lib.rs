@@ -60,8 +60,9 @@ impl RunningHub {
 /// Opens the replica, binds, and starts following and serving.
 pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Result<RunningHub> {
     let replica = Arc::new(
-        ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes)
-            .with_context(|| format!("opening the replica in {}", config.relay.data_dir.display()))?,
+        ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes).with_context(
+            || format!("opening the replica in {}", config.relay.data_dir.display()),
+        )?,
     );
     let position = replica.position();
     tracing::info!(revision = position.revision, history_id = %position.history_id, "replica opened");
@@ -75,7 +76,10 @@ pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Resul
     let shutdown = Shutdown::new();
     let relay = Relay::start(config.relay.clone(), replica, None, shutdown.clone())?;
 
-    let routes = tonic::service::Routes::new(SyncService::server(relay.fanout.clone(), relay.reporter.clone()));
+    let routes = tonic::service::Routes::new(SyncService::server(
+        relay.fanout.clone(),
+        relay.reporter.clone(),
+    ));
     let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Sync"])?;
     let layer = AuthLayer::new(auth, Arc::new(requirement));
     let mut tasks = Vec::new();
@@ -98,7 +102,8 @@ pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Resul
         }));
         let stop = shutdown.wait();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve::serve_http(serve::base_http_routes(ready), listener, stop).await {
+            if let Err(e) = serve::serve_http(serve::base_http_routes(ready), listener, stop).await
+            {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         }));

@@ -133,6 +133,12 @@ impl Fanout {
         self.head.borrow().clone()
     }
 
+    /// How many deltas and encoded bytes the ring holds now.
+    pub fn ring_usage(&self) -> (usize, usize) {
+        let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
+        (ring.entries.len(), ring.bytes)
+    }
+
     /// Counters.
     pub fn stats(&self) -> &FanoutStats {
         &self.stats
@@ -255,7 +261,11 @@ impl Fanout {
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "reading state for a subscriber failed");
-                    let _ = tx.send(Err(Status::unavailable("this server cannot read its state"))).await;
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "this server cannot read its state",
+                        )))
+                        .await;
                     return Err("state unavailable");
                 }
                 Err(_) => return Err("catch-up task failed"),
@@ -325,7 +335,11 @@ impl Fanout {
     ) -> Result<Option<SharedSyncEvent>, SourceError> {
         let from_ring = {
             let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
-            match ring.entries.iter().position(|e| e.delta.from_revision == from) {
+            match ring
+                .entries
+                .iter()
+                .position(|e| e.delta.from_revision == from)
+            {
                 Some(i) => {
                     let run: Vec<&RingEntry> = ring
                         .entries
@@ -352,7 +366,9 @@ impl Fanout {
                 None => return Ok(None),
             },
         };
-        let Some(merged) = coalesce(&deltas) else { return Ok(None) };
+        let Some(merged) = coalesce(&deltas) else {
+            return Ok(None);
+        };
         if merged.from_revision != from || merged.to_revision != to {
             return Ok(None);
         }
@@ -365,7 +381,10 @@ impl Fanout {
         })))
     }
 
-    fn snapshot_events(&self, filter: Option<&HashSet<String>>) -> Result<(Vec<SharedSyncEvent>, Cursor), SourceError> {
+    fn snapshot_events(
+        &self,
+        filter: Option<&HashSet<String>>,
+    ) -> Result<(Vec<SharedSyncEvent>, Cursor), SourceError> {
         let snap = self.source.snapshot()?;
         let keep = |set: &str| filter.is_none_or(|f| f.contains(set));
         let digest = if filter.is_some() { 0 } else { snap.digest };
@@ -391,14 +410,21 @@ impl Fanout {
                     ..Default::default()
                 };
                 let full = std::mem::replace(&mut chunk, next);
-                events.push(SharedSyncEvent::new(&SyncEvent { event: Some(Event::Snapshot(full)) }));
+                events.push(SharedSyncEvent::new(&SyncEvent {
+                    event: Some(Event::Snapshot(full)),
+                }));
                 chunk_bytes = 0;
             }
         }
         chunk.last = true;
-        events.push(SharedSyncEvent::new(&SyncEvent { event: Some(Event::Snapshot(chunk)) }));
+        events.push(SharedSyncEvent::new(&SyncEvent {
+            event: Some(Event::Snapshot(chunk)),
+        }));
         self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
-        Ok((events, Some((snap.history_id.as_str().into(), snap.revision))))
+        Ok((
+            events,
+            Some((snap.history_id.as_str().into(), snap.revision)),
+        ))
     }
 
     async fn send(

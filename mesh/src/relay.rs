@@ -14,7 +14,9 @@ use crate::fanout::{Fanout, FanoutConfig, Head};
 use crate::replica::{Applied, ApplyError, ReplicaSource, ReplicaStore};
 use crate::reporter::Reporter;
 use crate::serve::Shutdown;
-use crate::subscriber::{ReplicaObserver, Subscriber, SubscriberConfig, SubscriberStats, SyncStatus};
+use crate::subscriber::{
+    ReplicaObserver, Subscriber, SubscriberConfig, SubscriberStats, SyncStatus,
+};
 
 /// How a relay runs.
 #[derive(Debug, Clone)]
@@ -71,7 +73,11 @@ fn own_report(config: &SubscriberConfig, replica: &ReplicaStore, s: &SyncStatus)
         node_id: config.node_id.clone(),
         role: config.role as i32,
         region: config.region.clone(),
-        upstream: if s.connected { s.upstream.clone() } else { String::new() },
+        upstream: if s.connected {
+            s.upstream.clone()
+        } else {
+            String::new()
+        },
         history_id: position.history_id,
         applied_revision: position.revision,
         applied_at_unix_ms: s.applied_at_unix_ms,
@@ -109,15 +115,24 @@ impl Relay {
         let subscriber = Subscriber::new(config.subscriber.clone(), replica.clone(), observer);
         let status = subscriber.status();
         let stats = subscriber.stats();
-        let reporter = Reporter::new(config.subscriber.node_id.clone(), config.subscriber.mesh_token.clone());
+        let reporter = Reporter::new(
+            config.subscriber.node_id.clone(),
+            config.subscriber.mesh_token.clone(),
+        );
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(subscriber.run(shutdown.clone())));
-        tasks.push(tokio::spawn(reporter.clone().run(status.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(
+            reporter.clone().run(status.clone(), shutdown.clone()),
+        ));
 
         // report on every change of status, and every interval when idle;
         // tell downstream whether this relay is connected
-        let (mut watch_status, reporter2, fanout2, replica2) =
-            (status.clone(), reporter.clone(), fanout.clone(), replica.clone());
+        let (mut watch_status, reporter2, fanout2, replica2) = (
+            status.clone(),
+            reporter.clone(),
+            fanout.clone(),
+            replica.clone(),
+        );
         let sub_config = config.subscriber.clone();
         let interval = config.report_interval;
         let stop = shutdown.wait();

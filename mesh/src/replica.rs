@@ -54,7 +54,9 @@ pub enum ApplyError {
         from: u64,
     },
     /// The state after applying would not have the sender's digest.
-    #[error("digest mismatch at revision {revision}: computed {computed:016x}, sender {expected:016x}")]
+    #[error(
+        "digest mismatch at revision {revision}: computed {computed:016x}, sender {expected:016x}"
+    )]
     DigestMismatch {
         /// The revision.
         revision: u64,
@@ -163,7 +165,9 @@ impl ReplicaStore {
     fn from_db(db: sled::Db, sync_writes: bool) -> Result<Self, ApplyError> {
         let tree = db.open_tree("replica")?;
         let position = match tree.get(META)? {
-            Some(b) => decode_position(&b).ok_or_else(|| ApplyError::Storage("corrupt position".into()))?,
+            Some(b) => {
+                decode_position(&b).ok_or_else(|| ApplyError::Storage("corrupt position".into()))?
+            }
             None => Position::default(),
         };
         let mut flag_hashes = HashMap::new();
@@ -212,11 +216,15 @@ impl ReplicaStore {
     fn read_all(&self, position: &Position) -> Result<SourceSnapshot, ApplyError> {
         let mut flags = Vec::new();
         for kv in self.tree.scan_prefix(b"f:") {
-            flags.push(Flag::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
+            flags.push(
+                Flag::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?,
+            );
         }
         let mut flag_sets = Vec::new();
         for kv in self.tree.scan_prefix(b"s:") {
-            flag_sets.push(FlagSet::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
+            flag_sets.push(
+                FlagSet::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?,
+            );
         }
         Ok(SourceSnapshot {
             history_id: position.history_id.clone(),
@@ -271,17 +279,32 @@ impl ReplicaStore {
         if chunk.history_id.is_empty() {
             return Err(ApplyError::Malformed("a snapshot without a history".into()));
         }
-        if chunk.history_id == inner.position.history_id && chunk.revision < inner.position.revision {
+        if chunk.history_id == inner.position.history_id && chunk.revision < inner.position.revision
+        {
             // never go back to an older state of the same history
             return Ok(Applied::Ignored);
         }
-        let flags: Vec<Flag> = chunks.iter().flat_map(|c| c.flags.iter().cloned()).collect();
-        let flag_sets: Vec<FlagSet> = chunks.iter().flat_map(|c| c.flag_sets.iter().cloned()).collect();
+        let flags: Vec<Flag> = chunks
+            .iter()
+            .flat_map(|c| c.flags.iter().cloned())
+            .collect();
+        let flag_sets: Vec<FlagSet> = chunks
+            .iter()
+            .flat_map(|c| c.flag_sets.iter().cloned())
+            .collect();
         let flag_hashes: HashMap<(String, String), u64> = flags
             .iter()
-            .map(|f| ((f.flag_set.clone(), f.key.clone()), flag_hash(&f.flag_set, &f.key, &f.definition_json)))
+            .map(|f| {
+                (
+                    (f.flag_set.clone(), f.key.clone()),
+                    flag_hash(&f.flag_set, &f.key, &f.definition_json),
+                )
+            })
             .collect();
-        let set_hashes: HashMap<String, u64> = flag_sets.iter().map(|s| (s.id.clone(), set_hash(s))).collect();
+        let set_hashes: HashMap<String, u64> = flag_sets
+            .iter()
+            .map(|s| (s.id.clone(), set_hash(s)))
+            .collect();
         let digest = StateDigest::of(flag_hashes.values().chain(set_hashes.values()).copied()).0;
         if chunk.digest != 0 && digest != chunk.digest {
             return Err(ApplyError::DigestMismatch {
@@ -291,7 +314,11 @@ impl ReplicaStore {
             });
         }
         let mut batch = sled::Batch::default();
-        for kv in self.tree.scan_prefix(b"f:").chain(self.tree.scan_prefix(b"s:")) {
+        for kv in self
+            .tree
+            .scan_prefix(b"f:")
+            .chain(self.tree.scan_prefix(b"s:"))
+        {
             batch.remove(kv?.0);
         }
         for f in &flags {
@@ -427,7 +454,12 @@ impl crate::source::SyncSource for ReplicaSource {
         self.0.load().map_err(|e| SourceError(e.to_string()))
     }
 
-    fn deltas(&self, _history_id: &str, _from: u64, _to: u64) -> Result<Option<Vec<Delta>>, SourceError> {
+    fn deltas(
+        &self,
+        _history_id: &str,
+        _from: u64,
+        _to: u64,
+    ) -> Result<Option<Vec<Delta>>, SourceError> {
         Ok(None)
     }
 }
@@ -448,7 +480,12 @@ mod tests {
     }
 
     fn digest_of(flags: &[Flag]) -> u64 {
-        StateDigest::of(flags.iter().map(|f| flag_hash(&f.flag_set, &f.key, &f.definition_json))).0
+        StateDigest::of(
+            flags
+                .iter()
+                .map(|f| flag_hash(&f.flag_set, &f.key, &f.definition_json)),
+        )
+        .0
     }
 
     fn snapshot(rev: u64, flags: Vec<Flag>) -> SyncEvent {
@@ -490,18 +527,32 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let r = ReplicaStore::open(dir.path(), false).expect("open");
         let a1 = flag("a", "1", 1);
-        assert!(matches!(r.apply(&snapshot(1, vec![a1.clone()])), Ok(Applied::Snapshot(_))));
+        assert!(matches!(
+            r.apply(&snapshot(1, vec![a1.clone()])),
+            Ok(Applied::Snapshot(_))
+        ));
         let b2 = flag("b", "2", 2);
         let d2 = delta(1, vec![b2.clone()], &[], &[a1.clone(), b2.clone()]);
         assert!(matches!(r.apply(&d2), Ok(Applied::Delta(_))));
         assert!(matches!(r.apply(&d2), Ok(Applied::Ignored)));
         let gap = delta(5, vec![], &[], &[]);
-        assert_eq!(r.apply(&gap).err(), Some(ApplyError::Gap { local: 2, from: 5 }));
-        let mut bad = delta(2, vec![flag("c", "3", 3)], &["a"], &[b2.clone()]);
+        assert_eq!(
+            r.apply(&gap).err(),
+            Some(ApplyError::Gap { local: 2, from: 5 })
+        );
+        let mut bad = delta(
+            2,
+            vec![flag("c", "3", 3)],
+            &["a"],
+            std::slice::from_ref(&b2),
+        );
         if let Some(Event::Delta(d)) = &mut bad.event {
             d.digest ^= 1;
         }
-        assert!(matches!(r.apply(&bad), Err(ApplyError::DigestMismatch { .. })));
+        assert!(matches!(
+            r.apply(&bad),
+            Err(ApplyError::DigestMismatch { .. })
+        ));
         assert_eq!(r.position().revision, 2, "a refused delta changes nothing");
         let c3 = flag("c", "3", 3);
         let ok = delta(2, vec![c3.clone()], &["a"], &[b2.clone(), c3.clone()]);
@@ -531,9 +582,15 @@ mod tests {
                 flag_sets: vec![],
             })),
         };
-        assert!(matches!(r.apply(&chunk(0, false, vec![flags[0].clone()])), Ok(Applied::Buffered)));
+        assert!(matches!(
+            r.apply(&chunk(0, false, vec![flags[0].clone()])),
+            Ok(Applied::Buffered)
+        ));
         assert_eq!(r.position().revision, 0);
-        assert!(matches!(r.apply(&chunk(1, true, vec![flags[1].clone()])), Ok(Applied::Snapshot(_))));
+        assert!(matches!(
+            r.apply(&chunk(1, true, vec![flags[1].clone()])),
+            Ok(Applied::Snapshot(_))
+        ));
         assert_eq!(r.position().revision, 4);
         // out-of-order chunks are refused
         assert!(r.apply(&chunk(3, true, vec![])).is_err());

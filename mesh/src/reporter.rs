@@ -72,7 +72,11 @@ impl Reporter {
                 }
                 continue;
             };
-            let uri = if upstream.contains("://") { upstream.clone() } else { format!("http://{upstream}") };
+            let uri = if upstream.contains("://") {
+                upstream.clone()
+            } else {
+                format!("http://{upstream}")
+            };
             let channel = match Endpoint::from_shared(uri) {
                 Ok(e) => match e.connect_timeout(Duration::from_secs(2)).connect().await {
                     Ok(c) => c,
@@ -85,7 +89,9 @@ impl Reporter {
                 },
                 Err(_) => return,
             };
-            let Ok(token) = BearerToken::new(self.token.as_deref()) else { return };
+            let Ok(token) = BearerToken::new(self.token.as_deref()) else {
+                return;
+            };
             let mut client = SyncClient::with_interceptor(channel, token);
             let (tx, rx) = mpsc::channel(256);
             let call = tokio::spawn(async move { client.report(ReceiverStream::new(rx)).await });

@@ -158,7 +158,11 @@ enum Ended {
 
 impl Subscriber {
     /// A subscriber writing into `replica` and telling `observer`.
-    pub fn new(config: SubscriberConfig, replica: Arc<ReplicaStore>, observer: Arc<dyn ReplicaObserver>) -> Self {
+    pub fn new(
+        config: SubscriberConfig,
+        replica: Arc<ReplicaStore>,
+        observer: Arc<dyn ReplicaObserver>,
+    ) -> Self {
         let position = replica.position();
         let (status, _) = watch::channel(SyncStatus {
             applied_revision: position.revision,
@@ -222,7 +226,9 @@ impl Subscriber {
             }
             failed_rounds = failed_rounds.saturating_add(1);
             let base = self.config.backoff_min.as_millis() as u64;
-            let exp = base.saturating_mul(1u64 << failed_rounds.min(16)).min(self.config.backoff_max.as_millis() as u64);
+            let exp = base
+                .saturating_mul(1u64 << failed_rounds.min(16))
+                .min(self.config.backoff_max.as_millis() as u64);
             let wait = Duration::from_millis(exp / 2 + fastrand::u64(0..=exp / 2));
             tokio::select! {
                 _ = &mut stop => return,
@@ -232,7 +238,11 @@ impl Subscriber {
     }
 
     async fn follow(&self, upstream: &str, force_snapshot: &mut bool) -> Ended {
-        let uri = if upstream.contains("://") { upstream.to_owned() } else { format!("http://{upstream}") };
+        let uri = if upstream.contains("://") {
+            upstream.to_owned()
+        } else {
+            format!("http://{upstream}")
+        };
         let endpoint = match Endpoint::from_shared(uri) {
             Ok(e) => e
                 .connect_timeout(self.config.connect_timeout)
@@ -241,16 +251,18 @@ impl Subscriber {
                 .keep_alive_timeout(self.config.stall_timeout),
             Err(e) => return Ended::WithoutProgress(format!("bad upstream address: {e}")),
         };
-        let channel = match tokio::time::timeout(self.config.connect_timeout, endpoint.connect()).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Ended::WithoutProgress(format!("connect: {e}")),
-            Err(_) => return Ended::WithoutProgress("connect timed out".into()),
-        };
+        let channel =
+            match tokio::time::timeout(self.config.connect_timeout, endpoint.connect()).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Ended::WithoutProgress(format!("connect: {e}")),
+                Err(_) => return Ended::WithoutProgress("connect timed out".into()),
+            };
         let token = match BearerToken::new(self.config.mesh_token.as_deref()) {
             Ok(t) => t,
             Err(e) => return Ended::WithoutProgress(e.message().to_owned()),
         };
-        let mut client = SyncClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
+        let mut client =
+            SyncClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
         let position = self.replica.position();
         let (history_id, resume_revision) = if *force_snapshot {
             (String::new(), 0)
@@ -265,9 +277,20 @@ impl Subscriber {
             resume_revision,
             flag_sets: self.config.flag_sets.clone(),
         };
-        let mut stream = match tokio::time::timeout(self.config.stall_timeout, client.subscribe(request)).await {
+        let mut stream = match tokio::time::timeout(
+            self.config.stall_timeout,
+            client.subscribe(request),
+        )
+        .await
+        {
             Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => return Ended::WithoutProgress(format!("subscribe: {:?}: {}", s.code(), s.message())),
+            Ok(Err(s)) => {
+                return Ended::WithoutProgress(format!(
+                    "subscribe: {:?}: {}",
+                    s.code(),
+                    s.message()
+                ));
+            }
             Err(_) => return Ended::WithoutProgress("subscribe timed out".into()),
         };
         self.status.send_modify(|s| {
@@ -276,19 +299,29 @@ impl Subscriber {
         });
         let mut delivered = false;
         let ended = |delivered: bool, reason: String| {
-            if delivered { Ended::AfterProgress(reason) } else { Ended::WithoutProgress(reason) }
+            if delivered {
+                Ended::AfterProgress(reason)
+            } else {
+                Ended::WithoutProgress(reason)
+            }
         };
         loop {
-            let message = match tokio::time::timeout(self.config.stall_timeout, stream.message()).await {
+            let message = match tokio::time::timeout(self.config.stall_timeout, stream.message())
+                .await
+            {
                 Err(_) => {
-                    return ended(delivered, format!("stalled: no message for {:?}", self.config.stall_timeout));
+                    return ended(
+                        delivered,
+                        format!("stalled: no message for {:?}", self.config.stall_timeout),
+                    );
                 }
                 Ok(Err(s)) => return ended(delivered, format!("{:?}: {}", s.code(), s.message())),
                 Ok(Ok(None)) => return ended(delivered, "closed by upstream".into()),
                 Ok(Ok(Some(m))) => m,
             };
             delivered = true;
-            self.status.send_modify(|s| s.last_message = Some(Instant::now()));
+            self.status
+                .send_modify(|s| s.last_message = Some(Instant::now()));
             let size = prost::Message::encoded_len(&message) as u64;
             let replica = self.replica.clone();
             let result = match tokio::task::spawn_blocking(move || replica.apply(&message)).await {
@@ -334,9 +367,15 @@ impl Subscriber {
                 Ok(Applied::Buffered | Applied::Ignored) => {}
                 Err(e @ ApplyError::Gap { .. }) => {
                     self.stats.gaps.fetch_add(1, Ordering::Relaxed);
-                    return Ended::AfterProgress(format!("{e}; resubscribing from the local revision"));
+                    return Ended::AfterProgress(format!(
+                        "{e}; resubscribing from the local revision"
+                    ));
                 }
-                Err(e @ (ApplyError::DigestMismatch { .. } | ApplyError::WrongHistory { .. } | ApplyError::Malformed(_))) => {
+                Err(
+                    e @ (ApplyError::DigestMismatch { .. }
+                    | ApplyError::WrongHistory { .. }
+                    | ApplyError::Malformed(_)),
+                ) => {
                     if matches!(e, ApplyError::DigestMismatch { .. }) {
                         self.stats.digest_mismatches.fetch_add(1, Ordering::Relaxed);
                     }
@@ -368,7 +407,10 @@ mod tests {
     #[test]
     fn rendezvous_is_deterministic_and_spreads() {
         let ups: Vec<String> = (0..3).map(|i| format!("hub-{i}:7000")).collect();
-        assert_eq!(rendezvous_order("pop-1", &ups), rendezvous_order("pop-1", &ups));
+        assert_eq!(
+            rendezvous_order("pop-1", &ups),
+            rendezvous_order("pop-1", &ups)
+        );
         let mut firsts = std::collections::HashMap::new();
         for p in 0..300 {
             let order = rendezvous_order(&format!("pop-{p}"), &ups);

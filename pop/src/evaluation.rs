@@ -46,7 +46,11 @@ impl EvalContext {
 
     /// The flag set a request means.
     pub fn set_name<'a>(&'a self, requested: &'a str) -> &'a str {
-        if requested.is_empty() { &self.default_flag_set } else { requested }
+        if requested.is_empty() {
+            &self.default_flag_set
+        } else {
+            requested
+        }
     }
 }
 
@@ -125,10 +129,18 @@ pub fn resolve<'a>(
         );
     }
     let Some(set) = state.sets.get(set_name) else {
-        return failed(ErrorCode::FlagNotFound, format!("flag set \"{set_name}\" not found"), &EMPTY);
+        return failed(
+            ErrorCode::FlagNotFound,
+            format!("flag set \"{set_name}\" not found"),
+            &EMPTY,
+        );
     };
     let Some(flag) = set.flags.get(key) else {
-        return failed(ErrorCode::FlagNotFound, format!("flag \"{key}\" not found in flag set \"{set_name}\""), &set.metadata);
+        return failed(
+            ErrorCode::FlagNotFound,
+            format!("flag \"{key}\" not found in flag set \"{set_name}\""),
+            &set.metadata,
+        );
     };
     resolve_flag(flag, context, context_error, expected)
 }
@@ -143,25 +155,47 @@ pub fn resolve_flag<'a>(
     let mod_revision = flag.stored.mod_revision;
     let resolution = match (&flag.compiled, context_error) {
         (Err(e), _) => {
-            static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
-            Resolution::error(ErrorCode::ParseError, format!("flag does not compile: {e}"), &EMPTY)
+            static EMPTY: std::sync::LazyLock<Map<String, Value>> =
+                std::sync::LazyLock::new(Map::new);
+            Resolution::error(
+                ErrorCode::ParseError,
+                format!("flag does not compile: {e}"),
+                &EMPTY,
+            )
         }
         (Ok(c), Some(err)) => Resolution::error(err.code, err.message.clone(), c.metadata()),
         (Ok(c), None) => c.resolve_typed(context, expected),
     };
-    Outcome { resolution, mod_revision }
+    Outcome {
+        resolution,
+        mod_revision,
+    }
 }
 
 impl EvaluationService {
-    fn response(&self, key: &str, o: &Outcome<'_>, state: &PopState, stale: bool) -> pb::EvaluateResponse {
+    fn response(
+        &self,
+        key: &str,
+        o: &Outcome<'_>,
+        state: &PopState,
+        stale: bool,
+    ) -> pb::EvaluateResponse {
         let r = &o.resolution;
         pb::EvaluateResponse {
             flag_key: key.to_owned(),
             value: r.value.map(json_to_value),
             variant: r.variant.unwrap_or_default().to_owned(),
             reason: reason(r.reason) as i32,
-            error_code: r.error.as_ref().map(|e| error_code(e.code) as i32).unwrap_or(0),
-            error_message: r.error.as_ref().map(|e| e.message.to_string()).unwrap_or_default(),
+            error_code: r
+                .error
+                .as_ref()
+                .map(|e| error_code(e.code) as i32)
+                .unwrap_or(0),
+            error_message: r
+                .error
+                .as_ref()
+                .map(|e| e.message.to_string())
+                .unwrap_or_default(),
             metadata: (!r.metadata.is_empty()).then(|| map_to_struct(r.metadata)),
             mod_revision: o.mod_revision,
             revision: state.revision,
@@ -185,7 +219,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + S
 
 #[tonic::async_trait]
 impl Evaluation for EvaluationService {
-    async fn evaluate(&self, request: Request<pb::EvaluateRequest>) -> Result<Response<pb::EvaluateResponse>, Status> {
+    async fn evaluate(
+        &self,
+        request: Request<pb::EvaluateRequest>,
+    ) -> Result<Response<pb::EvaluateResponse>, Status> {
         let set = self.ctx.set_name(&request.get_ref().flag_set).to_owned();
         self.check_access(&request, &set)?;
         let r = request.into_inner();
@@ -193,11 +230,21 @@ impl Evaluation for EvaluationService {
         let context_error = validate_context(&context).err();
         let state = self.ctx.state.load();
         let stale = self.ctx.stale(&state);
-        let o = resolve(&state, &set, &r.flag_key, &context, context_error.as_ref(), value_type(r.expected_type));
+        let o = resolve(
+            &state,
+            &set,
+            &r.flag_key,
+            &context,
+            context_error.as_ref(),
+            value_type(r.expected_type),
+        );
         Ok(Response::new(self.response(&r.flag_key, &o, &state, stale)))
     }
 
-    async fn evaluate_all(&self, request: Request<pb::EvaluateAllRequest>) -> Result<Response<pb::EvaluateAllResponse>, Status> {
+    async fn evaluate_all(
+        &self,
+        request: Request<pb::EvaluateAllRequest>,
+    ) -> Result<Response<pb::EvaluateAllResponse>, Status> {
         let set_name = self.ctx.set_name(&request.get_ref().flag_set).to_owned();
         self.check_access(&request, &set_name)?;
         let r = request.into_inner();
@@ -206,7 +253,11 @@ impl Evaluation for EvaluationService {
         let state = self.ctx.state.load();
         let stale = self.ctx.stale(&state);
         let empty = SetState::default();
-        let set = state.sets.get(&set_name).map(|s| s.as_ref()).unwrap_or(&empty);
+        let set = state
+            .sets
+            .get(&set_name)
+            .map(|s| s.as_ref())
+            .unwrap_or(&empty);
         let mut keys: Vec<&Box<str>> = set.flags.keys().collect();
         keys.sort();
         let flags = keys
@@ -228,7 +279,10 @@ impl Evaluation for EvaluationService {
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let set_name = self.ctx.set_name(&request.get_ref().flag_set).to_owned();
         self.check_access(&request, &set_name)?;
         let ctx = self.ctx.clone();
@@ -256,13 +310,20 @@ impl Evaluation for EvaluationService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
 /// The event taking a watcher from `old` (None: nothing yet) to `new`;
 /// `None` when the watched set did not change.
-fn watch_event(old: Option<&SetState>, new: &SetState, state: &PopState, stale: bool) -> Option<pb::WatchEvent> {
+fn watch_event(
+    old: Option<&SetState>,
+    new: &SetState,
+    state: &PopState,
+    stale: bool,
+) -> Option<pb::WatchEvent> {
     let metadata = (!new.metadata.is_empty()).then(|| map_to_struct(&new.metadata));
     let full = match old {
         None => true,

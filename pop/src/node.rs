@@ -96,12 +96,17 @@ impl RunningPop {
 /// Loads the replica, binds, serves at once, and starts following.
 pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Result<RunningPop> {
     let replica = Arc::new(
-        ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes)
-            .with_context(|| format!("opening the replica in {}", config.relay.data_dir.display()))?,
+        ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes).with_context(
+            || format!("opening the replica in {}", config.relay.data_dir.display()),
+        )?,
     );
     let loaded = replica.load().context("loading the replica")?;
     let state = Arc::new(ArcSwap::from_pointee(PopState::from_snapshot(&loaded)));
-    tracing::info!(revision = loaded.revision, flags = loaded.flags.len(), "state loaded from sled");
+    tracing::info!(
+        revision = loaded.revision,
+        flags = loaded.flags.len(),
+        "state loaded from sled"
+    );
     let (changes_tx, changes_rx) = watch::channel(loaded.revision);
 
     let grpc = serve::bind(config.listen).await?;
@@ -116,7 +121,12 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
         state: state.clone(),
         changes: changes_tx,
     });
-    let relay = Relay::start(config.relay.clone(), replica, Some(observer), shutdown.clone())?;
+    let relay = Relay::start(
+        config.relay.clone(),
+        replica,
+        Some(observer),
+        shutdown.clone(),
+    )?;
     let eval = EvalContext {
         state: state.clone(),
         changes: changes_rx,
@@ -125,9 +135,14 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
         default_flag_set: config.default_flag_set.clone(),
     };
 
-    let routes = tonic::service::Routes::new(EvaluationServer::new(EvaluationService::new(eval.clone())))
-        .add_service(SyncService::server(relay.fanout.clone(), relay.reporter.clone()));
-    let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Evaluation", "flagmesh.v1.Sync"])?;
+    let routes =
+        tonic::service::Routes::new(EvaluationServer::new(EvaluationService::new(eval.clone())))
+            .add_service(SyncService::server(
+                relay.fanout.clone(),
+                relay.reporter.clone(),
+            ));
+    let routes =
+        serve::with_health_and_reflection(routes, &["flagmesh.v1.Evaluation", "flagmesh.v1.Sync"])?;
     let layer = AuthLayer::new(auth, Arc::new(requirement));
     let mut tasks = Vec::new();
     let stop = shutdown.wait();
@@ -147,7 +162,8 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
         }));
         let stop = shutdown.wait();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve::serve_http(serve::base_http_routes(ready), listener, stop).await {
+            if let Err(e) = serve::serve_http(serve::base_http_routes(ready), listener, stop).await
+            {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         }));

@@ -47,7 +47,8 @@ fn compile(flag: &Flag, metadata: &Map<String, Value>) -> PopFlag {
     let compiled = serde_json::from_slice::<Value>(&flag.definition_json)
         .map_err(|e| format!("definition is not JSON: {e}"))
         .and_then(|v| {
-            FlagDefinition::from_json(&flag.key, &v, &Map::new(), Strictness::Lenient).map_err(|e| e.to_string())
+            FlagDefinition::from_json(&flag.key, &v, &Map::new(), Strictness::Lenient)
+                .map_err(|e| e.to_string())
         })
         .map(|d| CompiledFlag::new(&flag.key, d, metadata));
     if let Err(e) = &compiled {
@@ -95,7 +96,9 @@ impl PopState {
     pub fn apply(&self, d: &Delta) -> Self {
         let mut sets = self.sets.clone();
         let mut touched: HashMap<String, SetState> = HashMap::new();
-        let take = |id: &str, sets: &HashMap<String, Arc<SetState>>, touched: &mut HashMap<String, SetState>| {
+        let take = |id: &str,
+                    sets: &HashMap<String, Arc<SetState>>,
+                    touched: &mut HashMap<String, SetState>| {
             if !touched.contains_key(id) {
                 let copy = sets
                     .get(id)
@@ -153,9 +156,12 @@ impl PopState {
         self.sets
             .iter()
             .flat_map(|(id, s)| {
-                s.flags
-                    .iter()
-                    .map(move |(k, f)| ((id.clone(), k.to_string()), f.stored.definition_json.clone()))
+                s.flags.iter().map(move |(k, f)| {
+                    (
+                        (id.clone(), k.to_string()),
+                        f.stored.definition_json.clone(),
+                    )
+                })
             })
             .collect()
     }
@@ -196,10 +202,16 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(next.revision, 2);
-        assert!(Arc::ptr_eq(&s.sets["y"], &next.sets["y"]), "an untouched set is shared");
+        assert!(
+            Arc::ptr_eq(&s.sets["y"], &next.sets["y"]),
+            "an untouched set is shared"
+        );
         let f = &next.sets["x"].flags["f"];
         let ctx = serde_json::json!({});
-        let r = f.compiled.as_ref().map(|c| c.resolve(&ctx).string_value().map(str::to_owned));
+        let r = f
+            .compiled
+            .as_ref()
+            .map(|c| c.resolve(&ctx).string_value().map(str::to_owned));
         assert_eq!(r, Ok(Some("B".to_owned())));
         let last = next.apply(&Delta {
             history_id: "h".into(),

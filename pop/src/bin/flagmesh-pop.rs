@@ -19,7 +19,11 @@ struct Args {
     #[command(flatten)]
     relay: RelayArgs,
     /// The flag set of evaluations that name none.
-    #[arg(long = "default-flag-set", env = "FLAGMESH_DEFAULT_FLAG_SET", default_value = "")]
+    #[arg(
+        long = "default-flag-set",
+        env = "FLAGMESH_DEFAULT_FLAG_SET",
+        default_value = ""
+    )]
     default_flag_set: String,
 }
 
