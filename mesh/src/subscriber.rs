@@ -89,6 +89,9 @@ pub struct SyncStatus {
     pub last_message: Option<Instant>,
     /// When the last snapshot or delta was applied, Unix ms.
     pub applied_at_unix_ms: i64,
+    /// Since when (Unix ms) the applied revision has been behind the head
+    /// seen upstream; `None` when caught up.
+    pub behind_since_unix_ms: Option<i64>,
     /// The last revision refused (digest mismatch, malformed), 0 when none.
     pub rejected_revision: u64,
     /// Why it was refused.
@@ -150,6 +153,9 @@ pub struct Subscriber {
 enum Ended {
     /// The stream ended after it delivered messages.
     AfterProgress(String),
+    /// The upstream said, for longer than the stall timeout, that it is
+    /// itself disconnected: another upstream may be fresher.
+    CutOff(String),
     /// Nothing was delivered.
     WithoutProgress(String),
     /// Shutdown.
@@ -189,13 +195,21 @@ impl Subscriber {
 
     /// Runs until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
+        // upstreams recently left because they were cut off from their own
+        // upstream: tried last until the instant stored here
+        let mut avoid: std::collections::HashMap<String, Instant> =
+            std::collections::HashMap::new();
         let mut force_snapshot = false;
         let mut failed_rounds = 0u32;
         let mut streams = 0u64;
         let stop = shutdown.wait();
         tokio::pin!(stop);
         loop {
-            let order = rendezvous_order(&self.config.node_id, &self.config.upstreams);
+            let now = Instant::now();
+            avoid.retain(|_, until| *until > now);
+            let mut order = rendezvous_order(&self.config.node_id, &self.config.upstreams);
+            // stable: avoided upstreams go last, keeping rendezvous order otherwise
+            order.sort_by_key(|u| avoid.contains_key(u));
             let mut progressed = false;
             for upstream in &order {
                 if streams > 0 {
@@ -212,6 +226,15 @@ impl Subscriber {
                     Ended::Shutdown => return,
                     Ended::AfterProgress(reason) => {
                         tracing::info!(upstream = %upstream, reason, "upstream stream ended; resubscribing");
+                        progressed = true;
+                        break;
+                    }
+                    Ended::CutOff(reason) => {
+                        tracing::info!(upstream = %upstream, reason, "leaving an upstream that is cut off from its own");
+                        avoid.insert(
+                            upstream.clone(),
+                            Instant::now() + self.config.stall_timeout * 5,
+                        );
                         progressed = true;
                         break;
                     }
@@ -298,6 +321,8 @@ impl Subscriber {
             s.upstream = upstream.to_owned();
         });
         let mut delivered = false;
+        let mut cut_off_since: Option<Instant> = None;
+        let alternatives = self.config.upstreams.len() > 1;
         let ended = |delivered: bool, reason: String| {
             if delivered {
                 Ended::AfterProgress(reason)
@@ -334,10 +359,26 @@ impl Subscriber {
                     upstream_connected,
                     ..
                 }) => {
+                    let now = crate::now_ms();
                     self.status.send_modify(|s| {
                         s.head_revision = s.head_revision.max(head_revision);
                         s.upstream_connected = upstream_connected;
+                        if s.head_revision > s.applied_revision && s.behind_since_unix_ms.is_none()
+                        {
+                            s.behind_since_unix_ms = Some(now);
+                        }
                     });
+                    if upstream_connected {
+                        cut_off_since = None;
+                    } else {
+                        let since = *cut_off_since.get_or_insert_with(Instant::now);
+                        if alternatives && since.elapsed() > self.config.stall_timeout {
+                            return Ended::CutOff(format!(
+                                "its upstream has been unreachable for over {:?}",
+                                self.config.stall_timeout
+                            ));
+                        }
+                    }
                 }
                 Ok(applied @ (Applied::Snapshot(_) | Applied::Delta(_))) => {
                     let revision = match &applied {
@@ -362,6 +403,9 @@ impl Subscriber {
                         s.head_revision = s.head_revision.max(revision);
                         s.applied_at_unix_ms = now;
                         s.upstream_connected = true;
+                        if s.applied_revision >= s.head_revision {
+                            s.behind_since_unix_ms = None;
+                        }
                     });
                 }
                 Ok(Applied::Buffered | Applied::Ignored) => {}

@@ -1,0 +1,568 @@
+//! A mesh of real processes on one machine: one `flagmesh-control`, hubs
+//! (in parallel, or chained control → hub → hub), and PoPs, each with its
+//! own data directory under a root folder, on `127.0.0.1` ports chosen by
+//! the OS. Optionally a controllable [`Relay`] sits on every link, so tests
+//! can cut, stall, delay or slow any of them. Nodes can be stopped by
+//! SIGTERM or SIGKILL and restarted on the same data and ports.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flagmesh_mesh::auth::{BearerToken, hash_token};
+use flagmesh_proto::v1::admin_client::AdminClient;
+use flagmesh_proto::v1::evaluation_client::EvaluationClient;
+use flagmesh_proto::v1::sync_client::SyncClient;
+use flagmesh_proto::v1::{GetRevisionRequest, SubscribeRequest, sync_event::Event};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::process::NodeProcess;
+use crate::relay::Relay;
+
+/// An Admin client with a token.
+pub type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
+/// An Evaluation client with a token.
+pub type Eval = EvaluationClient<InterceptedService<Channel, BearerToken>>;
+
+/// The admin token of a secured test mesh.
+pub const ADMIN_TOKEN: &str = "admin-secret";
+/// The mesh credential of a secured test mesh.
+pub const MESH_TOKEN: &str = "mesh-secret";
+/// The evaluation key of a secured test mesh.
+pub const EVAL_TOKEN: &str = "eval-secret";
+
+/// The shape of a mesh.
+#[derive(Debug, Clone)]
+pub struct TopologySpec {
+    /// Where every node keeps its data (and its log).
+    pub root: PathBuf,
+    /// Where the node binaries are.
+    pub bin_dir: PathBuf,
+    /// How many hubs.
+    pub hubs: usize,
+    /// How many PoPs per hub.
+    pub pops_per_hub: usize,
+    /// Hubs in a chain (control → hub 0 → hub 1 → …; PoPs follow the last).
+    pub chained: bool,
+    /// A relay on every link.
+    pub relays: bool,
+    /// Tokens (admin, mesh, evaluation) instead of development mode.
+    pub secure: bool,
+    /// Heartbeat interval of every node, ms.
+    pub heartbeat_ms: u64,
+    /// Stall timeout of every subscriber, ms.
+    pub stall_ms: u64,
+    /// The control plane's change-log window.
+    pub retain_revisions: u64,
+    /// Worker threads per hub/PoP process (`TOKIO_WORKER_THREADS`).
+    pub worker_threads: Option<usize>,
+    /// The gRPC port of the control plane (0: any).
+    pub control_port: u16,
+    /// The PoPs' default flag set.
+    pub default_flag_set: String,
+    /// Deltas each hub keeps in its fan-out ring (None: the default).
+    pub hub_ring_revisions: Option<usize>,
+}
+
+impl TopologySpec {
+    /// A small mesh for tests under `root`: fast heartbeats, relays, tokens.
+    pub fn test(root: &Path, hubs: usize, pops_per_hub: usize) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            bin_dir: bin_dir(),
+            hubs,
+            pops_per_hub,
+            chained: false,
+            relays: true,
+            secure: true,
+            heartbeat_ms: 200,
+            stall_ms: 1_000,
+            retain_revisions: 10_000,
+            worker_threads: Some(1),
+            control_port: 0,
+            default_flag_set: "demo".into(),
+            hub_ring_revisions: None,
+        }
+    }
+}
+
+/// The folder of the node binaries: `$FLAGMESH_BIN_DIR`, else the cargo
+/// target folder this program runs from.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FLAGMESH_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Which tier a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeRef {
+    /// The control plane.
+    Control,
+    /// Hub `i`.
+    Hub(usize),
+    /// PoP `i`.
+    Pop(usize),
+}
+
+/// One node of the mesh.
+#[derive(Debug)]
+pub struct MeshNode {
+    /// Its name (also its node id).
+    pub name: String,
+    binary: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    /// The running process, if any.
+    pub process: Option<NodeProcess>,
+    /// Its gRPC address.
+    pub grpc: SocketAddr,
+    /// Its HTTP address.
+    pub http: Option<SocketAddr>,
+    log: PathBuf,
+}
+
+impl MeshNode {
+    fn launch(&mut self) -> std::io::Result<()> {
+        let mut args = self.args.clone();
+        if self.grpc.port() != 0 {
+            // restarts keep their addresses
+            args.extend(["--listen".into(), self.grpc.to_string()]);
+            if let Some(h) = self.http {
+                args.extend(["--http-listen".into(), h.to_string()]);
+            }
+        } else {
+            args.extend([
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--http-listen".into(),
+                "127.0.0.1:0".into(),
+            ]);
+        }
+        let envs: Vec<(&str, &str)> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let p = NodeProcess::start(&self.binary, &args, &envs, &self.log)?;
+        self.grpc = p.grpc;
+        self.http = p.http;
+        self.process = Some(p);
+        Ok(())
+    }
+
+    /// Whether it runs.
+    pub fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+}
+
+/// A running mesh. Dropping it kills every process.
+pub struct Mesh {
+    /// Its shape.
+    pub spec: TopologySpec,
+    /// The control plane.
+    pub control: MeshNode,
+    /// The hubs.
+    pub hubs: Vec<MeshNode>,
+    /// The PoPs.
+    pub pops: Vec<MeshNode>,
+    /// Relays between each hub and its upstream.
+    pub hub_links: Vec<Relay>,
+    /// Relays between each PoP and each of its hubs: `pop_links[pop][k]`.
+    pub pop_links: Vec<Vec<Relay>>,
+    /// Which hub each PoP link goes to: `pop_upstreams[pop][k]`.
+    pub pop_upstreams: Vec<Vec<usize>>,
+}
+
+fn token_args(spec: &TopologySpec, tokens_file: &Path, node: bool) -> Vec<String> {
+    if !spec.secure {
+        return vec!["--insecure-dev".into()];
+    }
+    let mut a = vec!["--tokens-file".into(), tokens_file.display().to_string()];
+    if node {
+        a.extend(["--mesh-token".into(), MESH_TOKEN.into()]);
+    }
+    a
+}
+
+impl Mesh {
+    /// Starts control, then the hubs, then the PoPs (in parallel), and the
+    /// relays between them; returns once every process printed its ready line.
+    pub async fn start(spec: TopologySpec) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&spec.root)?;
+        let tokens_file = spec.root.join("tokens.toml");
+        if spec.secure {
+            let mut t = String::new();
+            for (name, role, secret) in [
+                ("admin", "admin", ADMIN_TOKEN),
+                ("mesh", "mesh", MESH_TOKEN),
+                ("app", "evaluate", EVAL_TOKEN),
+            ] {
+                t.push_str(&format!(
+                    "[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n\n",
+                    hash_token(secret)
+                ));
+            }
+            std::fs::write(&tokens_file, t)?;
+        }
+        let hb = spec.heartbeat_ms.to_string();
+        let node_envs: Vec<(String, String)> = spec
+            .worker_threads
+            .map(|n| vec![("TOKIO_WORKER_THREADS".to_owned(), n.to_string())])
+            .unwrap_or_default();
+        let mut control_args = vec![
+            "--data-dir".into(),
+            spec.root.join("control").display().to_string(),
+            "--retain-revisions".into(),
+            spec.retain_revisions.to_string(),
+            "--heartbeat-ms".into(),
+            hb.clone(),
+            "--drain-ms".into(),
+            "1000".into(),
+        ];
+        control_args.extend(token_args(&spec, &tokens_file, false));
+        let mut control = MeshNode {
+            name: "control".into(),
+            binary: spec.bin_dir.join("flagmesh-control"),
+            args: control_args,
+            envs: Vec::new(),
+            process: None,
+            grpc: SocketAddr::from(([127, 0, 0, 1], spec.control_port)),
+            http: None,
+            log: spec.root.join("control.log"),
+        };
+        if spec.control_port != 0 {
+            control.http = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
+        control.launch()?;
+
+        let relay_args = |upstreams: Vec<String>, name: &str, data: &Path| -> Vec<String> {
+            let mut a = vec![
+                "--data-dir".into(),
+                data.display().to_string(),
+                "--node-id".into(),
+                name.into(),
+                "--upstream".into(),
+                upstreams.join(","),
+                "--heartbeat-ms".into(),
+                hb.clone(),
+                "--stall-ms".into(),
+                spec.stall_ms.to_string(),
+                "--backoff-max-ms".into(),
+                "1000".into(),
+                "--drain-ms".into(),
+                "1000".into(),
+            ];
+            a.extend(token_args(&spec, &tokens_file, true));
+            a
+        };
+
+        let mut hubs: Vec<MeshNode> = Vec::new();
+        let mut hub_links = Vec::new();
+        for i in 0..spec.hubs {
+            let target = if spec.chained && i > 0 {
+                hubs[i - 1].grpc
+            } else {
+                control.grpc
+            };
+            let upstream = if spec.relays {
+                let r = Relay::start(target).await?;
+                let a = r.addr;
+                hub_links.push(r);
+                a
+            } else {
+                target
+            };
+            let name = format!("hub-{i}");
+            let mut args = relay_args(vec![upstream.to_string()], &name, &spec.root.join(&name));
+            args.extend(["--region".into(), format!("region-{i}")]);
+            if let Some(ring) = spec.hub_ring_revisions {
+                args.extend(["--ring-revisions".into(), ring.to_string()]);
+            }
+            let mut hub = MeshNode {
+                name: name.clone(),
+                binary: spec.bin_dir.join("flagmesh-hub"),
+                args,
+                envs: node_envs.clone(),
+                process: None,
+                grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+                http: None,
+                log: spec.root.join(format!("{name}.log")),
+            };
+            hub.launch()?;
+            hubs.push(hub);
+        }
+
+        let pop_count = spec.hubs * spec.pops_per_hub;
+        let serving_hubs: Vec<usize> = if spec.chained {
+            vec![spec.hubs.saturating_sub(1)]
+        } else {
+            (0..spec.hubs).collect()
+        };
+        let mut pops = Vec::with_capacity(pop_count);
+        let mut pop_links = Vec::with_capacity(pop_count);
+        let mut pop_upstreams = Vec::with_capacity(pop_count);
+        for j in 0..pop_count {
+            let mut links = Vec::new();
+            let mut addrs = Vec::new();
+            for &h in &serving_hubs {
+                if spec.relays {
+                    let r = Relay::start(hubs[h].grpc).await?;
+                    addrs.push(r.addr.to_string());
+                    links.push(r);
+                } else {
+                    addrs.push(hubs[h].grpc.to_string());
+                }
+            }
+            let name = format!("pop-{j}");
+            let mut args = relay_args(addrs, &name, &spec.root.join(&name));
+            args.extend(["--default-flag-set".into(), spec.default_flag_set.clone()]);
+            pops.push(MeshNode {
+                name: name.clone(),
+                binary: spec.bin_dir.join("flagmesh-pop"),
+                args,
+                envs: node_envs.clone(),
+                process: None,
+                grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+                http: None,
+                log: spec.root.join(format!("{name}.log")),
+            });
+            pop_links.push(links);
+            pop_upstreams.push(serving_hubs.clone());
+        }
+        // start PoPs in parallel batches
+        let mut started = Vec::with_capacity(pop_count);
+        let mut pending: Vec<MeshNode> = pops;
+        while !pending.is_empty() {
+            let batch: Vec<MeshNode> = pending.drain(..pending.len().min(16)).collect();
+            let handles: Vec<_> = batch
+                .into_iter()
+                .map(|mut n| {
+                    tokio::task::spawn_blocking(move || {
+                        n.launch()?;
+                        Ok::<_, std::io::Error>(n)
+                    })
+                })
+                .collect();
+            for h in handles {
+                started.push(h.await.map_err(std::io::Error::other)??);
+            }
+        }
+        Ok(Self {
+            spec,
+            control,
+            hubs,
+            pops: started,
+            hub_links,
+            pop_links,
+            pop_upstreams,
+        })
+    }
+
+    /// A node.
+    pub fn node(&mut self, n: NodeRef) -> &mut MeshNode {
+        match n {
+            NodeRef::Control => &mut self.control,
+            NodeRef::Hub(i) => &mut self.hubs[i],
+            NodeRef::Pop(i) => &mut self.pops[i],
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self, n: NodeRef) {
+        if let Some(mut p) = self.node(n).process.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM, waiting for a clean exit; returns whether it exited cleanly.
+    pub fn stop(&mut self, n: NodeRef) -> bool {
+        match self.node(n).process.take() {
+            Some(mut p) => p.terminate(Duration::from_secs(10)),
+            None => true,
+        }
+    }
+
+    /// Starts a stopped node again on the same data and addresses.
+    pub fn restart(&mut self, n: NodeRef) -> std::io::Result<()> {
+        let node = self.node(n);
+        if node.process.is_none() {
+            node.launch()?;
+        }
+        Ok(())
+    }
+
+    /// Stops every node: PoPs, then hubs, then control.
+    pub fn stop_all(&mut self) {
+        for i in 0..self.pops.len() {
+            self.stop(NodeRef::Pop(i));
+        }
+        for i in 0..self.hubs.len() {
+            self.stop(NodeRef::Hub(i));
+        }
+        self.stop(NodeRef::Control);
+    }
+
+    fn token(&self, t: &'static str) -> Option<&'static str> {
+        self.spec.secure.then_some(t)
+    }
+
+    async fn channel(addr: SocketAddr) -> Result<Channel, tonic::Status> {
+        Channel::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+    }
+
+    /// An Admin client of the control plane.
+    pub async fn admin(&self) -> Result<Admin, tonic::Status> {
+        let ch = Self::channel(self.control.grpc).await?;
+        Ok(AdminClient::with_interceptor(
+            ch,
+            BearerToken::new(self.token(ADMIN_TOKEN))?,
+        ))
+    }
+
+    /// An Evaluation client of PoP `i`.
+    pub async fn eval(&self, i: usize) -> Result<Eval, tonic::Status> {
+        let ch = Self::channel(self.pops[i].grpc).await?;
+        Ok(EvaluationClient::with_interceptor(
+            ch,
+            BearerToken::new(self.token(EVAL_TOKEN))?,
+        ))
+    }
+
+    /// The control plane's (revision, digest).
+    pub async fn control_head(&self) -> Result<(u64, u64), tonic::Status> {
+        let r = self
+            .admin()
+            .await?
+            .get_revision(GetRevisionRequest {})
+            .await?
+            .into_inner();
+        Ok((r.revision, r.digest))
+    }
+
+    /// The (revision, digest) a hub or PoP serves, read from the snapshot
+    /// its own Sync service sends a fresh subscriber.
+    pub async fn served_state(&self, n: NodeRef) -> Result<(u64, u64), tonic::Status> {
+        let addr = match n {
+            NodeRef::Control => self.control.grpc,
+            NodeRef::Hub(i) => self.hubs[i].grpc,
+            NodeRef::Pop(i) => self.pops[i].grpc,
+        };
+        let ch = Self::channel(addr).await?;
+        let mut c = SyncClient::with_interceptor(ch, BearerToken::new(self.token(MESH_TOKEN))?)
+            .max_decoding_message_size(64 << 20);
+        let mut stream = c
+            .subscribe(SubscribeRequest {
+                node_id: "harness-check".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no snapshot"))??
+        {
+            if let Some(Event::Snapshot(s)) = ev.event
+                && s.last
+            {
+                return Ok((s.revision, s.digest));
+            }
+        }
+        Err(tonic::Status::unavailable("stream ended before a snapshot"))
+    }
+
+    /// A node's metrics, by series (`name{labels}` → value).
+    pub async fn metrics(&self, n: NodeRef) -> std::io::Result<HashMap<String, f64>> {
+        let addr = match n {
+            NodeRef::Control => self.control.http,
+            NodeRef::Hub(i) => self.hubs[i].http,
+            NodeRef::Pop(i) => self.pops[i].http,
+        }
+        .ok_or_else(|| std::io::Error::other("no HTTP listener"))?;
+        let body = http_get(addr, "/metrics").await?;
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Waits until every running hub and PoP serves control's revision with
+    /// control's digest (the convergence check), at most `timeout`.
+    pub async fn converged(&self, timeout: Duration) -> Result<(u64, u64), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (revision, digest) = self.control_head().await.map_err(|e| e.to_string())?;
+        let mut nodes: Vec<NodeRef> = (0..self.hubs.len())
+            .filter(|i| self.hubs[*i].is_running())
+            .map(NodeRef::Hub)
+            .collect();
+        nodes.extend(
+            (0..self.pops.len())
+                .filter(|i| self.pops[*i].is_running())
+                .map(NodeRef::Pop),
+        );
+        for n in nodes {
+            loop {
+                match self.served_state(n).await {
+                    Ok(s) if s == (revision, digest) => break,
+                    other => {
+                        if tokio::time::Instant::now() > deadline {
+                            return Err(format!(
+                                "{n:?} serves {other:?}, control is at revision {revision} digest {digest:016x}"
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        Ok((revision, digest))
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // NodeProcess kills on drop; relays close on drop
+        for p in self.pops.iter_mut().chain(self.hubs.iter_mut()) {
+            p.process.take();
+        }
+        self.control.process.take();
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback; returns the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("HTTP read timed out"))??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok(body)
+}
