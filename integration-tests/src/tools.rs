@@ -22,3 +22,33 @@ pub fn grpcurl() -> PathBuf {
     );
     p
 }
+
+/// The folder holding the Python packages the tests use (the OpenFeature
+/// flagd provider and its dependencies), installed by `make test-tools`.
+///
+/// # Panics
+/// When they are not installed.
+pub fn python_path() -> PathBuf {
+    let p = workspace_root().join("target/tools/pyflagd");
+    assert!(
+        p.join("openfeature/contrib/provider/flagd").exists(),
+        "openfeature-provider-flagd is not installed in {}: run `make test-tools` (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// The client built with the Rust `open-feature-flagd` crate (RPC
+/// resolver), built by `make test-tools` into `target/compat`.
+///
+/// # Panics
+/// When it is not built.
+pub fn rust_flagd_client() -> PathBuf {
+    let p = workspace_root().join("target/compat/debug/flagd-rust-client");
+    assert!(
+        p.exists(),
+        "{} is not built: run `make test-tools` (make test does)",
+        p.display()
+    );
+    p
+}

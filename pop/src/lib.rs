@@ -7,5 +7,7 @@
 //! at once, before any upstream answers.
 
 pub mod evaluation;
+pub mod flagd;
 pub mod node;
+pub mod ofrep;
 pub mod state;

@@ -17,7 +17,10 @@ use flagmesh_proto::v1::evaluation_server::EvaluationServer;
 use tokio::sync::watch;
 
 use crate::evaluation::{EvalContext, EvaluationService};
+use crate::flagd::Flagd;
 use crate::state::PopState;
+use flagmesh_proto::flagd::evaluation::{v1 as flagd_v1, v2 as flagd_v2};
+use flagmesh_proto::flagd::sync::v1 as flagd_sync;
 
 /// What a PoP needs to start.
 #[derive(Debug, Clone)]
@@ -135,15 +138,27 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
         default_flag_set: config.default_flag_set.clone(),
     };
 
+    let flagd = Flagd::new(eval.clone());
     let routes =
         tonic::service::Routes::new(EvaluationServer::new(EvaluationService::new(eval.clone())))
             .add_service(SyncService::server(
                 relay.fanout.clone(),
                 relay.reporter.clone(),
-            ));
-    let routes =
-        serve::with_health_and_reflection(routes, &["flagmesh.v1.Evaluation", "flagmesh.v1.Sync"])?;
-    let layer = AuthLayer::new(auth, Arc::new(requirement));
+            ))
+            .add_service(flagd_v1::service_server::ServiceServer::new(flagd.clone()))
+            .add_service(flagd_v2::service_server::ServiceServer::new(flagd.clone()))
+            .add_service(flagd_sync::flag_sync_service_server::FlagSyncServiceServer::new(flagd));
+    let routes = serve::with_health_and_reflection(
+        routes,
+        &[
+            "flagmesh.v1.Evaluation",
+            "flagmesh.v1.Sync",
+            "flagd.evaluation.v1.Service",
+            "flagd.evaluation.v2.Service",
+            "flagd.sync.v1.FlagSyncService",
+        ],
+    )?;
+    let layer = AuthLayer::new(auth.clone(), Arc::new(requirement));
     let mut tasks = Vec::new();
     let stop = shutdown.wait();
     tasks.push(tokio::spawn(async move {
@@ -161,7 +176,8 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
             }
         }));
         let stop = shutdown.wait();
-        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), None);
+        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), None)
+            .merge(crate::ofrep::router(eval.clone(), auth.clone()));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = serve::serve_http(router, listener, stop).await {
                 tracing::error!(error = %e, "HTTP server failed");

@@ -1,0 +1,309 @@
+//! Existing OpenFeature clients against a PoP of a running mesh: the Python
+//! flagd provider (`openfeature-provider-flagd`, installed by `make
+//! test-tools` from PyPI) in RPC mode (flagd.evaluation.v2 plus
+//! EventStream) and in in-process mode (flagd.sync.v1), resolving boolean,
+//! string, integer, float and object flags with the right reasons and
+//! following a change made at control; and OFREP over HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flagmesh_integration_tests::flagd_kit::workspace_root;
+use flagmesh_integration_tests::tools::{python_path, rust_flagd_client};
+use flagmesh_integration_tests::topology::{Mesh, TopologySpec, http_post};
+use flagmesh_proto::v1::*;
+use serde_json::{Value, json};
+
+/// JSON equality where numbers compare as doubles (protobuf `Struct`
+/// carries every number as a double, so 3 arrives as 3.0).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same(v, w))
+        }
+        _ => a == b,
+    }
+}
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const DOC: &str = r#"{
+  "metadata": {"flagSetId": "compat", "team": "qa"},
+  "flags": {
+    "bool-flag": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"},
+    "string-flag": {"state": "ENABLED", "variants": {"vip": "welcome back", "plain": "hello"}, "defaultVariant": "plain",
+      "targeting": {"if": [{"ends_with": [{"var": "email"}, "@example.com"]}, "vip"]}},
+    "int-flag": {"state": "ENABLED", "variants": {"small": 3, "large": 42}, "defaultVariant": "large"},
+    "float-flag": {"state": "ENABLED", "variants": {"half": 0.5, "tenth": 0.1}, "defaultVariant": "half"},
+    "object-flag": {"state": "ENABLED", "variants": {"a": {"color": "blue", "size": 3}}, "defaultVariant": "a"},
+    "static-string": {"state": "ENABLED", "variants": {"v": "before"}, "defaultVariant": "v"}
+  }
+}"#;
+
+async fn mesh(root: &std::path::Path) -> Mesh {
+    let mut spec = TopologySpec::test(root, 1, 1);
+    spec.secure = false; // flagd providers send no bearer tokens
+    spec.relays = false;
+    spec.default_flag_set = "compat".into();
+    let mesh = Mesh::start(spec).await.unwrap();
+    let mut a = mesh.admin().await.unwrap();
+    a.apply_flag_set(ApplyFlagSetRequest {
+        document: DOC.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    mesh.converged(Duration::from_secs(30)).await.unwrap();
+    mesh
+}
+
+async fn change_static(mesh: &Mesh) {
+    let mut a = mesh.admin().await.unwrap();
+    a.update_flag(UpdateFlagRequest {
+        flag_set: "compat".into(),
+        key: "static-string".into(),
+        definition_json: r#"{"state":"ENABLED","variants":{"v":"after"},"defaultVariant":"v"}"#
+            .into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// Runs the Python provider in `mode`, checks every resolution, changes a
+/// flag at control and checks the provider follows.
+async fn python_provider(mode: &str) {
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mesh = mesh(root.path()).await;
+    let pop = mesh.pops[0].grpc;
+    let script = workspace_root().join("integration-tests/tests/python/flagd_provider.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .args(["127.0.0.1", &pop.port().to_string(), mode, "compat"])
+        .env("PYTHONPATH", python_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 runs");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::task::spawn_blocking(move || {
+        let l = lines.next();
+        (l, lines)
+    });
+    let (first, mut lines) = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("the provider answers")
+        .unwrap();
+    let first: Value = serde_json::from_str(&first.expect("a line").unwrap()).unwrap();
+    let check = |flag: &str, value: Value, reason: &str| {
+        let d = &first[flag];
+        assert!(
+            same(&d["value"], &value),
+            "{mode} {flag}: {d}, expected {value}"
+        );
+        assert_eq!(d["reason"], reason, "{mode} {flag}: {d}");
+        assert!(d["error_code"].is_null(), "{mode} {flag}: {d}");
+    };
+    check("bool-flag", json!(true), "STATIC");
+    check("string-flag", json!("welcome back"), "TARGETING_MATCH");
+    check("string-flag-other", json!("hello"), "DEFAULT");
+    check("int-flag", json!(42), "STATIC");
+    check("float-flag", json!(0.5), "STATIC");
+    check("object-flag", json!({"color": "blue", "size": 3}), "STATIC");
+    check("static-string", json!("before"), "STATIC");
+    assert_eq!(first["missing"]["value"], "fallback");
+    assert_eq!(
+        first["missing"]["error_code"], "FLAG_NOT_FOUND",
+        "{}",
+        first["missing"]
+    );
+
+    change_static(&mesh).await;
+    stdin.write_all(b"changed\n").unwrap();
+    stdin.flush().unwrap();
+    let second = tokio::task::spawn_blocking(move || lines.next());
+    let second = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the provider answers")
+        .unwrap();
+    let second: Value = serde_json::from_str(&second.expect("a line").unwrap()).unwrap();
+    assert_eq!(
+        second["static-string"], "after",
+        "{mode}: the provider did not follow the change"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{mode}: the provider script failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_flagd_provider_rpc_mode() {
+    python_provider("rpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_flagd_provider_in_process_mode() {
+    python_provider("in-process").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_open_feature_flagd_rpc_resolver() {
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mesh = mesh(root.path()).await;
+    let port = mesh.pops[0].grpc.port().to_string();
+    let mut cmd = tokio::process::Command::new(rust_flagd_client());
+    cmd.args(["127.0.0.1", &port]);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("the client finishes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["bool-flag"]["value"], true, "{v}");
+    assert_eq!(v["bool-flag"]["reason"], "STATIC", "{v}");
+    assert_eq!(v["string-flag"]["value"], "welcome back", "{v}");
+    assert_eq!(v["string-flag"]["reason"], "TARGETING_MATCH", "{v}");
+    assert_eq!(v["int-flag"]["value"], 42, "{v}");
+    assert_eq!(v["float-flag"]["value"], 0.5, "{v}");
+    assert!(
+        v["object-flag"]["value"]["color"]
+            .as_str()
+            .is_some_and(|c| c.contains("blue")),
+        "{v}"
+    );
+    assert!(
+        v["missing"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("FlagNotFound")),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ofrep_single_bulk_etag_and_errors() {
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mesh = mesh(root.path()).await;
+    let http = mesh.pops[0].http.unwrap();
+    let ctx =
+        json!({"context": {"targetingKey": "user-1", "email": "ana@example.com"}}).to_string();
+
+    let (code, _, body) = http_post(http, "/ofrep/v1/evaluate/flags/string-flag", &ctx, &[])
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        (
+            v["key"].as_str(),
+            v["value"].as_str(),
+            v["reason"].as_str(),
+            v["variant"].as_str()
+        ),
+        (
+            Some("string-flag"),
+            Some("welcome back"),
+            Some("TARGETING_MATCH"),
+            Some("vip")
+        )
+    );
+    assert_eq!(v["metadata"]["team"], "qa");
+
+    let (code, _, body) = http_post(http, "/ofrep/v1/evaluate/flags/nope", &ctx, &[])
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (code, v["errorCode"].as_str()),
+        (404, Some("FLAG_NOT_FOUND")),
+        "{body}"
+    );
+    assert!(
+        v["errorDetails"]
+            .as_str()
+            .is_some_and(|d| d.contains("nope"))
+    );
+
+    let (code, _, body) = http_post(
+        http,
+        "/ofrep/v1/evaluate/flags/string-flag",
+        "{not json",
+        &[],
+    )
+    .await
+    .unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (code, v["errorCode"].as_str()),
+        (400, Some("INVALID_CONTEXT")),
+        "{body}"
+    );
+    let bad = json!({"context": {"targetingKey": 7}}).to_string();
+    let (code, _, _) = http_post(http, "/ofrep/v1/evaluate/flags/string-flag", &bad, &[])
+        .await
+        .unwrap();
+    assert_eq!(code, 400);
+
+    let (code, headers, body) = http_post(http, "/ofrep/v1/evaluate/flags", &ctx, &[])
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let keys: Vec<&str> = v["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["key"].as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "bool-flag",
+            "float-flag",
+            "int-flag",
+            "object-flag",
+            "static-string",
+            "string-flag"
+        ]
+    );
+    let etag = headers.get("etag").cloned().expect("an ETag");
+    let (code, _, body) = http_post(
+        http,
+        "/ofrep/v1/evaluate/flags",
+        &ctx,
+        &[("If-None-Match", &etag)],
+    )
+    .await
+    .unwrap();
+    assert_eq!((code, body.as_str()), (304, ""));
+    change_static(&mesh).await;
+    mesh.converged(Duration::from_secs(30)).await.unwrap();
+    let (code, headers, _) = http_post(
+        http,
+        "/ofrep/v1/evaluate/flags",
+        &ctx,
+        &[("If-None-Match", &etag)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "a change must invalidate the ETag");
+    assert_ne!(headers.get("etag"), Some(&etag));
+
+    let (code, _, body) = http_post(http, "/readyz", "", &[]).await.unwrap();
+    assert!(code == 405 || code == 200, "{code} {body}");
+}

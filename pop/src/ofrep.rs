@@ -1,0 +1,200 @@
+//! OFREP, the OpenFeature Remote Evaluation Protocol, on the PoP's HTTP
+//! listener: `POST /ofrep/v1/evaluate/flags/{key}` (one flag) and
+//! `POST /ofrep/v1/evaluate/flags` (every flag of the set, with an `ETag`
+//! honoured through `If-None-Match`). The body is `{"context": {...}}`; the
+//! flag set is the `flagd-selector` header, the `flagSet` query parameter,
+//! or the PoP's default. Errors carry `errorCode` and `errorDetails`:
+//! `FLAG_NOT_FOUND` is 404, context, parse and type errors are 400, bad or
+//! missing credentials 401 and 403.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
+use flagmesh_mesh::auth::{Authenticator, Requirement};
+use serde_json::{Map, Value, json};
+
+use crate::evaluation::{EvalContext, Outcome, resolve, resolve_flag};
+
+#[derive(Clone)]
+struct Ofrep {
+    ctx: EvalContext,
+    auth: Arc<Authenticator>,
+}
+
+/// The OFREP routes.
+pub fn router(ctx: EvalContext, auth: Arc<Authenticator>) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/ofrep/v1/evaluate/flags/{key}",
+            axum::routing::post(single),
+        )
+        .route("/ofrep/v1/evaluate/flags", axum::routing::post(bulk))
+        .with_state(Ofrep { ctx, auth })
+}
+
+fn error_body(key: &str, code: &str, details: &str) -> Value {
+    json!({"key": key, "errorCode": code, "errorDetails": details, "metadata": {}})
+}
+
+fn status_for(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::FlagNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::InvalidContext
+        | ErrorCode::TargetingKeyMissing
+        | ErrorCode::ParseError
+        | ErrorCode::TypeMismatch => StatusCode::BAD_REQUEST,
+        ErrorCode::General => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// One flag's evaluation as OFREP JSON.
+fn flag_json(key: &str, o: &Outcome<'_>) -> (StatusCode, Value) {
+    let r = &o.resolution;
+    if let Some(e) = &r.error {
+        let mut body = error_body(key, e.code.as_str(), &e.message);
+        body["metadata"] = Value::Object(r.metadata.clone());
+        return (status_for(e.code), body);
+    }
+    let mut body = Map::new();
+    body.insert("key".into(), Value::String(key.to_owned()));
+    body.insert("reason".into(), Value::String(r.reason.as_str().to_owned()));
+    // value and variant are omitted when the caller's default applies
+    if r.reason != Reason::Disabled
+        && let (Some(v), Some(variant)) = (r.value, r.variant)
+    {
+        body.insert("value".into(), v.clone());
+        body.insert("variant".into(), Value::String(variant.to_owned()));
+    }
+    body.insert("metadata".into(), Value::Object(r.metadata.clone()));
+    (StatusCode::OK, Value::Object(body))
+}
+
+/// Checks credentials and reads the flag set and context of a request;
+/// on failure, the status and error body to answer with.
+fn prepare(
+    s: &Ofrep,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    body: &Bytes,
+    key: &str,
+) -> Result<(String, Value), (StatusCode, Value)> {
+    let principal = match s.auth.authorize(headers, Requirement::Evaluate) {
+        Ok(p) => p,
+        Err(st) => {
+            let code = if st.code() == tonic::Code::Unauthenticated {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            return Err((code, error_body(key, "GENERAL", st.message())));
+        }
+    };
+    let selector = headers
+        .get("flagd-selector")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| query.get("flagSet").map(String::as_str))
+        .unwrap_or("");
+    let set = s
+        .ctx
+        .set_name(selector.strip_prefix("flagSetId=").unwrap_or(selector))
+        .to_owned();
+    if let Some(p) = principal
+        && !p.may_use_flag_set(&set)
+    {
+        let msg = format!(
+            "credential \"{}\" may not evaluate flag set \"{set}\"",
+            p.name
+        );
+        return Err((StatusCode::FORBIDDEN, error_body(key, "GENERAL", &msg)));
+    }
+    let context = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Object(Map::new())
+    } else {
+        let parsed: Value = serde_json::from_slice(body).map_err(|e| {
+            let msg = format!("the request body is not JSON: {e}");
+            (
+                StatusCode::BAD_REQUEST,
+                error_body(key, "INVALID_CONTEXT", &msg),
+            )
+        })?;
+        match parsed.get("context") {
+            None | Some(Value::Null) => Value::Object(Map::new()),
+            Some(c) => c.clone(),
+        }
+    };
+    if let Err(e) = validate_context(&context) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            error_body(key, "INVALID_CONTEXT", &e.message),
+        ));
+    }
+    Ok((set, context))
+}
+
+async fn single(
+    State(s): State<Ofrep>,
+    Path(key): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (set, context) = match prepare(&s, &headers, &query, &body, &key) {
+        Ok(v) => v,
+        Err((code, body)) => return (code, axum::Json(body)).into_response(),
+    };
+    let state = s.ctx.state.load();
+    let o = resolve(&state, &set, &key, &context, None, ValueType::Any);
+    let (code, body) = flag_json(&key, &o);
+    (code, axum::Json(body)).into_response()
+}
+
+async fn bulk(
+    State(s): State<Ofrep>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (set, context) = match prepare(&s, &headers, &query, &body, "") {
+        Ok(v) => v,
+        Err((code, body)) => return (code, axum::Json(body)).into_response(),
+    };
+    let state = s.ctx.state.load();
+    let tag = format!(
+        "\"{:x}-{:016x}\"",
+        state.revision,
+        xxhash_rust::xxh3::xxh3_64(format!("{set}\u{0}{context}").as_bytes())
+    );
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(tag.as_str())
+    {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
+    }
+    let mut flags = Vec::new();
+    let metadata = match state.sets.get(&set) {
+        Some(set_state) => {
+            let mut keys: Vec<&Box<str>> = set_state.flags.keys().collect();
+            keys.sort();
+            for k in keys {
+                if let Some(f) = set_state.flags.get(k) {
+                    let o = resolve_flag(f, &context, None, ValueType::Any);
+                    flags.push(flag_json(k, &o).1);
+                }
+            }
+            set_state.metadata.clone()
+        }
+        None => Map::new(),
+    };
+    (
+        StatusCode::OK,
+        [(header::ETAG, tag)],
+        axum::Json(json!({"flags": flags, "metadata": metadata})),
+    )
+        .into_response()
+}
