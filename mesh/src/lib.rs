@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod coalesce;
+pub mod compiled;
 pub mod config;
 pub mod fanout;
 pub mod metrics;

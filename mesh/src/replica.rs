@@ -162,6 +162,12 @@ impl ReplicaStore {
         Self::from_db(db, sync_writes)
     }
 
+    /// A replica that lives in memory only (gone when dropped).
+    pub fn open_temporary() -> Result<Self, ApplyError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Self::from_db(db, false)
+    }
+
     fn from_db(db: sled::Db, sync_writes: bool) -> Result<Self, ApplyError> {
         let tree = db.open_tree("replica")?;
         let position = match tree.get(META)? {

@@ -10,18 +10,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use flagmesh_engine::{ErrorCode, Reason, Resolution, ValueType, validate_context};
+use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
 use flagmesh_mesh::auth::principal;
 use flagmesh_mesh::subscriber::SyncStatus;
 use flagmesh_proto::convert::{json_to_value, map_to_struct, struct_to_map};
 use flagmesh_proto::v1 as pb;
 use flagmesh_proto::v1::evaluation_server::Evaluation;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::state::{PopFlag, PopState, SetState};
+pub use flagmesh_mesh::compiled::{Outcome, resolve, resolve_flag};
+use flagmesh_mesh::compiled::{PopState, SetState};
 
 /// What the evaluation service reads.
 #[derive(Clone)]
@@ -96,79 +97,6 @@ fn error_code(c: ErrorCode) -> pb::ErrorCode {
         ErrorCode::TargetingKeyMissing => pb::ErrorCode::TargetingKeyMissing,
         ErrorCode::InvalidContext => pb::ErrorCode::InvalidContext,
         ErrorCode::General => pb::ErrorCode::General,
-    }
-}
-
-/// The outcome of one evaluation at the PoP, before it is encoded.
-pub struct Outcome<'a> {
-    /// The resolution.
-    pub resolution: Resolution<'a>,
-    /// The flag's mod revision (0 when not found).
-    pub mod_revision: u64,
-}
-
-/// Resolves `key` of `set` for an already validated context.
-pub fn resolve<'a>(
-    state: &'a PopState,
-    set_name: &str,
-    key: &str,
-    context: &'a Value,
-    context_error: Option<&flagmesh_engine::ResolutionError>,
-    expected: ValueType,
-) -> Outcome<'a> {
-    static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
-    let failed = |code, message: String, md: &'a Map<String, Value>| Outcome {
-        resolution: Resolution::error(code, message, md),
-        mod_revision: 0,
-    };
-    if state.revision == 0 {
-        return failed(
-            ErrorCode::General,
-            "this PoP has no flag state yet (it has never synced); use your default".into(),
-            &EMPTY,
-        );
-    }
-    let Some(set) = state.sets.get(set_name) else {
-        return failed(
-            ErrorCode::FlagNotFound,
-            format!("flag set \"{set_name}\" not found"),
-            &EMPTY,
-        );
-    };
-    let Some(flag) = set.flags.get(key) else {
-        return failed(
-            ErrorCode::FlagNotFound,
-            format!("flag \"{key}\" not found in flag set \"{set_name}\""),
-            &set.metadata,
-        );
-    };
-    resolve_flag(flag, context, context_error, expected)
-}
-
-/// Resolves one flag.
-pub fn resolve_flag<'a>(
-    flag: &'a PopFlag,
-    context: &'a Value,
-    context_error: Option<&flagmesh_engine::ResolutionError>,
-    expected: ValueType,
-) -> Outcome<'a> {
-    let mod_revision = flag.stored.mod_revision;
-    let resolution = match (&flag.compiled, context_error) {
-        (Err(e), _) => {
-            static EMPTY: std::sync::LazyLock<Map<String, Value>> =
-                std::sync::LazyLock::new(Map::new);
-            Resolution::error(
-                ErrorCode::ParseError,
-                format!("flag does not compile: {e}"),
-                &EMPTY,
-            )
-        }
-        (Ok(c), Some(err)) => Resolution::error(err.code, err.message.clone(), c.metadata()),
-        (Ok(c), None) => c.resolve_typed(context, expected),
-    };
-    Outcome {
-        resolution,
-        mod_revision,
     }
 }
 

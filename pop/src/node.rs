@@ -39,6 +39,11 @@ pub struct PopConfig {
 
 /// The PoP's access policy.
 pub fn requirement(path: &str) -> Requirement {
+    // SDKs in local mode follow a PoP with an evaluation key (scoped keys
+    // follow only their flag sets); reports stay for mesh nodes
+    if path == "/flagmesh.v1.Sync/Subscribe" {
+        return Requirement::Evaluate;
+    }
     if let Some(r) = common_requirement(path) {
         return r;
     }

@@ -1,13 +1,14 @@
-//! The PoP's in-memory state: every flag compiled once when it arrives,
-//! held in an immutable snapshot that is swapped atomically on each apply.
+//! A replica's compiled in-memory state (what PoPs and SDKs in local mode
+//! evaluate from): every flag compiled once when it arrives, held in an
+//! immutable snapshot that is swapped atomically on each apply.
 //! A delta rebuilds only the flag sets it touches; every other set (and
 //! every unchanged flag) is shared with the previous snapshot.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use flagmesh_engine::{CompiledFlag, FlagDefinition, Strictness};
-use flagmesh_mesh::SourceSnapshot;
+use crate::SourceSnapshot;
+use flagmesh_engine::{CompiledFlag, ErrorCode, FlagDefinition, Resolution, Strictness, ValueType};
 use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::{Delta, Flag, FlagSet};
 use serde_json::{Map, Value};
@@ -164,6 +165,79 @@ impl PopState {
                 })
             })
             .collect()
+    }
+}
+
+/// The outcome of one evaluation, before it is encoded.
+pub struct Outcome<'a> {
+    /// The resolution.
+    pub resolution: Resolution<'a>,
+    /// The flag's mod revision (0 when not found).
+    pub mod_revision: u64,
+}
+
+/// Resolves `key` of `set` for an already validated context.
+pub fn resolve<'a>(
+    state: &'a PopState,
+    set_name: &str,
+    key: &str,
+    context: &'a Value,
+    context_error: Option<&flagmesh_engine::ResolutionError>,
+    expected: ValueType,
+) -> Outcome<'a> {
+    static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+    let failed = |code, message: String, md: &'a Map<String, Value>| Outcome {
+        resolution: Resolution::error(code, message, md),
+        mod_revision: 0,
+    };
+    if state.revision == 0 {
+        return failed(
+            ErrorCode::General,
+            "this PoP has no flag state yet (it has never synced); use your default".into(),
+            &EMPTY,
+        );
+    }
+    let Some(set) = state.sets.get(set_name) else {
+        return failed(
+            ErrorCode::FlagNotFound,
+            format!("flag set \"{set_name}\" not found"),
+            &EMPTY,
+        );
+    };
+    let Some(flag) = set.flags.get(key) else {
+        return failed(
+            ErrorCode::FlagNotFound,
+            format!("flag \"{key}\" not found in flag set \"{set_name}\""),
+            &set.metadata,
+        );
+    };
+    resolve_flag(flag, context, context_error, expected)
+}
+
+/// Resolves one flag.
+pub fn resolve_flag<'a>(
+    flag: &'a PopFlag,
+    context: &'a Value,
+    context_error: Option<&flagmesh_engine::ResolutionError>,
+    expected: ValueType,
+) -> Outcome<'a> {
+    let mod_revision = flag.stored.mod_revision;
+    let resolution = match (&flag.compiled, context_error) {
+        (Err(e), _) => {
+            static EMPTY: std::sync::LazyLock<Map<String, Value>> =
+                std::sync::LazyLock::new(Map::new);
+            Resolution::error(
+                ErrorCode::ParseError,
+                format!("flag does not compile: {e}"),
+                &EMPTY,
+            )
+        }
+        (Ok(c), Some(err)) => Resolution::error(err.code, err.message.clone(), c.metadata()),
+        (Ok(c), None) => c.resolve_typed(context, expected),
+    };
+    Outcome {
+        resolution,
+        mod_revision,
     }
 }
 
