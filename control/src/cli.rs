@@ -634,33 +634,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     Ok(())
 }
 
-fn role_name(role: i32) -> &'static str {
-    match NodeRole::try_from(role) {
-        Ok(NodeRole::Control) => "control",
-        Ok(NodeRole::Hub) => "hub",
-        Ok(NodeRole::Pop) => "pop",
-        Ok(NodeRole::Sdk) => "sdk",
-        _ => "?",
-    }
-}
+use crate::propagation::role_name;
 
 fn print_status(r: &GetPropagationResponse, json_out: bool) {
     if json_out {
-        print_json(&json!({
-            "head_revision": r.head_revision,
-            "nodes": r.nodes.iter().map(|n| json!({
-                "node_id": n.node_id, "role": role_name(n.role), "region": n.region, "upstream": n.upstream,
-                "applied_revision": n.applied_revision, "lag_revisions": n.lag_revisions,
-                "last_report_unix_ms": n.last_report_unix_ms, "rejected_revision": n.rejected_revision,
-                "rejected_error": n.rejected_error, "via": n.via,
-            })).collect::<Vec<_>>(),
-            "revisions": r.revisions.iter().map(|p| json!({
-                "revision": p.revision, "committed_at_unix_ms": p.committed_at_unix_ms,
-                "nodes_applied": p.nodes_applied, "nodes_total": p.nodes_total,
-                "all_applied_after_ms": p.all_applied_after_ms,
-            })).collect::<Vec<_>>(),
-            "applied_distribution": r.applied_distribution.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-        }));
+        print_json(&crate::propagation::view_json(r));
         return;
     }
     println!("head revision {}", r.head_revision);

@@ -136,27 +136,7 @@ pub async fn start(
     let ready = Readiness::default();
     ready.set(true);
     if let Some(listener) = http {
-        let (fanout2, store2) = (fanout.clone(), store.clone());
-        let render = Arc::new(move || {
-            let mut e = flagmesh_mesh::metrics::Exposition::default();
-            if let Ok(head) = store2.head() {
-                e.single(
-                    "flagmesh_control_revision",
-                    "gauge",
-                    "The newest committed revision.",
-                    head.revision as f64,
-                )
-                .single(
-                    "flagmesh_control_oldest_revision",
-                    "gauge",
-                    "The oldest revision the change log holds.",
-                    (head.compacted_through + 1) as f64,
-                );
-            }
-            flagmesh_mesh::metrics::fanout(&mut e, &fanout2);
-            e.finish()
-        });
-        let router = serve::base_http_routes(ready).merge(serve::metrics_route(render));
+        let router = http_routes(ready, store.clone(), fanout.clone(), propagation.clone());
         let stop = shutdown.wait();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = serve::serve_http(router, listener, stop).await {
@@ -172,4 +152,53 @@ pub async fn start(
         tasks,
         drain: config.drain,
     })
+}
+
+/// The propagation page: one self-contained HTML page (no build step) that
+/// polls `api/propagation` every second.
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
+/// Control's HTTP routes: `/healthz`, `/readyz`, `/metrics`, the status
+/// page at `/`, and its data at `/api/propagation`.
+fn http_routes(
+    ready: Readiness,
+    store: Arc<SledStore>,
+    fanout: Arc<Fanout>,
+    propagation: Arc<Propagation>,
+) -> axum::Router {
+    let (store2, propagation2) = (store.clone(), propagation.clone());
+    let render = Arc::new(move || {
+        let mut e = flagmesh_mesh::metrics::Exposition::default();
+        if let Ok(head) = store2.head() {
+            e.single(
+                "flagmesh_control_revision",
+                "gauge",
+                "The newest committed revision.",
+                head.revision as f64,
+            )
+            .single(
+                "flagmesh_control_oldest_revision",
+                "gauge",
+                "The oldest revision the change log holds.",
+                (head.compacted_through + 1) as f64,
+            );
+            crate::propagation::render_metrics(&mut e, &propagation2.view(head.revision, 20));
+        }
+        flagmesh_mesh::metrics::fanout(&mut e, &fanout);
+        e.finish()
+    });
+    let api = axum::routing::get(move || {
+        let (store, propagation) = (store.clone(), propagation.clone());
+        async move {
+            let head = store.head().map(|h| h.revision).unwrap_or(0);
+            axum::Json(crate::propagation::view_json(&propagation.view(head, 30)))
+        }
+    });
+    serve::base_http_routes(ready)
+        .merge(serve::metrics_route(render))
+        .route(
+            "/",
+            axum::routing::get(|| async { axum::response::Html(STATUS_PAGE) }),
+        )
+        .route("/api/propagation", api)
 }

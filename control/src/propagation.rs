@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use flagmesh_mesh::ReportSink;
-use flagmesh_proto::v1::{GetPropagationResponse, NodeReport, NodeStatus, RevisionPropagation};
+use flagmesh_proto::v1::{
+    GetPropagationResponse, NodeReport, NodeRole, NodeStatus, RevisionPropagation,
+};
 
 use crate::store::now_ms;
 
@@ -119,6 +121,81 @@ impl ReportSink for Propagation {
         }
         record.last_report_ms = now_ms();
         record.latest = report;
+    }
+}
+
+/// A node role's name.
+pub fn role_name(role: i32) -> &'static str {
+    match NodeRole::try_from(role) {
+        Ok(NodeRole::Control) => "control",
+        Ok(NodeRole::Hub) => "hub",
+        Ok(NodeRole::Pop) => "pop",
+        Ok(NodeRole::Sdk) => "sdk",
+        _ => "?",
+    }
+}
+
+/// The view as JSON (for `flagctl status -o json` and the status page).
+pub fn view_json(r: &GetPropagationResponse) -> serde_json::Value {
+    use serde_json::json;
+    json!({
+        "head_revision": r.head_revision,
+        "now_unix_ms": now_ms(),
+        "nodes": r.nodes.iter().map(|n| json!({
+            "node_id": n.node_id, "role": role_name(n.role), "region": n.region, "upstream": n.upstream,
+            "applied_revision": n.applied_revision, "lag_revisions": n.lag_revisions,
+            "last_report_unix_ms": n.last_report_unix_ms, "rejected_revision": n.rejected_revision,
+            "rejected_error": n.rejected_error, "via": n.via,
+        })).collect::<Vec<_>>(),
+        "revisions": r.revisions.iter().map(|p| json!({
+            "revision": p.revision, "committed_at_unix_ms": p.committed_at_unix_ms,
+            "nodes_applied": p.nodes_applied, "nodes_total": p.nodes_total,
+            "all_applied_after_ms": p.all_applied_after_ms,
+        })).collect::<Vec<_>>(),
+        "applied_distribution": r.applied_distribution.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+/// The view's metrics: per node (applied revision, lag), node count, and
+/// the time the newest fully propagated revision took.
+pub fn render_metrics(e: &mut flagmesh_mesh::metrics::Exposition, r: &GetPropagationResponse) {
+    e.single(
+        "flagmesh_nodes_known",
+        "gauge",
+        "Nodes that have reported to the control plane.",
+        r.nodes.len() as f64,
+    );
+    e.family(
+        "flagmesh_node_applied_revision",
+        "gauge",
+        "The revision each node last reported applied.",
+    );
+    for n in &r.nodes {
+        e.sample(
+            "flagmesh_node_applied_revision",
+            &[("node", &n.node_id), ("role", role_name(n.role))],
+            n.applied_revision as f64,
+        );
+    }
+    e.family(
+        "flagmesh_node_lag_revisions",
+        "gauge",
+        "Revisions each node is behind the control plane's head.",
+    );
+    for n in &r.nodes {
+        e.sample(
+            "flagmesh_node_lag_revisions",
+            &[("node", &n.node_id), ("role", role_name(n.role))],
+            n.lag_revisions as f64,
+        );
+    }
+    if let Some(ms) = r.revisions.iter().find_map(|p| p.all_applied_after_ms) {
+        e.single(
+            "flagmesh_propagation_seconds",
+            "gauge",
+            "Commit to applied at every node, for the newest revision every node has.",
+            ms as f64 / 1000.0,
+        );
     }
 }
 

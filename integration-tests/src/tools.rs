@@ -52,3 +52,20 @@ pub fn rust_flagd_client() -> PathBuf {
     );
     p
 }
+
+/// Headless Chromium: `$CHROMIUM`, or Debian's `chromium` (installed by
+/// `make test-tools` with apt-get).
+///
+/// # Panics
+/// When it is not installed.
+pub fn chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHROMIUM") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from("/usr/bin/chromium");
+    assert!(
+        p.exists(),
+        "chromium is not installed: run `make test-tools` (make test does; it uses apt-get)"
+    );
+    p
+}

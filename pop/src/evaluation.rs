@@ -37,6 +37,8 @@ pub struct EvalContext {
     pub pop_id: String,
     /// The flag set of requests that name none.
     pub default_flag_set: String,
+    /// Evaluation counters.
+    pub stats: Arc<crate::stats::EvalStats>,
 }
 
 impl EvalContext {
@@ -154,6 +156,7 @@ impl Evaluation for EvaluationService {
         let set = self.ctx.set_name(&request.get_ref().flag_set).to_owned();
         self.check_access(&request, &set)?;
         let r = request.into_inner();
+        let started = std::time::Instant::now();
         let context = Value::Object(r.context.as_ref().map(struct_to_map).unwrap_or_default());
         let context_error = validate_context(&context).err();
         let state = self.ctx.state.load();
@@ -166,7 +169,11 @@ impl Evaluation for EvaluationService {
             context_error.as_ref(),
             value_type(r.expected_type),
         );
-        Ok(Response::new(self.response(&r.flag_key, &o, &state, stale)))
+        let response = self.response(&r.flag_key, &o, &state, stale);
+        self.ctx
+            .stats
+            .record(o.resolution.reason, started.elapsed());
+        Ok(Response::new(response))
     }
 
     async fn evaluate_all(
@@ -192,7 +199,11 @@ impl Evaluation for EvaluationService {
             .into_iter()
             .filter_map(|k| set.flags.get(k).map(|f| (k, f)))
             .map(|(k, f)| {
+                let started = std::time::Instant::now();
                 let o = resolve_flag(f, &context, context_error.as_ref(), ValueType::Any);
+                self.ctx
+                    .stats
+                    .record(o.resolution.reason, started.elapsed());
                 self.response(k, &o, &state, stale)
             })
             .collect();

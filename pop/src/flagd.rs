@@ -81,7 +81,11 @@ impl Flagd {
             )));
         }
         let state = self.ctx.state.load();
+        let started = std::time::Instant::now();
         let outcome = resolve(&state, &set, flag_key, &context, None, expected);
+        self.ctx
+            .stats
+            .record(outcome.resolution.reason, started.elapsed());
         if let Some(err) = &outcome.resolution.error {
             return Err(status_of(flag_key, err.code, &err.message));
         }

@@ -10,5 +10,6 @@ pub mod evaluation;
 pub mod flagd;
 pub mod node;
 pub mod ofrep;
+pub mod stats;
 /// The compiled in-memory state (shared with SDKs in local mode).
 pub use flagmesh_mesh::compiled as state;

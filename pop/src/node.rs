@@ -141,6 +141,7 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
         status: relay.status.clone(),
         pop_id: config.relay.subscriber.node_id.clone(),
         default_flag_set: config.default_flag_set.clone(),
+        stats: Arc::new(crate::stats::EvalStats::default()),
     };
 
     let flagd = Flagd::new(eval.clone());
@@ -181,7 +182,9 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
             }
         }));
         let stop = shutdown.wait();
-        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), None)
+        let stats = eval.stats.clone();
+        let extra: flagmesh_mesh::metrics::ExtraMetrics = Arc::new(move |e| stats.render(e));
+        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), Some(extra))
             .merge(crate::ofrep::router(eval.clone(), auth.clone()));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = serve::serve_http(router, listener, stop).await {

@@ -148,7 +148,9 @@ async fn single(
         Err((code, body)) => return (code, axum::Json(body)).into_response(),
     };
     let state = s.ctx.state.load();
+    let started = std::time::Instant::now();
     let o = resolve(&state, &set, &key, &context, None, ValueType::Any);
+    s.ctx.stats.record(o.resolution.reason, started.elapsed());
     let (code, body) = flag_json(&key, &o);
     (code, axum::Json(body)).into_response()
 }

@@ -1,0 +1,264 @@
+//! Observability of a running mesh (real processes): lag shows while a hub
+//! is cut off and returns to zero when it heals; the propagation view
+//! reports every PoP at the latest revision after a write; and the status
+//! page, loaded in headless Chromium, shows every node and the latest
+//! revision (a screenshot lands in `target/status-page.png`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use flagmesh_integration_tests::relay::LinkMode;
+use flagmesh_integration_tests::tools::chromium;
+use flagmesh_integration_tests::topology::{Mesh, NodeRef, TopologySpec};
+use flagmesh_proto::v1::*;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn set(mesh: &Mesh, value: &str) -> u64 {
+    let mut a = mesh.admin().await.unwrap();
+    a.update_flag(UpdateFlagRequest {
+        flag_set: "demo".into(),
+        key: "greeting".into(),
+        definition_json: format!(
+            r#"{{"state":"ENABLED","variants":{{"v":"{value}"}},"defaultVariant":"v"}}"#
+        ),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .revision
+}
+
+async fn metric(mesh: &Mesh, n: NodeRef, series: &str) -> f64 {
+    mesh.metrics(n)
+        .await
+        .unwrap()
+        .get(series)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_rises_while_a_hub_is_cut_off_and_heals() {
+    let _g = ONE_AT_A_TIME.lock().await;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let root = tempfile::tempdir().unwrap();
+        let mesh = Mesh::start(TopologySpec::test(root.path(), 1, 2))
+            .await
+            .unwrap();
+        set(&mesh, "one").await;
+        mesh.converged(Duration::from_secs(30)).await.unwrap();
+        eventually("control knows every node", 20, || async {
+            metric(&mesh, NodeRef::Control, "flagmesh_nodes_known").await == 3.0
+        })
+        .await;
+
+        mesh.hub_links[0].set(LinkMode::Cut);
+        for i in 0..3 {
+            set(&mesh, &format!("cut-{i}")).await;
+        }
+        let hub_lag = r#"flagmesh_node_lag_revisions{node="hub-0",role="hub"}"#;
+        let pop_lag = r#"flagmesh_node_lag_revisions{node="pop-0",role="pop"}"#;
+        eventually("control sees the hub and its PoPs behind", 20, || async {
+            metric(&mesh, NodeRef::Control, hub_lag).await >= 3.0
+                && metric(&mesh, NodeRef::Control, pop_lag).await >= 3.0
+        })
+        .await;
+        eventually("the hub sees itself cut off", 20, || async {
+            metric(&mesh, NodeRef::Hub(0), "flagmesh_upstream_connected").await == 0.0
+                && metric(
+                    &mesh,
+                    NodeRef::Hub(0),
+                    "flagmesh_seconds_since_last_sync_message",
+                )
+                .await
+                    > 1.0
+        })
+        .await;
+        eventually("PoPs report themselves stale", 20, || async {
+            metric(&mesh, NodeRef::Pop(0), "flagmesh_stale").await == 1.0
+        })
+        .await;
+
+        mesh.hub_links[0].set(LinkMode::Pass);
+        let head = mesh.converged(Duration::from_secs(30)).await.unwrap().0;
+        eventually("lag falls back to zero everywhere", 20, || async {
+            metric(&mesh, NodeRef::Control, hub_lag).await == 0.0
+                && metric(&mesh, NodeRef::Control, pop_lag).await == 0.0
+                && metric(&mesh, NodeRef::Hub(0), "flagmesh_lag_revisions").await == 0.0
+                && metric(&mesh, NodeRef::Pop(0), "flagmesh_lag_revisions").await == 0.0
+                && metric(&mesh, NodeRef::Pop(0), "flagmesh_lag_seconds").await == 0.0
+                && metric(&mesh, NodeRef::Pop(0), "flagmesh_stale").await == 0.0
+        })
+        .await;
+        assert_eq!(
+            metric(&mesh, NodeRef::Pop(1), "flagmesh_applied_revision").await,
+            head as f64
+        );
+
+        // the propagation view after a write
+        let revision = set(&mesh, "after").await;
+        let mut a = mesh.admin().await.unwrap();
+        eventually("every PoP reported the new revision", 20, || {
+            let mut a = a.clone();
+            async move {
+                let v = a
+                    .get_propagation(GetPropagationRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let pops: Vec<_> = v
+                    .nodes
+                    .iter()
+                    .filter(|n| n.role == NodeRole::Pop as i32)
+                    .collect();
+                pops.len() == 2
+                    && pops
+                        .iter()
+                        .all(|n| n.applied_revision == revision && n.lag_revisions == 0)
+            }
+        })
+        .await;
+        let v = a
+            .get_propagation(GetPropagationRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let latest = v.revisions.iter().find(|r| r.revision == revision).unwrap();
+        assert_eq!((latest.nodes_applied, latest.nodes_total), (3, 3));
+        assert!(latest.all_applied_after_ms.is_some());
+        assert_eq!(v.applied_distribution.get(&revision), Some(&3));
+        // evaluations are counted by reason
+        let mut e = mesh.eval(0).await.unwrap();
+        e.evaluate(EvaluateRequest {
+            flag_set: "demo".into(),
+            flag_key: "greeting".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(
+            metric(
+                &mesh,
+                NodeRef::Pop(0),
+                r#"flagmesh_evaluations_total{reason="STATIC"}"#
+            )
+            .await
+                >= 1.0
+        );
+        assert!(
+            metric(
+                &mesh,
+                NodeRef::Pop(0),
+                "flagmesh_evaluation_duration_seconds_count"
+            )
+            .await
+                >= 1.0
+        );
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_every_node_in_headless_chromium() {
+    let _g = ONE_AT_A_TIME.lock().await;
+    let browser = chromium();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let root = tempfile::tempdir().unwrap();
+        let mesh = Mesh::start(TopologySpec::test(root.path(), 2, 2))
+            .await
+            .unwrap();
+        let revision = set(&mesh, "page").await;
+        mesh.converged(Duration::from_secs(30)).await.unwrap();
+        let a = mesh.admin().await.unwrap();
+        eventually("every node reported", 20, || {
+            let mut a = a.clone();
+            async move {
+                let v = a
+                    .get_propagation(GetPropagationRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                v.nodes.len() == 6 && v.nodes.iter().all(|n| n.applied_revision == revision)
+            }
+        })
+        .await;
+        let url = format!("http://{}/", mesh.control.http.unwrap());
+        let profile = tempfile::tempdir().unwrap();
+        let flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+        ];
+        let mut dump = tokio::process::Command::new(&browser);
+        dump.args(flags)
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("--dump-dom")
+            .arg(&url);
+        let out = dump.output().await.unwrap();
+        let dom = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "chromium failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for node in [
+            "control", "hub-0", "hub-1", "pop-0", "pop-1", "pop-2", "pop-3",
+        ] {
+            assert!(
+                dom.contains(&format!("data-node=\"{node}\"")),
+                "{node} missing from the page:\n{dom}"
+            );
+        }
+        assert!(
+            dom.contains(&format!("head revision r{revision}")),
+            "the latest revision is missing:\n{dom}"
+        );
+        assert!(
+            dom.contains("6/6 nodes current"),
+            "not every node shown current:\n{dom}"
+        );
+
+        let shot =
+            flagmesh_integration_tests::flagd_kit::workspace_root().join("target/status-page.png");
+        let mut cmd = tokio::process::Command::new(&browser);
+        cmd.args(flags)
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("--window-size=1100,760")
+            .arg(format!("--screenshot={}", shot.display()))
+            .arg(&url);
+        let out = cmd.output().await.unwrap();
+        assert!(
+            out.status.success() && shot.exists(),
+            "no screenshot: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await
+    .expect("bounded");
+}

@@ -1,0 +1,138 @@
+//! Evaluation counters of a PoP: evaluations by reason and a latency
+//! histogram (time spent resolving inside the PoP, without the network),
+//! kept in atomics so recording costs a few relaxed increments.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use flagmesh_engine::Reason;
+use flagmesh_mesh::metrics::Exposition;
+
+/// Upper bounds of the latency buckets, in seconds.
+pub const BUCKETS: [f64; 12] = [
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.005,
+    0.025,
+];
+
+const REASONS: [Reason; 5] = [
+    Reason::Static,
+    Reason::TargetingMatch,
+    Reason::Default,
+    Reason::Disabled,
+    Reason::Error,
+];
+
+/// Counters of one PoP's evaluations.
+#[derive(Debug, Default)]
+pub struct EvalStats {
+    by_reason: [AtomicU64; 5],
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+fn reason_index(r: Reason) -> usize {
+    match r {
+        Reason::Static => 0,
+        Reason::TargetingMatch => 1,
+        Reason::Default => 2,
+        Reason::Disabled => 3,
+        Reason::Error => 4,
+    }
+}
+
+impl EvalStats {
+    /// Records one evaluation.
+    pub fn record(&self, reason: Reason, took: Duration) {
+        self.by_reason[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Renders the counters.
+    pub fn render(&self, e: &mut Exposition) {
+        e.family(
+            "flagmesh_evaluations_total",
+            "counter",
+            "Flag evaluations served, by reason.",
+        );
+        for r in REASONS {
+            let n = self.by_reason[reason_index(r)].load(Ordering::Relaxed);
+            e.sample(
+                "flagmesh_evaluations_total",
+                &[("reason", r.as_str())],
+                n as f64,
+            );
+        }
+        let name = "flagmesh_evaluation_duration_seconds";
+        e.family(
+            name,
+            "histogram",
+            "Time to resolve one flag inside the PoP (network excluded).",
+        );
+        let mut cumulative = 0u64;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            e.sample(
+                &format!("{name}_bucket"),
+                &[("le", &b.to_string())],
+                cumulative as f64,
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        e.sample(&format!("{name}_bucket"), &[("le", "+Inf")], count as f64);
+        e.sample(
+            &format!("{name}_sum"),
+            &[],
+            self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        );
+        e.sample(&format!("{name}_count"), &[], count as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let s = EvalStats::default();
+        s.record(Reason::Static, Duration::from_nanos(500));
+        s.record(Reason::Error, Duration::from_micros(30));
+        s.record(Reason::Static, Duration::from_secs(1));
+        let mut e = Exposition::default();
+        s.render(&mut e);
+        let text = e.finish();
+        assert!(
+            text.contains("flagmesh_evaluations_total{reason=\"STATIC\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"0.000001\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"0.00005\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"+Inf\"} 3"),
+            "{text}"
+        );
+    }
+}
