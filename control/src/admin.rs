@@ -51,8 +51,13 @@ impl<S: FlagStore> AdminService<S> {
         let store = self.store.clone();
         let fanout = self.fanout.clone();
         let propagation = self.propagation.clone();
+        let span = tracing::info_span!("commit", revision = tracing::field::Empty, dry_run);
         tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let outcome = store.commit(&mut plan, dry_run)?;
+            if let Some(d) = &outcome.delta {
+                span.record("revision", d.to_revision);
+            }
             if let Some(delta) = &outcome.delta {
                 propagation.committed(delta.to_revision, delta.committed_at_unix_ms);
                 tracing::info!(

@@ -65,6 +65,8 @@ pub struct TopologySpec {
     pub default_flag_set: String,
     /// Deltas each hub keeps in its fan-out ring (None: the default).
     pub hub_ring_revisions: Option<usize>,
+    /// Environment variables for every node process.
+    pub envs: Vec<(String, String)>,
 }
 
 impl TopologySpec {
@@ -85,6 +87,7 @@ impl TopologySpec {
             control_port: 0,
             default_flag_set: "demo".into(),
             hub_ring_revisions: None,
+            envs: Vec::new(),
         }
     }
 }
@@ -216,10 +219,11 @@ impl Mesh {
             std::fs::write(&tokens_file, t)?;
         }
         let hb = spec.heartbeat_ms.to_string();
-        let node_envs: Vec<(String, String)> = spec
+        let mut node_envs: Vec<(String, String)> = spec
             .worker_threads
             .map(|n| vec![("TOKIO_WORKER_THREADS".to_owned(), n.to_string())])
             .unwrap_or_default();
+        node_envs.extend(spec.envs.iter().cloned());
         let mut control_args = vec![
             "--data-dir".into(),
             spec.root.join("control").display().to_string(),
@@ -235,7 +239,7 @@ impl Mesh {
             name: "control".into(),
             binary: spec.bin_dir.join("flagmesh-control"),
             args: control_args,
-            envs: Vec::new(),
+            envs: spec.envs.clone(),
             process: None,
             grpc: SocketAddr::from(([127, 0, 0, 1], spec.control_port)),
             http: None,

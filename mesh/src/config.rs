@@ -55,6 +55,27 @@ pub struct CommonArgs {
     /// Log format: `text` or `json`.
     #[arg(long = "log-format", env = "FLAGMESH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Export traces over OTLP/gRPC to this endpoint (for example
+    /// `http://127.0.0.1:4317`); also read from `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[arg(long = "otlp-endpoint", env = "FLAGMESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Keeps the trace exporter alive; `shutdown` flushes it.
+#[derive(Debug, Default)]
+pub struct TelemetryGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Flushes and stops the trace exporter.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("flushing traces failed: {e}");
+        }
+    }
 }
 
 /// Why the configuration is unusable.
@@ -133,18 +154,76 @@ impl CommonArgs {
     }
 
     /// Installs the tracing subscriber: logs go to stderr (stdout carries
-    /// only the ready line), filtered by `RUST_LOG` (default `info`).
-    pub fn init_logging(&self) {
+    /// only the ready line), filtered by `RUST_LOG` (default `info`); with
+    /// an OTLP endpoint, spans are also exported as `service`.
+    pub fn init_logging(&self, service: &str) -> TelemetryGuard {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr);
-        let _ = if self.log_format.as_deref() == Some("json") {
-            builder.json().try_init()
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let (text, json) = if self.log_format.as_deref() == Some("json") {
+            (
+                None,
+                Some(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .with_writer(std::io::stderr),
+                ),
+            )
         } else {
-            builder.try_init()
+            (
+                Some(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr),
+                ),
+                None,
+            )
         };
+        let endpoint = self
+            .otlp_endpoint
+            .clone()
+            .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+            .filter(|e| !e.is_empty());
+        let mut guard = TelemetryGuard::default();
+        let otel = endpoint.and_then(|endpoint| match otlp_provider(&endpoint, service) {
+            Ok(provider) => {
+                use opentelemetry::trace::TracerProvider as _;
+                let tracer = provider.tracer("flagmesh");
+                guard.provider = Some(provider);
+                Some(tracing_opentelemetry::layer().with_tracer(tracer))
+            }
+            Err(e) => {
+                eprintln!("{service}: OTLP export to {endpoint} disabled: {e}");
+                None
+            }
+        });
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(text)
+            .with(json)
+            .with(otel)
+            .try_init();
+        guard
     }
+}
+
+fn otlp_provider(
+    endpoint: &str,
+    service: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, Box<dyn std::error::Error>> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()?;
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        )
+        .build())
 }

@@ -147,6 +147,7 @@ impl Fanout {
     /// Publishes a committed delta to every subscriber. A delta that does
     /// not continue from the head (or is of another history) restarts the
     /// ring from it.
+    #[tracing::instrument(name = "publish", skip_all, fields(revision = delta.to_revision, from = delta.from_revision))]
     pub fn publish(&self, delta: Delta) {
         let delta = Arc::new(delta);
         let event = SharedSyncEvent::new(&SyncEvent {

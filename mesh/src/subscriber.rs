@@ -395,6 +395,12 @@ impl Subscriber {
                         _ => 0,
                     };
                     *force_snapshot = false;
+                    let kind = if matches!(applied, Applied::Snapshot(_)) {
+                        "snapshot"
+                    } else {
+                        "delta"
+                    };
+                    let _span = tracing::info_span!("apply", node = %self.config.node_id, revision, kind, upstream).entered();
                     tracing::debug!(revision, upstream, "applied");
                     self.observer.applied(&applied);
                     let now = crate::now_ms();

@@ -37,7 +37,7 @@ struct Args {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let common = args.common.merge_config_file()?;
-    common.init_logging();
+    let telemetry = common.init_logging("flagmesh-control");
     let auth = common.authenticator()?;
     let config = ControlConfig {
         listen: common.listen_addr(),
@@ -58,6 +58,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     serve::signal().await;
     tracing::info!("shutting down");
     node.stop().await;
+    telemetry.shutdown();
     Ok(())
 }
 

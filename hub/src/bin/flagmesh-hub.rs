@@ -21,7 +21,7 @@ struct Args {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let common = args.common.merge_config_file()?;
-    common.init_logging();
+    let telemetry = common.init_logging("flagmesh-hub");
     let auth = common.authenticator()?;
     let listen = common.listen_addr();
     let config = HubConfig {
@@ -36,6 +36,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     serve::signal().await;
     tracing::info!("shutting down");
     hub.stop().await;
+    telemetry.shutdown();
     Ok(())
 }
 

@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         control_port: port,
         default_flag_set: "demo".into(),
         hub_ring_revisions: None,
+        envs: Vec::new(),
     };
     eprintln!(
         "starting 1 control, {} hubs, {} PoPs (data in {})",

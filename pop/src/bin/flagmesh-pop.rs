@@ -29,7 +29,7 @@ struct Args {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let common = args.common.merge_config_file()?;
-    common.init_logging();
+    let telemetry = common.init_logging("flagmesh-pop");
     let auth = common.authenticator()?;
     let config = PopConfig {
         listen: common.listen_addr(),
@@ -44,6 +44,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     serve::signal().await;
     tracing::info!("shutting down");
     pop.stop().await;
+    telemetry.shutdown();
     Ok(())
 }
 
