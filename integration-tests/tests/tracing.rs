@@ -20,9 +20,12 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 
-/// (service, span name, revision attribute) of every span received.
+/// One span received: service, span name, revision attribute.
+type Seen = (String, String, Option<i64>);
+
+/// Every span received.
 #[derive(Default, Clone)]
-struct Collector(Arc<Mutex<Vec<(String, String, Option<i64>)>>>);
+struct Collector(Arc<Mutex<Vec<Seen>>>);
 
 #[tonic::async_trait]
 impl TraceService for Collector {
