@@ -3,6 +3,7 @@
 //! ready line), stopping them by signal or SIGKILL, and locating the flagd
 //! test kit shipped in the crates.io package `open-feature-flagd` 0.3.0.
 
+pub mod bench;
 pub mod flagd_kit;
 pub mod process;
 pub mod relay;

@@ -163,6 +163,11 @@ impl MeshNode {
         Ok(())
     }
 
+    /// The arguments it was started with (without its listen addresses).
+    pub fn args_for_restart(&self) -> Vec<String> {
+        self.args.clone()
+    }
+
     /// Whether it runs.
     pub fn is_running(&self) -> bool {
         self.process.is_some()
@@ -307,7 +312,8 @@ impl Mesh {
             hubs.push(hub);
         }
 
-        let pop_count = spec.hubs * spec.pops_per_hub;
+        // without hubs, `pops_per_hub` PoPs follow control directly
+        let pop_count = if spec.hubs == 0 { spec.pops_per_hub } else { spec.hubs * spec.pops_per_hub };
         let serving_hubs: Vec<usize> = if spec.chained {
             vec![spec.hubs.saturating_sub(1)]
         } else {
@@ -319,6 +325,9 @@ impl Mesh {
         for j in 0..pop_count {
             let mut links = Vec::new();
             let mut addrs = Vec::new();
+            if serving_hubs.is_empty() {
+                addrs.push(control.grpc.to_string());
+            }
             for &h in &serving_hubs {
                 if spec.relays {
                     let r = Relay::start(hubs[h].grpc).await?;

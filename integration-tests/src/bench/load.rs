@@ -1,0 +1,226 @@
+//! Evaluation load against a PoP: gRPC `Evaluate` and OFREP over HTTP, at
+//! fixed concurrency (closed loop) and at a fixed request rate (open loop:
+//! latency is measured from when each request was due, so a stalled server
+//! is not hidden by the load generator waiting for it).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flagmesh_mesh::auth::BearerToken;
+use flagmesh_proto::convert::map_to_struct;
+use flagmesh_proto::v1::EvaluateRequest;
+use flagmesh_proto::v1::evaluation_client::EvaluationClient;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use super::{contexts, percentiles};
+
+/// What to drive.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The PoP's gRPC address.
+    pub grpc: SocketAddr,
+    /// The PoP's HTTP address.
+    pub http: SocketAddr,
+    /// The flag set.
+    pub flag_set: String,
+    /// Flag keys to spread requests over.
+    pub keys: Vec<String>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 60 s, 3 significant digits; the bounds are valid
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+/// One gRPC client per task.
+async fn grpc_client(addr: SocketAddr) -> EvaluationClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map(|e| e.tcp_nodelay(true).connect_lazy())
+        .unwrap_or_else(|_| unreachable!("a socket address is a valid URI"));
+    EvaluationClient::with_interceptor(channel, BearerToken::new(None).unwrap_or_else(|_| unreachable!()))
+}
+
+/// A keep-alive HTTP/1.1 connection for OFREP posts.
+struct HttpConn {
+    stream: BufReader<tokio::net::TcpStream>,
+    addr: SocketAddr,
+}
+
+impl HttpConn {
+    async fn open(addr: SocketAddr) -> std::io::Result<Self> {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Self { stream: BufReader::new(s), addr })
+    }
+
+    async fn post(&mut self, path: &str, body: &str) -> std::io::Result<u16> {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        self.stream.get_mut().write_all(req.as_bytes()).await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        let status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).await?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok(status)
+    }
+}
+
+/// The protocol driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC `flagmesh.v1.Evaluation/Evaluate`.
+    Grpc,
+    /// OFREP single-flag POST.
+    Ofrep,
+}
+
+/// A client of either protocol.
+enum Client {
+    Grpc(EvaluationClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>>),
+    Http(HttpConn),
+}
+
+impl Client {
+    async fn new(t: &Target, p: Protocol) -> std::io::Result<Self> {
+        Ok(match p {
+            Protocol::Grpc => Client::Grpc(grpc_client(t.grpc).await),
+            Protocol::Ofrep => Client::Http(HttpConn::open(t.http).await?),
+        })
+    }
+
+    async fn call(&mut self, t: &Target, key: &str, ctx: &Value) -> bool {
+        match self {
+            Client::Grpc(c) => c
+                .evaluate(EvaluateRequest {
+                    flag_set: t.flag_set.clone(),
+                    flag_key: key.to_owned(),
+                    context: ctx.as_object().map(map_to_struct),
+                    expected_type: 0,
+                })
+                .await
+                .is_ok_and(|r| r.get_ref().error_code == 0),
+            Client::Http(c) => {
+                let body = json!({"context": ctx}).to_string();
+                let path = format!("/ofrep/v1/evaluate/flags/{key}?flagSet={}", t.flag_set);
+                c.post(&path, &body).await.is_ok_and(|s| s == 200)
+            }
+        }
+    }
+}
+
+/// Closed loop: `concurrency` tasks each sending requests back to back for `duration`.
+pub async fn closed_loop(t: &Target, p: Protocol, concurrency: usize, duration: Duration) -> Value {
+    let ctxs = Arc::new(contexts(4096));
+    let merged = Arc::new(Mutex::new(histogram()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (t, ctxs, merged, errors) = (t.clone(), ctxs.clone(), merged.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut client) = Client::new(&t, p).await else { return };
+            let mut h = histogram();
+            let mut i = w * 7919;
+            while started.elapsed() < duration {
+                i += 1;
+                let key = &t.keys[i % t.keys.len()];
+                let ctx = &ctxs[i % ctxs.len()];
+                let t0 = Instant::now();
+                if !client.call(&t, key, ctx).await {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let _ = h.record(t0.elapsed().as_micros().max(1) as u64);
+            }
+            if let Ok(mut m) = merged.lock() {
+                let _ = m.add(&h);
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let h = merged.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let mut out = percentiles(&h);
+    out["throughput_rps"] = json!((h.len() as f64 / elapsed).round());
+    out["errors"] = json!(errors.load(std::sync::atomic::Ordering::Relaxed));
+    out["concurrency"] = json!(concurrency);
+    out
+}
+
+/// Open loop: requests due every `1/rate` s for `duration`, each latency
+/// measured from when it was due.
+pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -> Value {
+    let ctxs = Arc::new(contexts(4096));
+    // a pool of clients; each request takes one, so slow answers queue up
+    // requests (and that waiting counts in their latency)
+    let pool_size = 64;
+    let (tx, rx) = async_channel_pool(pool_size, t, p).await;
+    let merged = Arc::new(Mutex::new(histogram()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let total = (duration.as_secs_f64() * rate as f64) as u64;
+    let mut handles = Vec::with_capacity(total as usize);
+    for n in 0..total {
+        let due = start + interval * (n as u32);
+        tokio::time::sleep_until(due).await;
+        let (t, ctxs, merged, errors, tx, rx) = (t.clone(), ctxs.clone(), merged.clone(), errors.clone(), tx.clone(), rx.clone());
+        handles.push(tokio::spawn(async move {
+            let Some(mut client) = rx.lock().await.recv().await else { return };
+            let i = n as usize;
+            let ok = client.call(&t, &t.keys[i % t.keys.len()], &ctxs[i % ctxs.len()]).await;
+            let latency = due.elapsed();
+            let _ = tx.send(client).await;
+            if !ok {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Ok(mut h) = merged.lock() {
+                let _ = h.record(latency.as_micros().max(1) as u64);
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let h = merged.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let mut out = percentiles(&h);
+    out["target_rps"] = json!(rate);
+    out["achieved_rps"] = json!((h.len() as f64 / elapsed).round());
+    out["errors"] = json!(errors.load(std::sync::atomic::Ordering::Relaxed));
+    out
+}
+
+type Pool = (
+    tokio::sync::mpsc::Sender<Client>,
+    Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Client>>>,
+);
+
+async fn async_channel_pool(size: usize, t: &Target, p: Protocol) -> Pool {
+    let (tx, rx) = tokio::sync::mpsc::channel(size);
+    for _ in 0..size {
+        if let Ok(c) = Client::new(t, p).await {
+            let _ = tx.send(c).await;
+        }
+    }
+    (tx, Arc::new(tokio::sync::Mutex::new(rx)))
+}
