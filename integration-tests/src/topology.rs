@@ -313,7 +313,11 @@ impl Mesh {
         }
 
         // without hubs, `pops_per_hub` PoPs follow control directly
-        let pop_count = if spec.hubs == 0 { spec.pops_per_hub } else { spec.hubs * spec.pops_per_hub };
+        let pop_count = if spec.hubs == 0 {
+            spec.pops_per_hub
+        } else {
+            spec.hubs * spec.pops_per_hub
+        };
         let serving_hubs: Vec<usize> = if spec.chained {
             vec![spec.hubs.saturating_sub(1)]
         } else {

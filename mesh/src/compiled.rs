@@ -1,6 +1,8 @@
 //! A replica's compiled in-memory state (what PoPs and SDKs in local mode
-//! evaluate from): every flag compiled once when it arrives, held in an
-//! immutable snapshot that is swapped atomically on each apply.
+//! evaluate from), held in an immutable snapshot swapped atomically on each
+//! apply. Each flag is compiled once, the first time it is evaluated (so a
+//! restarted node serves from its store at once, and flags nobody asks for
+//! cost only their stored bytes).
 //! A delta rebuilds only the flag sets it touches; every other set (and
 //! every unchanged flag) is shared with the previous snapshot.
 
@@ -14,21 +16,39 @@ use flagmesh_proto::v1::{Delta, Flag, FlagSet};
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::Xxh3Builder;
 
-/// One flag, compiled (or the reason it could not be).
+/// One flag: as stored, and compiled on first use.
 #[derive(Debug)]
 pub struct PopFlag {
-    /// The compiled flag; `Err` holds why the definition does not compile
-    /// (it then resolves with `PARSE_ERROR`).
-    pub compiled: Result<CompiledFlag, String>,
     /// The flag as stored and replicated.
     pub stored: Flag,
+    set_metadata: Arc<Map<String, Value>>,
+    compiled: std::sync::OnceLock<Result<CompiledFlag, String>>,
+}
+
+impl PopFlag {
+    /// A flag of a set with `set_metadata`, not compiled yet.
+    pub fn new(stored: Flag, set_metadata: Arc<Map<String, Value>>) -> Self {
+        Self {
+            stored,
+            set_metadata,
+            compiled: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The compiled flag (compiled now if it is the first use); `Err` holds
+    /// why the definition does not compile (it then resolves with
+    /// `PARSE_ERROR`).
+    pub fn compiled(&self) -> &Result<CompiledFlag, String> {
+        self.compiled
+            .get_or_init(|| compile(&self.stored, &self.set_metadata))
+    }
 }
 
 /// One flag set.
 #[derive(Debug, Default)]
 pub struct SetState {
     /// The set's metadata.
-    pub metadata: Map<String, Value>,
+    pub metadata: Arc<Map<String, Value>>,
     /// Its flags by key.
     pub flags: HashMap<Box<str>, Arc<PopFlag>, Xxh3Builder>,
 }
@@ -44,25 +64,22 @@ pub struct PopState {
     pub sets: HashMap<String, Arc<SetState>>,
 }
 
-fn compile(flag: &Flag, metadata: &Map<String, Value>) -> PopFlag {
+fn compile(flag: &Flag, metadata: &Arc<Map<String, Value>>) -> Result<CompiledFlag, String> {
     let compiled = serde_json::from_slice::<Value>(&flag.definition_json)
         .map_err(|e| format!("definition is not JSON: {e}"))
         .and_then(|v| {
             FlagDefinition::from_json(&flag.key, &v, &Map::new(), Strictness::Lenient)
                 .map_err(|e| e.to_string())
         })
-        .map(|d| CompiledFlag::new(&flag.key, d, metadata));
+        .map(|d| CompiledFlag::with_shared_metadata(&flag.key, d, metadata));
     if let Err(e) = &compiled {
         tracing::warn!(flag_set = %flag.flag_set, key = %flag.key, error = %e, "flag does not compile");
     }
-    PopFlag {
-        compiled,
-        stored: flag.clone(),
-    }
+    compiled
 }
 
-fn metadata_of(set: &FlagSet) -> Map<String, Value> {
-    set.metadata.as_ref().map(struct_to_map).unwrap_or_default()
+fn metadata_of(set: &FlagSet) -> Arc<Map<String, Value>> {
+    Arc::new(set.metadata.as_ref().map(struct_to_map).unwrap_or_default())
 }
 
 impl PopState {
@@ -83,8 +100,8 @@ impl PopState {
             .collect();
         for f in &s.flags {
             let set = sets.entry(f.flag_set.clone()).or_default();
-            let compiled = compile(f, &set.metadata);
-            set.flags.insert(f.key.as_str().into(), Arc::new(compiled));
+            let flag = PopFlag::new(f.clone(), set.metadata.clone());
+            set.flags.insert(f.key.as_str().into(), Arc::new(flag));
         }
         Self {
             history_id: s.history_id.clone(),
@@ -121,8 +138,8 @@ impl PopState {
                 // merged metadata changed: recompile the set's flags
                 let flags: Vec<Flag> = set.flags.values().map(|f| f.stored.clone()).collect();
                 for f in flags {
-                    let compiled = compile(&f, &set.metadata);
-                    set.flags.insert(f.key.as_str().into(), Arc::new(compiled));
+                    let flag = PopFlag::new(f.clone(), set.metadata.clone());
+                    set.flags.insert(f.key.as_str().into(), Arc::new(flag));
                 }
             }
         }
@@ -135,8 +152,8 @@ impl PopState {
         for f in &d.upserts {
             take(&f.flag_set, &sets, &mut touched);
             if let Some(set) = touched.get_mut(&f.flag_set) {
-                let compiled = compile(f, &set.metadata);
-                set.flags.insert(f.key.as_str().into(), Arc::new(compiled));
+                let flag = PopFlag::new(f.clone(), set.metadata.clone());
+                set.flags.insert(f.key.as_str().into(), Arc::new(flag));
             }
         }
         for (id, set) in touched {
@@ -222,7 +239,7 @@ pub fn resolve_flag<'a>(
     expected: ValueType,
 ) -> Outcome<'a> {
     let mod_revision = flag.stored.mod_revision;
-    let resolution = match (&flag.compiled, context_error) {
+    let resolution = match (flag.compiled(), context_error) {
         (Err(e), _) => {
             static EMPTY: std::sync::LazyLock<Map<String, Value>> =
                 std::sync::LazyLock::new(Map::new);
@@ -283,7 +300,7 @@ mod tests {
         let f = &next.sets["x"].flags["f"];
         let ctx = serde_json::json!({});
         let r = f
-            .compiled
+            .compiled()
             .as_ref()
             .map(|c| c.resolve(&ctx).string_value().map(str::to_owned));
         assert_eq!(r, Ok(Some("B".to_owned())));

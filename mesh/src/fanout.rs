@@ -147,12 +147,14 @@ impl Fanout {
     /// Publishes a committed delta to every subscriber. A delta that does
     /// not continue from the head (or is of another history) restarts the
     /// ring from it.
-    #[tracing::instrument(name = "publish", skip_all, fields(revision = delta.to_revision, from = delta.from_revision))]
     pub fn publish(&self, delta: Delta) {
-        let delta = Arc::new(delta);
-        let event = SharedSyncEvent::new(&SyncEvent {
-            event: Some(Event::Delta((*delta).clone())),
-        });
+        self.publish_shared(Arc::new(delta));
+    }
+
+    /// [`Fanout::publish`] of a delta already shared (nothing is copied).
+    #[tracing::instrument(name = "publish", skip_all, fields(revision = delta.to_revision, from = delta.from_revision))]
+    pub fn publish_shared(&self, delta: Arc<Delta>) {
+        let event = SharedSyncEvent::from_delta(&delta);
         let head = self.head();
         {
             let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
@@ -160,7 +162,8 @@ impl Fanout {
                 ring.entries.clear();
                 ring.bytes = 0;
             }
-            ring.bytes += event.len();
+            // the decoded delta is kept too: count it like its encoding
+            ring.bytes += 2 * event.len();
             ring.entries.push_back(RingEntry {
                 delta: delta.clone(),
                 event,
@@ -169,7 +172,7 @@ impl Fanout {
                 || (ring.bytes > self.config.ring_bytes && ring.entries.len() > 1)
             {
                 if let Some(old) = ring.entries.pop_front() {
-                    ring.bytes -= old.event.len();
+                    ring.bytes -= 2 * old.event.len();
                 }
             }
         }
@@ -249,10 +252,17 @@ impl Fanout {
         tokio::pin!(shutdown);
         loop {
             head_rx.borrow_and_update();
-            let fanout = self.clone();
-            let (from, sets) = (cursor.clone(), filter.clone());
-            let caught_up =
-                tokio::task::spawn_blocking(move || fanout.catch_up(&from, sets.as_deref())).await;
+            // the common case (a live subscriber one entry behind, or up to
+            // date) is served from the ring without leaving this task
+            let caught_up = match self.catch_up_from_ring(&cursor, filter.is_some()) {
+                Some(done) => Ok(Ok(done)),
+                None => {
+                    let fanout = self.clone();
+                    let (from, sets) = (cursor.clone(), filter.clone());
+                    tokio::task::spawn_blocking(move || fanout.catch_up(&from, sets.as_deref()))
+                        .await
+                }
+            };
             match caught_up {
                 Ok(Ok((events, next))) => {
                     for e in events {
@@ -294,6 +304,39 @@ impl Fanout {
                 _ = tx.closed() => return Ok(()),
             }
         }
+    }
+
+    /// [`Fanout::catch_up`] when the ring alone answers it: nothing to
+    /// send, or one shared entry. `None` when the source may be needed.
+    fn catch_up_from_ring(
+        &self,
+        cursor: &Cursor,
+        filtered: bool,
+    ) -> Option<(Vec<SharedSyncEvent>, Cursor)> {
+        let head = self.head();
+        let (history, rev) = cursor.as_ref()?;
+        if head.history_id.is_empty() || *history != head.history_id {
+            return None;
+        }
+        if *rev >= head.revision {
+            return Some((Vec::new(), cursor.clone()));
+        }
+        if filtered {
+            return None;
+        }
+        let ring = self.ring.read().unwrap_or_else(|p| p.into_inner());
+        let entry = ring
+            .entries
+            .iter()
+            .find(|e| e.delta.from_revision == *rev)?;
+        if entry.delta.to_revision != head.revision {
+            return None;
+        }
+        self.stats.shared_sends.fetch_add(1, Ordering::Relaxed);
+        Some((
+            vec![entry.event.clone()],
+            Some((history.clone(), head.revision)),
+        ))
     }
 
     /// The events that bring a subscriber standing at `cursor` to this

@@ -74,7 +74,7 @@ impl ReplicaObserver for RelayObserver {
         }
         match applied {
             Applied::Snapshot(s) => self.fanout.reset(&s.history_id, s.revision),
-            Applied::Delta(d) => self.fanout.publish((**d).clone()),
+            Applied::Delta(d) => self.fanout.publish_shared(d.clone()),
             _ => {}
         }
     }

@@ -158,7 +158,11 @@ impl ReplicaStore {
     /// applied event is flushed to disk before it is served, so a restarted
     /// node never serves older state than it served before.
     pub fn open(dir: &Path, sync_writes: bool) -> Result<Self, ApplyError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // the state is also held in memory: sled's page cache need not be big
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(2 << 20)
+            .open()?;
         Self::from_db(db, sync_writes)
     }
 
@@ -254,9 +258,10 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// Applies one event of a Subscribe stream.
-    pub fn apply(&self, event: &SyncEvent) -> Result<Applied, ApplyError> {
-        match &event.event {
+    /// Applies one event of a Subscribe stream (taken by value: an applied
+    /// delta is kept, not copied).
+    pub fn apply(&self, event: SyncEvent) -> Result<Applied, ApplyError> {
+        match event.event {
             Some(Event::Progress(p)) => Ok(Applied::Progress {
                 revision: p.revision,
                 head_revision: p.head_revision,
@@ -268,7 +273,7 @@ impl ReplicaStore {
         }
     }
 
-    fn apply_snapshot_chunk(&self, chunk: &Snapshot) -> Result<Applied, ApplyError> {
+    fn apply_snapshot_chunk(&self, chunk: Snapshot) -> Result<Applied, ApplyError> {
         let mut inner = self.lock();
         let expected_chunk = inner.pending.len() as u32;
         let consistent = inner
@@ -282,11 +287,20 @@ impl ReplicaStore {
                 chunk.chunk
             )));
         }
-        inner.pending.push(chunk.clone());
-        if !chunk.last {
+        let header = Snapshot {
+            history_id: chunk.history_id.clone(),
+            revision: chunk.revision,
+            digest: chunk.digest,
+            chunk: chunk.chunk,
+            last: chunk.last,
+            ..Default::default()
+        };
+        inner.pending.push(chunk);
+        if !header.last {
             return Ok(Applied::Buffered);
         }
         let chunks = std::mem::take(&mut inner.pending);
+        let chunk = header;
         if chunk.history_id.is_empty() {
             return Err(ApplyError::Malformed("a snapshot without a history".into()));
         }
@@ -357,7 +371,7 @@ impl ReplicaStore {
         })))
     }
 
-    fn apply_delta(&self, d: &Delta) -> Result<Applied, ApplyError> {
+    fn apply_delta(&self, d: Delta) -> Result<Applied, ApplyError> {
         let mut inner = self.lock();
         inner.pending.clear();
         let local = inner.position.revision;
@@ -447,7 +461,7 @@ impl ReplicaStore {
                 None => inner.set_hashes.remove(&id),
             };
         }
-        Ok(Applied::Delta(Arc::new(d.clone())))
+        Ok(Applied::Delta(Arc::new(d)))
     }
 
     /// Drops a half-received snapshot (the stream it came on ended).
@@ -539,16 +553,16 @@ mod tests {
         let r = ReplicaStore::open(dir.path(), false).expect("open");
         let a1 = flag("a", "1", 1);
         assert!(matches!(
-            r.apply(&snapshot(1, vec![a1.clone()])),
+            r.apply(snapshot(1, vec![a1.clone()])),
             Ok(Applied::Snapshot(_))
         ));
         let b2 = flag("b", "2", 2);
         let d2 = delta(1, vec![b2.clone()], &[], &[a1.clone(), b2.clone()]);
-        assert!(matches!(r.apply(&d2), Ok(Applied::Delta(_))));
-        assert!(matches!(r.apply(&d2), Ok(Applied::Ignored)));
+        assert!(matches!(r.apply(d2.clone()), Ok(Applied::Delta(_))));
+        assert!(matches!(r.apply(d2.clone()), Ok(Applied::Ignored)));
         let gap = delta(5, vec![], &[], &[]);
         assert_eq!(
-            r.apply(&gap).err(),
+            r.apply(gap).err(),
             Some(ApplyError::Gap { local: 2, from: 5 })
         );
         let mut bad = delta(
@@ -561,13 +575,13 @@ mod tests {
             d.digest ^= 1;
         }
         assert!(matches!(
-            r.apply(&bad),
+            r.apply(bad),
             Err(ApplyError::DigestMismatch { .. })
         ));
         assert_eq!(r.position().revision, 2, "a refused delta changes nothing");
         let c3 = flag("c", "3", 3);
         let ok = delta(2, vec![c3.clone()], &["a"], &[b2.clone(), c3.clone()]);
-        assert!(matches!(r.apply(&ok), Ok(Applied::Delta(_))));
+        assert!(matches!(r.apply(ok), Ok(Applied::Delta(_))));
         drop(r);
         // reopened, it stands where it stopped, with the same digest
         let r = ReplicaStore::open(dir.path(), false).expect("reopen");
@@ -594,16 +608,16 @@ mod tests {
             })),
         };
         assert!(matches!(
-            r.apply(&chunk(0, false, vec![flags[0].clone()])),
+            r.apply(chunk(0, false, vec![flags[0].clone()])),
             Ok(Applied::Buffered)
         ));
         assert_eq!(r.position().revision, 0);
         assert!(matches!(
-            r.apply(&chunk(1, true, vec![flags[1].clone()])),
+            r.apply(chunk(1, true, vec![flags[1].clone()])),
             Ok(Applied::Snapshot(_))
         ));
         assert_eq!(r.position().revision, 4);
         // out-of-order chunks are refused
-        assert!(r.apply(&chunk(3, true, vec![])).is_err());
+        assert!(r.apply(chunk(3, true, vec![])).is_err());
     }
 }

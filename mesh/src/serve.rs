@@ -228,3 +228,18 @@ pub async fn drain<T>(task: tokio::task::JoinHandle<T>, deadline: Duration) -> O
         }
     }
 }
+
+/// Caps glibc's malloc at two arenas. With the default (eight per core),
+/// memory freed after applying a large change stays spread over many
+/// arenas and resident memory ends up far above what the node holds
+/// (measured: 104 MiB instead of 75 MiB for a PoP with 10,000 flags). Call
+/// first thing in `main`, before any thread starts.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists, so nothing races with it.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}

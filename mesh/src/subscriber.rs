@@ -349,7 +349,7 @@ impl Subscriber {
                 .send_modify(|s| s.last_message = Some(Instant::now()));
             let size = prost::Message::encoded_len(&message) as u64;
             let replica = self.replica.clone();
-            let result = match tokio::task::spawn_blocking(move || replica.apply(&message)).await {
+            let result = match tokio::task::spawn_blocking(move || replica.apply(message)).await {
                 Ok(r) => r,
                 Err(e) => return ended(delivered, format!("apply task failed: {e}")),
             };

@@ -473,7 +473,7 @@ pub fn document(set: &SetState, flag_set: &str) -> (String, Map<String, Value>) 
             flags.insert(k.to_string(), def);
         }
     }
-    let mut metadata = set.metadata.clone();
+    let mut metadata = (*set.metadata).clone();
     metadata
         .entry("flagSetId")
         .or_insert_with(|| Value::String(flag_set.to_owned()));

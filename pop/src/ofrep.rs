@@ -189,7 +189,7 @@ async fn bulk(
                     flags.push(flag_json(k, &o).1);
                 }
             }
-            set_state.metadata.clone()
+            (*set_state.metadata).clone()
         }
         None => Map::new(),
     };

@@ -68,6 +68,16 @@ pub mod shared {
             }
         }
 
+        /// Encodes `SyncEvent { delta }` without copying the delta.
+        pub fn from_delta(delta: &super::v1::Delta) -> Self {
+            let mut buf = Vec::with_capacity(prost::Message::encoded_len(delta) + 8);
+            // field 2 of SyncEvent is the delta
+            prost::encoding::message::encode(2, delta, &mut buf);
+            Self {
+                encoded: Bytes::from(buf),
+            }
+        }
+
         /// The encoded size in bytes.
         pub fn len(&self) -> usize {
             self.encoded.len()
@@ -159,6 +169,15 @@ mod tests {
         let mut buf = Vec::new();
         prost::Message::encode(&shared, &mut buf)?;
         assert_eq!(SyncEvent::decode(buf.as_slice())?, event);
+        let delta = crate::v1::Delta {
+            history_id: "h".into(),
+            from_revision: 1,
+            to_revision: 2,
+            ..Default::default()
+        };
+        let shared = crate::shared::SharedSyncEvent::from_delta(&delta);
+        let decoded = SyncEvent::decode(shared.bytes().as_ref())?;
+        assert_eq!(decoded.event, Some(Event::Delta(delta)));
         Ok(())
     }
 

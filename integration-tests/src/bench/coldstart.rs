@@ -14,7 +14,10 @@ use crate::topology::Mesh;
 
 /// Restarts PoP 0 of `mesh` (already loaded) `runs` times with a dead upstream.
 pub async fn run(mesh: &mut Mesh, flag_set: &str, key: &str, runs: usize) -> Result<Value, String> {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?.local_addr().map_err(|e| e.to_string())?;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| e.to_string())?
+        .local_addr()
+        .map_err(|e| e.to_string())?;
     let pop = &mut mesh.pops[0];
     let mut args = pop_args(pop.args_for_restart(), dead.to_string());
     args.extend(["--listen".into(), "127.0.0.1:0".into()]);
@@ -25,15 +28,23 @@ pub async fn run(mesh: &mut Mesh, flag_set: &str, key: &str, runs: usize) -> Res
     for run in 0..runs {
         let log = mesh.spec.root.join(format!("coldstart-{run}.log"));
         let t0 = Instant::now();
-        let mut p = NodeProcess::start(&mesh.spec.bin_dir.join("flagmesh-pop"), &args, &[], &log).map_err(|e| e.to_string())?;
+        let mut p = NodeProcess::start(&mesh.spec.bin_dir.join("flagmesh-pop"), &args, &[], &log)
+            .map_err(|e| e.to_string())?;
         let ready = t0.elapsed();
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", p.grpc))
             .map_err(|e| e.to_string())?
             .connect_lazy();
-        let mut c = EvaluationClient::with_interceptor(channel, BearerToken::new(None).map_err(|e| e.to_string())?);
+        let mut c = EvaluationClient::with_interceptor(
+            channel,
+            BearerToken::new(None).map_err(|e| e.to_string())?,
+        );
         let served = loop {
             if let Ok(r) = c
-                .evaluate(EvaluateRequest { flag_set: flag_set.into(), flag_key: key.into(), ..Default::default() })
+                .evaluate(EvaluateRequest {
+                    flag_set: flag_set.into(),
+                    flag_key: key.into(),
+                    ..Default::default()
+                })
                 .await
                 && r.get_ref().value.is_some()
             {

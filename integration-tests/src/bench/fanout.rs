@@ -18,7 +18,11 @@ use crate::topology::Mesh;
 /// measures the hub's CPU time until every stream has every change.
 pub async fn run(mesh: &Mesh, subscribers: usize, changes: u64) -> Result<Value, String> {
     let hub = &mesh.hubs[0];
-    let pid = hub.process.as_ref().map(|p| p.pid()).ok_or("no hub process")?;
+    let pid = hub
+        .process
+        .as_ref()
+        .map(|p| p.pid())
+        .ok_or("no hub process")?;
     let (revision0, _) = mesh.converged(Duration::from_secs(30)).await?;
     let reached = Arc::new(AtomicU64::new(0));
     let target = revision0 + changes;
@@ -35,9 +39,15 @@ pub async fn run(mesh: &Mesh, subscribers: usize, changes: u64) -> Result<Value,
         );
     }
     for i in 0..subscribers {
-        let mut c = SyncClient::with_interceptor(channels[i % channels.len()].clone(), BearerToken::new(None).map_err(|e| e.to_string())?);
+        let mut c = SyncClient::with_interceptor(
+            channels[i % channels.len()].clone(),
+            BearerToken::new(None).map_err(|e| e.to_string())?,
+        );
         let mut stream = c
-            .subscribe(SubscribeRequest { node_id: format!("bench-{i}"), ..Default::default() })
+            .subscribe(SubscribeRequest {
+                node_id: format!("bench-{i}"),
+                ..Default::default()
+            })
             .await
             .map_err(|e| e.to_string())?
             .into_inner();
@@ -69,7 +79,9 @@ pub async fn run(mesh: &Mesh, subscribers: usize, changes: u64) -> Result<Value,
             .update_flag(UpdateFlagRequest {
                 flag_set: "bench".into(),
                 key: "fanout-probe".into(),
-                definition_json: format!(r#"{{"state":"ENABLED","variants":{{"v":{c}}},"defaultVariant":"v"}}"#),
+                definition_json: format!(
+                    r#"{{"state":"ENABLED","variants":{{"v":{c}}},"defaultVariant":"v"}}"#
+                ),
                 force: true,
                 ..Default::default()
             })
@@ -79,7 +91,10 @@ pub async fn run(mesh: &Mesh, subscribers: usize, changes: u64) -> Result<Value,
     let deadline = Instant::now() + Duration::from_secs(60);
     while reached.load(Ordering::Relaxed) < subscribers as u64 {
         if Instant::now() > deadline {
-            return Err(format!("{} of {subscribers} subscribers got every change", reached.load(Ordering::Relaxed)));
+            return Err(format!(
+                "{} of {subscribers} subscribers got every change",
+                reached.load(Ordering::Relaxed)
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

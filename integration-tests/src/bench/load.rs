@@ -32,15 +32,23 @@ pub struct Target {
 
 fn histogram() -> Histogram<u64> {
     // 1 µs .. 60 s, 3 significant digits; the bounds are valid
-    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
 /// One gRPC client per task.
-async fn grpc_client(addr: SocketAddr) -> EvaluationClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>> {
+async fn grpc_client(
+    addr: SocketAddr,
+) -> EvaluationClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map(|e| e.tcp_nodelay(true).connect_lazy())
         .unwrap_or_else(|_| unreachable!("a socket address is a valid URI"));
-    EvaluationClient::with_interceptor(channel, BearerToken::new(None).unwrap_or_else(|_| unreachable!()))
+    EvaluationClient::with_interceptor(
+        channel,
+        BearerToken::new(None).unwrap_or_else(|_| unreachable!()),
+    )
 }
 
 /// A keep-alive HTTP/1.1 connection for OFREP posts.
@@ -53,7 +61,10 @@ impl HttpConn {
     async fn open(addr: SocketAddr) -> std::io::Result<Self> {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        Ok(Self { stream: BufReader::new(s), addr })
+        Ok(Self {
+            stream: BufReader::new(s),
+            addr,
+        })
     }
 
     async fn post(&mut self, path: &str, body: &str) -> std::io::Result<u16> {
@@ -65,7 +76,11 @@ impl HttpConn {
         self.stream.get_mut().write_all(req.as_bytes()).await?;
         let mut line = String::new();
         self.stream.read_line(&mut line).await?;
-        let status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
         let mut length = 0usize;
         loop {
             line.clear();
@@ -94,7 +109,11 @@ pub enum Protocol {
 
 /// A client of either protocol.
 enum Client {
-    Grpc(EvaluationClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>>),
+    Grpc(
+        EvaluationClient<
+            tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+        >,
+    ),
     Http(HttpConn),
 }
 
@@ -136,7 +155,9 @@ pub async fn closed_loop(t: &Target, p: Protocol, concurrency: usize, duration: 
     for w in 0..concurrency {
         let (t, ctxs, merged, errors) = (t.clone(), ctxs.clone(), merged.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            let Ok(mut client) = Client::new(&t, p).await else { return };
+            let Ok(mut client) = Client::new(&t, p).await else {
+                return;
+            };
             let mut h = histogram();
             let mut i = w * 7919;
             while started.elapsed() < duration {
@@ -158,7 +179,10 @@ pub async fn closed_loop(t: &Target, p: Protocol, concurrency: usize, duration: 
         let _ = task.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let h = merged.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let h = merged
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
     let mut out = percentiles(&h);
     out["throughput_rps"] = json!((h.len() as f64 / elapsed).round());
     out["errors"] = json!(errors.load(std::sync::atomic::Ordering::Relaxed));
@@ -166,8 +190,11 @@ pub async fn closed_loop(t: &Target, p: Protocol, concurrency: usize, duration: 
     out
 }
 
+/// Granularity of tokio's timer: releases later than this count as delay.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+
 /// Open loop: requests due every `1/rate` s for `duration`, each latency
-/// measured from when it was due.
+/// measured from when it was due (less the timer's own granularity).
 pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -> Value {
     let ctxs = Arc::new(contexts(4096));
     // a pool of clients; each request takes one, so slow answers queue up
@@ -183,12 +210,32 @@ pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -
     for n in 0..total {
         let due = start + interval * (n as u32);
         tokio::time::sleep_until(due).await;
-        let (t, ctxs, merged, errors, tx, rx) = (t.clone(), ctxs.clone(), merged.clone(), errors.clone(), tx.clone(), rx.clone());
+        let (t, ctxs, merged, errors, tx, rx) = (
+            t.clone(),
+            ctxs.clone(),
+            merged.clone(),
+            errors.clone(),
+            tx.clone(),
+            rx.clone(),
+        );
         handles.push(tokio::spawn(async move {
-            let Some(mut client) = rx.lock().await.recv().await else { return };
+            // the timer releases a request up to its granularity late; only
+            // lateness beyond that (the generator or server falling behind)
+            // counts against the request
+            let released = tokio::time::Instant::now();
+            let from = if released.duration_since(due) < TIMER_SLACK {
+                released
+            } else {
+                due
+            };
+            let Some(mut client) = rx.lock().await.recv().await else {
+                return;
+            };
             let i = n as usize;
-            let ok = client.call(&t, &t.keys[i % t.keys.len()], &ctxs[i % ctxs.len()]).await;
-            let latency = due.elapsed();
+            let ok = client
+                .call(&t, &t.keys[i % t.keys.len()], &ctxs[i % ctxs.len()])
+                .await;
+            let latency = from.elapsed();
             let _ = tx.send(client).await;
             if !ok {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -202,7 +249,10 @@ pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -
         let _ = h.await;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let h = merged.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let h = merged
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
     let mut out = percentiles(&h);
     out["target_rps"] = json!(rate);
     out["achieved_rps"] = json!((h.len() as f64 / elapsed).round());

@@ -15,7 +15,11 @@ const PER_SET: usize = 5_000;
 /// Loads `flags` flags into a fresh control + one PoP and measures the PoP.
 pub async fn run(spec: TopologySpec, flags: usize) -> Result<(Value, Mesh), String> {
     let mesh = Mesh::start(spec).await.map_err(|e| e.to_string())?;
-    let pid = mesh.pops[0].process.as_ref().map(|p| p.pid()).ok_or("no PoP process")?;
+    let pid = mesh.pops[0]
+        .process
+        .as_ref()
+        .map(|p| p.pid())
+        .ok_or("no PoP process")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (empty_kib, _) = rss_kib(pid);
     let mut admin = mesh.admin().await.map_err(|e| e.to_string())?;
@@ -35,7 +39,25 @@ pub async fn run(spec: TopologySpec, flags: usize) -> Result<(Value, Mesh), Stri
     }
     mesh.converged(Duration::from_secs(300)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let held = mesh.metrics(NodeRef::Pop(0)).await.map_err(|e| e.to_string())?.get("flagmesh_store_flags").copied().unwrap_or(0.0);
+    let held = mesh
+        .metrics(NodeRef::Pop(0))
+        .await
+        .map_err(|e| e.to_string())?
+        .get("flagmesh_store_flags")
+        .copied()
+        .unwrap_or(0.0);
+    let (loaded_kib, _) = rss_kib(pid);
+    // evaluate every flag once: each is compiled on first use
+    let mut eval = mesh.eval(0).await.map_err(|e| e.to_string())?;
+    for s in 0..set {
+        eval.evaluate_all(flagmesh_proto::v1::EvaluateAllRequest {
+            flag_set: format!("set-{s}"),
+            context: None,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (steady_kib, peak_kib) = rss_kib(pid);
     let per_flag = (steady_kib.saturating_sub(empty_kib) * 1024) as f64 / flags.max(1) as f64;
     Ok((
@@ -43,6 +65,7 @@ pub async fn run(spec: TopologySpec, flags: usize) -> Result<(Value, Mesh), Stri
             "flags": flags,
             "flags_held": held,
             "empty_rss_mib": empty_kib as f64 / 1024.0,
+            "loaded_rss_mib": loaded_kib as f64 / 1024.0,
             "steady_rss_mib": steady_kib as f64 / 1024.0,
             "peak_rss_mib": peak_kib as f64 / 1024.0,
             "bytes_per_flag": per_flag.round(),

@@ -74,14 +74,24 @@ pub fn percentiles(h: &hdrhistogram::Histogram<u64>) -> Value {
 
 /// The machine the benchmark ran on.
 pub fn machine() -> Value {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem_kb = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     json!({"cpus": cpus, "memory_gib": (mem_kb as f64 / 1048576.0 * 10.0).round() / 10.0, "cpu": model})
 }
@@ -90,7 +100,10 @@ pub fn machine() -> Value {
 pub fn write_results(name: &str, value: &Value) {
     let dir = workspace_root().join("target/bench-results");
     if std::fs::create_dir_all(&dir).is_ok() {
-        let _ = std::fs::write(dir.join(format!("{name}.json")), serde_json::to_string_pretty(value).unwrap_or_default());
+        let _ = std::fs::write(
+            dir.join(format!("{name}.json")),
+            serde_json::to_string_pretty(value).unwrap_or_default(),
+        );
     }
 }
 
@@ -104,7 +117,9 @@ pub fn update_section(name: &str, text: &str) {
 fn update_file(path: &Path, name: &str, text: &str) {
     let begin = format!("<!-- {name}:begin -->");
     let end = format!("<!-- {name}:end -->");
-    let Ok(doc) = std::fs::read_to_string(path) else { return };
+    let Ok(doc) = std::fs::read_to_string(path) else {
+        return;
+    };
     let (Some(b), Some(e)) = (doc.find(&begin), doc.find(&end)) else {
         eprintln!("BENCHMARKS.md has no {begin} section");
         return;
@@ -132,7 +147,12 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     // fields after the command name (which may hold spaces) start after ')'
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of /proc/pid/stat: 12 and 13 here
     (ticks(11) + ticks(12)) / 100.0
 }

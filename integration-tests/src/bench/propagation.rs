@@ -16,7 +16,12 @@ use tokio::sync::mpsc;
 use crate::topology::Mesh;
 
 /// Writes `changes` changes and measures how long each took to reach every PoP.
-pub async fn run(mesh: &Mesh, flag_set: &str, changes: usize, spacing: Duration) -> Result<Value, String> {
+pub async fn run(
+    mesh: &Mesh,
+    flag_set: &str,
+    changes: usize,
+    spacing: Duration,
+) -> Result<Value, String> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
     let mut watchers = Vec::new();
     for (i, p) in mesh.pops.iter().enumerate() {
@@ -25,9 +30,15 @@ pub async fn run(mesh: &Mesh, flag_set: &str, changes: usize, spacing: Duration)
             .connect()
             .await
             .map_err(|e| e.to_string())?;
-        let mut c = EvaluationClient::with_interceptor(channel, BearerToken::new(None).map_err(|e| e.to_string())?);
+        let mut c = EvaluationClient::with_interceptor(
+            channel,
+            BearerToken::new(None).map_err(|e| e.to_string())?,
+        );
         let mut stream = c
-            .watch(WatchRequest { flag_set: flag_set.into(), since_revision: 0 })
+            .watch(WatchRequest {
+                flag_set: flag_set.into(),
+                since_revision: 0,
+            })
             .await
             .map_err(|e| e.to_string())?
             .into_inner();
@@ -41,7 +52,8 @@ pub async fn run(mesh: &Mesh, flag_set: &str, changes: usize, spacing: Duration)
     drop(tx);
     let mut admin = mesh.admin().await.map_err(|e| e.to_string())?;
     let pops = mesh.pops.len();
-    let mut per_pop = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+    let mut per_pop =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     let mut pending: Vec<(usize, u64, Instant)> = Vec::new();
@@ -51,7 +63,9 @@ pub async fn run(mesh: &Mesh, flag_set: &str, changes: usize, spacing: Duration)
             .update_flag(UpdateFlagRequest {
                 flag_set: flag_set.into(),
                 key: "propagation-probe".into(),
-                definition_json: format!(r#"{{"state":"ENABLED","variants":{{"v":{c}}},"defaultVariant":"v"}}"#),
+                definition_json: format!(
+                    r#"{{"state":"ENABLED","variants":{{"v":{c}}},"defaultVariant":"v"}}"#
+                ),
                 force: true,
                 ..Default::default()
             })
@@ -76,7 +90,12 @@ pub async fn run(mesh: &Mesh, flag_set: &str, changes: usize, spacing: Duration)
                     arrived.entry(pop).or_insert(at);
                 }
                 Ok(Some(other)) => pending.push(other),
-                Ok(None) | Err(_) => return Err(format!("change {c} (revision {revision}) reached {} of {pops} PoPs", arrived.len())),
+                Ok(None) | Err(_) => {
+                    return Err(format!(
+                        "change {c} (revision {revision}) reached {} of {pops} PoPs",
+                        arrived.len()
+                    ));
+                }
             }
         }
         let mut last = Duration::ZERO;

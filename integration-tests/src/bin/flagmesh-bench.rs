@@ -45,7 +45,11 @@ enum What {
         changes: usize,
     },
     /// PoP memory with 1,000, 10,000 and 100,000 flags; then cold start.
-    Memory,
+    Memory {
+        /// Only this many flags (default: all three sizes).
+        #[arg(long)]
+        flags: Option<usize>,
+    },
     /// Hub CPU per change delivered to many subscribers.
     Fanout {
         /// Subscribers.
@@ -79,9 +83,14 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
     let mesh = Mesh::start(spec(args.data.join("load"), 1, 1)).await?;
     let mut admin = mesh.admin().await?;
     admin
-        .apply_flag_set(ApplyFlagSetRequest { document: bench::document("bench", "flag", 0, 200), ..Default::default() })
+        .apply_flag_set(ApplyFlagSetRequest {
+            document: bench::document("bench", "flag", 0, 200),
+            ..Default::default()
+        })
         .await?;
-    mesh.converged(Duration::from_secs(60)).await.map_err(anyhow::Error::msg)?;
+    mesh.converged(Duration::from_secs(60))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let pop = &mesh.pops[0];
     let target = load::Target {
         grpc: pop.grpc,
@@ -91,7 +100,10 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
     };
     let d = Duration::from_secs(args.seconds);
     let mut closed = Vec::new();
-    for (name, p) in [("grpc", load::Protocol::Grpc), ("ofrep", load::Protocol::Ofrep)] {
+    for (name, p) in [
+        ("grpc", load::Protocol::Grpc),
+        ("ofrep", load::Protocol::Ofrep),
+    ] {
         for c in [1, 8, 32] {
             let mut r = load::closed_loop(&target, p, c, d).await;
             r["protocol"] = json!(name);
@@ -100,7 +112,11 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
         }
     }
     let mut open = Vec::new();
-    for (name, p, rate) in [("grpc", load::Protocol::Grpc, 2000), ("grpc", load::Protocol::Grpc, 8000), ("ofrep", load::Protocol::Ofrep, 2000)] {
+    for (name, p, rate) in [
+        ("grpc", load::Protocol::Grpc, 2000),
+        ("grpc", load::Protocol::Grpc, 8000),
+        ("ofrep", load::Protocol::Ofrep, 2000),
+    ] {
         let mut r = load::open_loop(&target, p, rate, d).await;
         r["protocol"] = json!(name);
         eprintln!("open loop {name} at {rate}/s: {r}");
@@ -108,45 +124,74 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
     }
     let result = json!({"machine": machine(), "flags": 200, "contexts": 4096, "closed_loop": closed, "open_loop": open});
     write_results("load", &result);
-    let mut t = String::from("| protocol | mode | load | throughput (req/s) | p50 | p99 | p99.9 | errors |\n|---|---|---|---|---|---|---|---|\n");
+    let mut t = String::from(
+        "| protocol | mode | load | throughput (req/s) | p50 | p99 | p99.9 | errors |\n|---|---|---|---|---|---|---|---|\n",
+    );
     for r in result["closed_loop"].as_array().into_iter().flatten() {
         t.push_str(&format!(
             "| {} | closed loop | {} in flight | {} | {} µs | {} µs | {} µs | {} |\n",
-            r["protocol"].as_str().unwrap_or(""), r["concurrency"], r["throughput_rps"], r["p50_us"], r["p99_us"], r["p999_us"], r["errors"]
+            r["protocol"].as_str().unwrap_or(""),
+            r["concurrency"],
+            r["throughput_rps"],
+            r["p50_us"],
+            r["p99_us"],
+            r["p999_us"],
+            r["errors"]
         ));
     }
     for r in result["open_loop"].as_array().into_iter().flatten() {
         t.push_str(&format!(
             "| {} | open loop | {} req/s offered | {} | {} µs | {} µs | {} µs | {} |\n",
-            r["protocol"].as_str().unwrap_or(""), r["target_rps"], r["achieved_rps"], r["p50_us"], r["p99_us"], r["p999_us"], r["errors"]
+            r["protocol"].as_str().unwrap_or(""),
+            r["target_rps"],
+            r["achieved_rps"],
+            r["p50_us"],
+            r["p99_us"],
+            r["p999_us"],
+            r["errors"]
         ));
     }
     update_section("load", &t);
     Ok(result)
 }
 
-async fn run_memory(args: &Args) -> anyhow::Result<Value> {
+async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
     let mut rows = Vec::new();
     let mut coldstart = Value::Null;
-    for flags in [1_000usize, 10_000, 100_000] {
-        let (r, mut mesh) = bench::memory::run(spec(args.data.join(format!("memory-{flags}")), 0, 0).with_direct_pop(), flags)
-            .await
-            .map_err(anyhow::Error::msg)?;
+    let sizes = match only {
+        Some(n) => vec![n],
+        None => vec![1_000usize, 10_000, 100_000],
+    };
+    for flags in sizes {
+        let (r, mut mesh) = bench::memory::run(
+            spec(args.data.join(format!("memory-{flags}")), 0, 0).with_direct_pop(),
+            flags,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
         eprintln!("memory with {flags} flags: {r}");
         rows.push(r);
         if flags == 10_000 {
-            coldstart = bench::coldstart::run(&mut mesh, "set-0", "flag-0", 5).await.map_err(anyhow::Error::msg)?;
+            coldstart = bench::coldstart::run(&mut mesh, "set-0", "flag-0", 5)
+                .await
+                .map_err(anyhow::Error::msg)?;
             eprintln!("cold start with {flags} flags: {coldstart}");
         }
     }
     let result = json!({"machine": machine(), "memory": rows, "cold_start_10k": coldstart});
     write_results("memory", &result);
-    let mut t = String::from("| flags | PoP RSS empty | steady RSS | peak RSS | bytes per flag |\n|---|---|---|---|---|\n");
+    let mut t = String::from(
+        "| flags | PoP RSS empty | loaded (not yet evaluated) | steady, every flag evaluated | peak | bytes per flag |\n|---|---|---|---|---|---|\n",
+    );
     for r in result["memory"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |\n",
-            r["flags"], r["empty_rss_mib"].as_f64().unwrap_or(0.0), r["steady_rss_mib"].as_f64().unwrap_or(0.0),
-            r["peak_rss_mib"].as_f64().unwrap_or(0.0), r["bytes_per_flag"]
+            "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |\n",
+            r["flags"],
+            r["empty_rss_mib"].as_f64().unwrap_or(0.0),
+            r["loaded_rss_mib"].as_f64().unwrap_or(0.0),
+            r["steady_rss_mib"].as_f64().unwrap_or(0.0),
+            r["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            r["bytes_per_flag"]
         ));
     }
     update_section("memory", &t);
@@ -155,8 +200,17 @@ async fn run_memory(args: &Args) -> anyhow::Result<Value> {
         "coldstart",
         &format!(
             "| flags in sled | runs | first evaluation, median | max | all runs (ms) |\n|---|---|---|---|---|\n| 10,000 | {} | {:.1} ms | {:.1} ms | {} |\n",
-            c["runs"], c["median_ms"].as_f64().unwrap_or(0.0), c["max_ms"].as_f64().unwrap_or(0.0),
-            c["first_evaluation_ms"].as_array().map(|a| a.iter().map(|v| format!("{:.1}", v.as_f64().unwrap_or(0.0))).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+            c["runs"],
+            c["median_ms"].as_f64().unwrap_or(0.0),
+            c["max_ms"].as_f64().unwrap_or(0.0),
+            c["first_evaluation_ms"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .map(|v| format!("{:.1}", v.as_f64().unwrap_or(0.0)))
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
         ),
     );
     Ok(result)
@@ -166,9 +220,14 @@ async fn run_fanout(args: &Args, subscribers: usize) -> anyhow::Result<Value> {
     let mesh = Mesh::start(spec(args.data.join("fanout"), 1, 0)).await?;
     let mut admin = mesh.admin().await?;
     admin
-        .apply_flag_set(ApplyFlagSetRequest { document: bench::document("bench", "flag", 0, 20), ..Default::default() })
+        .apply_flag_set(ApplyFlagSetRequest {
+            document: bench::document("bench", "flag", 0, 20),
+            ..Default::default()
+        })
         .await?;
-    let r = bench::fanout::run(&mesh, subscribers, 50).await.map_err(anyhow::Error::msg)?;
+    let r = bench::fanout::run(&mesh, subscribers, 50)
+        .await
+        .map_err(anyhow::Error::msg)?;
     eprintln!("fan-out: {r}");
     let result = json!({"machine": machine(), "fanout": r});
     write_results("fanout", &result);
@@ -177,21 +236,39 @@ async fn run_fanout(args: &Args, subscribers: usize) -> anyhow::Result<Value> {
         "fanout",
         &format!(
             "| subscribers | changes | hub CPU per change | hub CPU per delivery |\n|---|---|---|---|\n| {} | {} | {:.2} ms | {:.2} µs |\n",
-            f["subscribers"], f["changes"], f["hub_cpu_ms_per_change"].as_f64().unwrap_or(0.0), f["hub_cpu_us_per_delivery"].as_f64().unwrap_or(0.0)
+            f["subscribers"],
+            f["changes"],
+            f["hub_cpu_ms_per_change"].as_f64().unwrap_or(0.0),
+            f["hub_cpu_us_per_delivery"].as_f64().unwrap_or(0.0)
         ),
     );
     Ok(result)
 }
 
-async fn run_propagation(args: &Args, hubs: usize, pops_per_hub: usize, changes: usize) -> anyhow::Result<Value> {
-    eprintln!("starting 1 control, {hubs} hubs, {} PoPs", hubs * pops_per_hub);
+async fn run_propagation(
+    args: &Args,
+    hubs: usize,
+    pops_per_hub: usize,
+    changes: usize,
+) -> anyhow::Result<Value> {
+    eprintln!(
+        "starting 1 control, {hubs} hubs, {} PoPs",
+        hubs * pops_per_hub
+    );
     let mesh = Mesh::start(spec(args.data.join("propagation"), hubs, pops_per_hub)).await?;
     let mut admin = mesh.admin().await?;
     admin
-        .apply_flag_set(ApplyFlagSetRequest { document: bench::document("bench", "flag", 0, 50), ..Default::default() })
+        .apply_flag_set(ApplyFlagSetRequest {
+            document: bench::document("bench", "flag", 0, 50),
+            ..Default::default()
+        })
         .await?;
-    mesh.converged(Duration::from_secs(120)).await.map_err(anyhow::Error::msg)?;
-    let r = bench::propagation::run(&mesh, "bench", changes, Duration::from_millis(100)).await.map_err(anyhow::Error::msg)?;
+    mesh.converged(Duration::from_secs(120))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let r = bench::propagation::run(&mesh, "bench", changes, Duration::from_millis(100))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let result = json!({"machine": machine(), "propagation": r});
     write_results("propagation", &result);
     let p = &result["propagation"];
@@ -202,9 +279,14 @@ async fn run_propagation(args: &Args, hubs: usize, pops_per_hub: usize, changes:
         "propagation",
         &format!(
             "| mesh | changes | commit → every PoP p50 | p99 | max | commit → one PoP p50 | p99 |\n|---|---|---|---|---|---|---|\n| {} hubs × {} PoPs | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |\n",
-            p["hubs"], p["pops"].as_u64().unwrap_or(0) / p["hubs"].as_u64().unwrap_or(1).max(1), p["changes"],
-            every["p50"].as_f64().unwrap_or(0.0), every["p99"].as_f64().unwrap_or(0.0), every["max"].as_f64().unwrap_or(0.0),
-            each["p50"].as_f64().unwrap_or(0.0), each["p99"].as_f64().unwrap_or(0.0)
+            p["hubs"],
+            p["pops"].as_u64().unwrap_or(0) / p["hubs"].as_u64().unwrap_or(1).max(1),
+            p["changes"],
+            every["p50"].as_f64().unwrap_or(0.0),
+            every["p99"].as_f64().unwrap_or(0.0),
+            every["max"].as_f64().unwrap_or(0.0),
+            each["p50"].as_f64().unwrap_or(0.0),
+            each["p99"].as_f64().unwrap_or(0.0)
         ),
     );
     Ok(result)
@@ -226,15 +308,29 @@ impl DirectPop for TopologySpec {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let m = machine();
+    update_section(
+        "machine",
+        &format!(
+            "{} cores ({}), {} GiB memory; release builds.",
+            m["cpus"],
+            m["cpu"].as_str().unwrap_or("?"),
+            m["memory_gib"]
+        ),
+    );
     match &args.what {
         What::Load => {
             run_load(&args).await?;
         }
-        What::Propagation { hubs, pops_per_hub, changes } => {
+        What::Propagation {
+            hubs,
+            pops_per_hub,
+            changes,
+        } => {
             run_propagation(&args, *hubs, *pops_per_hub, *changes).await?;
         }
-        What::Memory => {
-            run_memory(&args).await?;
+        What::Memory { flags } => {
+            run_memory(&args, *flags).await?;
         }
         What::Fanout { subscribers } => {
             run_fanout(&args, *subscribers).await?;
@@ -242,7 +338,7 @@ async fn main() -> anyhow::Result<()> {
         What::All => {
             run_load(&args).await?;
             run_fanout(&args, 1000).await?;
-            run_memory(&args).await?;
+            run_memory(&args, None).await?;
             run_propagation(&args, 3, 100, 30).await?;
         }
     }
