@@ -258,6 +258,28 @@ pub fn resolve_flag<'a>(
     }
 }
 
+/// Keeps a compiled state current: swaps in the new state after every
+/// applied snapshot or delta and announces the new revision.
+pub struct StateSwap {
+    /// The current state.
+    pub state: Arc<arc_swap::ArcSwap<PopState>>,
+    /// Announces each new revision.
+    pub changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl crate::subscriber::ReplicaObserver for StateSwap {
+    fn applied(&self, applied: &crate::replica::Applied) {
+        let next = match applied {
+            crate::replica::Applied::Snapshot(s) => PopState::from_snapshot(s),
+            crate::replica::Applied::Delta(d) => self.state.load().apply(d),
+            _ => return,
+        };
+        let revision = next.revision;
+        self.state.store(Arc::new(next));
+        self.changes.send_replace(revision);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

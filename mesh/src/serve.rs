@@ -243,3 +243,27 @@ pub fn limit_malloc_arenas() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
+
+/// Runs a node binary's body on a multi-threaded runtime, after capping
+/// malloc arenas; an error exits non-zero with one line `PROGRAM: error`.
+pub fn run_main<F, E>(program: &str, body: F)
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    limit_malloc_arenas();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(body) {
+        eprintln!("{program}: {e:#}");
+        std::process::exit(1);
+    }
+}

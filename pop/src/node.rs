@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use flagmesh_mesh::auth::{AuthLayer, Authenticator, Requirement, common_requirement};
+use flagmesh_mesh::compiled::StateSwap;
 use flagmesh_mesh::relay::{Relay, RelayConfig};
-use flagmesh_mesh::replica::{Applied, ReplicaStore};
+use flagmesh_mesh::replica::ReplicaStore;
 use flagmesh_mesh::serve::{self, Readiness, Shutdown};
-use flagmesh_mesh::subscriber::ReplicaObserver;
 use flagmesh_mesh::sync_service::SyncService;
 use flagmesh_proto::v1::evaluation_server::EvaluationServer;
 use tokio::sync::watch;
@@ -54,25 +54,6 @@ pub fn requirement(path: &str) -> Requirement {
         return Requirement::Evaluate;
     }
     Requirement::Admin
-}
-
-/// Swaps the in-memory state after each apply.
-struct PopObserver {
-    state: Arc<ArcSwap<PopState>>,
-    changes: watch::Sender<u64>,
-}
-
-impl ReplicaObserver for PopObserver {
-    fn applied(&self, applied: &Applied) {
-        let next = match applied {
-            Applied::Snapshot(s) => PopState::from_snapshot(s),
-            Applied::Delta(d) => self.state.load().apply(d),
-            _ => return,
-        };
-        let revision = next.revision;
-        self.state.store(Arc::new(next));
-        self.changes.send_replace(revision);
-    }
 }
 
 /// A running PoP.
@@ -125,7 +106,7 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
     };
     let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
     let shutdown = Shutdown::new();
-    let observer = Arc::new(PopObserver {
+    let observer = Arc::new(StateSwap {
         state: state.clone(),
         changes: changes_tx,
     });

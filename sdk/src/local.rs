@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use flagmesh_engine::validate_context;
-use flagmesh_mesh::compiled::{PopState, resolve};
-use flagmesh_mesh::replica::{Applied, ReplicaStore};
+use flagmesh_mesh::compiled::{PopState, StateSwap, resolve};
+use flagmesh_mesh::replica::ReplicaStore;
 use flagmesh_mesh::serve::Shutdown;
-use flagmesh_mesh::subscriber::{ReplicaObserver, Subscriber, SubscriberConfig, SyncStatus};
+use flagmesh_mesh::subscriber::{Subscriber, SubscriberConfig, SyncStatus};
 use flagmesh_proto::v1::NodeRole;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -56,24 +56,6 @@ impl LocalConfig {
 #[error("local state: {0}")]
 pub struct LocalError(String);
 
-struct Swap {
-    state: Arc<ArcSwap<PopState>>,
-    changes: watch::Sender<u64>,
-}
-
-impl ReplicaObserver for Swap {
-    fn applied(&self, applied: &Applied) {
-        let next = match applied {
-            Applied::Snapshot(s) => PopState::from_snapshot(s),
-            Applied::Delta(d) => self.state.load().apply(d),
-            _ => return,
-        };
-        let revision = next.revision;
-        self.state.store(Arc::new(next));
-        self.changes.send_replace(revision);
-    }
-}
-
 /// Evaluates in-process from a replicated state.
 pub struct LocalClient {
     state: Arc<ArcSwap<PopState>>,
@@ -108,7 +90,7 @@ impl LocalClient {
         let subscriber = Subscriber::new(
             sub,
             replica,
-            Arc::new(Swap {
+            Arc::new(StateSwap {
                 state: state.clone(),
                 changes: changes_tx,
             }),

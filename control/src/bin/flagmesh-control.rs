@@ -63,24 +63,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() {
-    serve::limit_malloc_arenas();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    runtime.block_on(async_main());
-}
-
-async fn async_main() {
     let args = Args::parse();
-    if let Err(e) = run(args).await {
-        eprintln!("flagmesh-control: {e:#}");
-        std::process::exit(1);
-    }
+    serve::run_main("flagmesh-control", run(args));
 }

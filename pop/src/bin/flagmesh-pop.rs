@@ -49,23 +49,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() {
-    serve::limit_malloc_arenas();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    runtime.block_on(async_main());
-}
-
-async fn async_main() {
-    if let Err(e) = run(Args::parse()).await {
-        eprintln!("flagmesh-pop: {e:#}");
-        std::process::exit(1);
-    }
+    let args = Args::parse();
+    serve::run_main("flagmesh-pop", run(args));
 }
