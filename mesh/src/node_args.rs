@@ -47,6 +47,11 @@ pub struct RelayArgs {
     /// Flag sets to follow (comma-separated; default: all).
     #[arg(long = "flag-sets", env = "FLAGMESH_FLAG_SETS", value_delimiter = ',')]
     pub flag_sets: Vec<String>,
+    /// Flush every applied change to disk before serving it (`false`: sled
+    /// flushes in the background; faster, but a crashed node may restart up
+    /// to half a second behind what it served).
+    #[arg(long = "sync-writes", env = "FLAGMESH_SYNC_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sync_writes: bool,
     /// How long shutdown waits for open connections, in milliseconds.
     #[arg(long = "drain-ms", env = "FLAGMESH_DRAIN_MS", default_value_t = 5_000)]
     pub drain_ms: u64,
@@ -96,7 +101,7 @@ impl RelayArgs {
                 ..FanoutConfig::default()
             },
             report_interval: heartbeat,
-            sync_writes: true,
+            sync_writes: self.sync_writes,
         })
     }
 

@@ -345,8 +345,11 @@ impl Subscriber {
                 Ok(Ok(Some(m))) => m,
             };
             delivered = true;
-            self.status
-                .send_modify(|s| s.last_message = Some(Instant::now()));
+            // recorded without waking watchers: a heartbeat changes nothing they act on
+            self.status.send_if_modified(|s| {
+                s.last_message = Some(Instant::now());
+                false
+            });
             let size = prost::Message::encoded_len(&message) as u64;
             let replica = self.replica.clone();
             let result = match tokio::task::spawn_blocking(move || replica.apply(message)).await {

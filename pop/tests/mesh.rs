@@ -203,7 +203,10 @@ async fn hub_memory_stays_bounded_with_a_subscriber_that_never_reads() {
     let (entries, bytes) = fanout.ring_usage();
     assert!(entries <= 16, "ring holds {entries} deltas");
     // the ring counts each delta twice (encoded and decoded)
-    assert!(bytes <= 2 * 16 * (big.len() + 4096), "ring holds {bytes} bytes");
+    assert!(
+        bytes <= 2 * 16 * (big.len() + 4096),
+        "ring holds {bytes} bytes"
+    );
     eventually("only the PoP is still subscribed", 10, || {
         fanout.stats().subscribers.load(Ordering::Relaxed) == 1
     })

@@ -43,6 +43,9 @@ enum What {
         /// Changes to write.
         #[arg(long, default_value_t = 30)]
         changes: usize,
+        /// Run the PoPs and hubs with `--sync-writes false`.
+        #[arg(long = "no-sync-writes")]
+        no_sync_writes: bool,
     },
     /// PoP memory with 1,000, 10,000 and 100,000 flags; then cold start.
     Memory {
@@ -250,12 +253,16 @@ async fn run_propagation(
     hubs: usize,
     pops_per_hub: usize,
     changes: usize,
+    sync_writes: bool,
 ) -> anyhow::Result<Value> {
     eprintln!(
-        "starting 1 control, {hubs} hubs, {} PoPs",
+        "starting 1 control, {hubs} hubs, {} PoPs (sync writes: {sync_writes})",
         hubs * pops_per_hub
     );
-    let mesh = Mesh::start(spec(args.data.join("propagation"), hubs, pops_per_hub)).await?;
+    let mut s = spec(args.data.join("propagation"), hubs, pops_per_hub);
+    s.envs
+        .push(("FLAGMESH_SYNC_WRITES".into(), sync_writes.to_string()));
+    let mesh = Mesh::start(s).await?;
     let mut admin = mesh.admin().await?;
     admin
         .apply_flag_set(ApplyFlagSetRequest {
@@ -269,14 +276,19 @@ async fn run_propagation(
     let r = bench::propagation::run(&mesh, "bench", changes, Duration::from_millis(100))
         .await
         .map_err(anyhow::Error::msg)?;
-    let result = json!({"machine": machine(), "propagation": r});
-    write_results("propagation", &result);
+    let result = json!({"machine": machine(), "sync_writes": sync_writes, "propagation": r});
+    let name = if sync_writes {
+        "propagation"
+    } else {
+        "propagation-no-sync"
+    };
+    write_results(name, &result);
     let p = &result["propagation"];
     eprintln!("propagation: {}", p["commit_to_every_pop_ms"]);
     let every = &p["commit_to_every_pop_ms"];
     let each = &p["commit_to_each_pop_ms"];
     update_section(
-        "propagation",
+        name,
         &format!(
             "| mesh | changes | commit → every PoP p50 | p99 | max | commit → one PoP p50 | p99 |\n|---|---|---|---|---|---|---|\n| {} hubs × {} PoPs | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |\n",
             p["hubs"],
@@ -326,8 +338,9 @@ async fn main() -> anyhow::Result<()> {
             hubs,
             pops_per_hub,
             changes,
+            no_sync_writes,
         } => {
-            run_propagation(&args, *hubs, *pops_per_hub, *changes).await?;
+            run_propagation(&args, *hubs, *pops_per_hub, *changes, !*no_sync_writes).await?;
         }
         What::Memory { flags } => {
             run_memory(&args, *flags).await?;
@@ -339,7 +352,8 @@ async fn main() -> anyhow::Result<()> {
             run_load(&args).await?;
             run_fanout(&args, 1000).await?;
             run_memory(&args, None).await?;
-            run_propagation(&args, 3, 100, 30).await?;
+            run_propagation(&args, 3, 100, 30, true).await?;
+            run_propagation(&args, 3, 100, 30, false).await?;
         }
     }
     let _ = std::fs::remove_dir_all(&args.data);
