@@ -522,6 +522,14 @@ impl Mesh {
             .collect())
     }
 
+    /// One series of a node's metrics (`NaN` when absent).
+    pub async fn metric(&self, n: NodeRef, series: &str) -> f64 {
+        match self.metrics(n).await {
+            Ok(m) => m.get(series).copied().unwrap_or(f64::NAN),
+            Err(_) => f64::NAN,
+        }
+    }
+
     /// Waits until every running hub and PoP serves control's revision with
     /// control's digest (the convergence check), at most `timeout`.
     pub async fn converged(&self, timeout: Duration) -> Result<(u64, u64), String> {
@@ -641,5 +649,24 @@ fn dechunk(body: &str) -> String {
         }
         out.push_str(&after[..n]);
         rest = after[n..].trim_start_matches("\r\n");
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, failing the test after `secs`.
+///
+/// # Panics
+/// When `check` has not held within `secs` seconds.
+pub async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use flagmesh_integration_tests::relay::LinkMode;
 use flagmesh_integration_tests::tools::chromium;
-use flagmesh_integration_tests::topology::{Mesh, NodeRef, TopologySpec};
+use flagmesh_integration_tests::topology::{Mesh, NodeRef, TopologySpec, eventually};
 use flagmesh_proto::v1::*;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -32,30 +32,6 @@ async fn set(mesh: &Mesh, value: &str) -> u64 {
     .revision
 }
 
-async fn metric(mesh: &Mesh, n: NodeRef, series: &str) -> f64 {
-    mesh.metrics(n)
-        .await
-        .unwrap()
-        .get(series)
-        .copied()
-        .unwrap_or(f64::NAN)
-}
-
-async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {secs}s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_rises_while_a_hub_is_cut_off_and_heals() {
     let _g = ONE_AT_A_TIME.lock().await;
@@ -67,7 +43,7 @@ async fn lag_rises_while_a_hub_is_cut_off_and_heals() {
         set(&mesh, "one").await;
         mesh.converged(Duration::from_secs(30)).await.unwrap();
         eventually("control knows every node", 20, || async {
-            metric(&mesh, NodeRef::Control, "flagmesh_nodes_known").await == 3.0
+            mesh.metric(NodeRef::Control, "flagmesh_nodes_known").await == 3.0
         })
         .await;
 
@@ -78,39 +54,39 @@ async fn lag_rises_while_a_hub_is_cut_off_and_heals() {
         let hub_lag = r#"flagmesh_node_lag_revisions{node="hub-0",role="hub"}"#;
         let pop_lag = r#"flagmesh_node_lag_revisions{node="pop-0",role="pop"}"#;
         eventually("control sees the hub and its PoPs behind", 20, || async {
-            metric(&mesh, NodeRef::Control, hub_lag).await >= 3.0
-                && metric(&mesh, NodeRef::Control, pop_lag).await >= 3.0
+            mesh.metric(NodeRef::Control, hub_lag).await >= 3.0
+                && mesh.metric(NodeRef::Control, pop_lag).await >= 3.0
         })
         .await;
         eventually("the hub sees itself cut off", 20, || async {
-            metric(&mesh, NodeRef::Hub(0), "flagmesh_upstream_connected").await == 0.0
-                && metric(
-                    &mesh,
-                    NodeRef::Hub(0),
-                    "flagmesh_seconds_since_last_sync_message",
-                )
+            mesh.metric(NodeRef::Hub(0), "flagmesh_upstream_connected")
                 .await
+                == 0.0
+                && mesh
+                    .metric(NodeRef::Hub(0), "flagmesh_seconds_since_last_sync_message")
+                    .await
                     > 1.0
         })
         .await;
         eventually("PoPs report themselves stale", 20, || async {
-            metric(&mesh, NodeRef::Pop(0), "flagmesh_stale").await == 1.0
+            mesh.metric(NodeRef::Pop(0), "flagmesh_stale").await == 1.0
         })
         .await;
 
         mesh.hub_links[0].set(LinkMode::Pass);
         let head = mesh.converged(Duration::from_secs(30)).await.unwrap().0;
         eventually("lag falls back to zero everywhere", 20, || async {
-            metric(&mesh, NodeRef::Control, hub_lag).await == 0.0
-                && metric(&mesh, NodeRef::Control, pop_lag).await == 0.0
-                && metric(&mesh, NodeRef::Hub(0), "flagmesh_lag_revisions").await == 0.0
-                && metric(&mesh, NodeRef::Pop(0), "flagmesh_lag_revisions").await == 0.0
-                && metric(&mesh, NodeRef::Pop(0), "flagmesh_lag_seconds").await == 0.0
-                && metric(&mesh, NodeRef::Pop(0), "flagmesh_stale").await == 0.0
+            mesh.metric(NodeRef::Control, hub_lag).await == 0.0
+                && mesh.metric(NodeRef::Control, pop_lag).await == 0.0
+                && mesh.metric(NodeRef::Hub(0), "flagmesh_lag_revisions").await == 0.0
+                && mesh.metric(NodeRef::Pop(0), "flagmesh_lag_revisions").await == 0.0
+                && mesh.metric(NodeRef::Pop(0), "flagmesh_lag_seconds").await == 0.0
+                && mesh.metric(NodeRef::Pop(0), "flagmesh_stale").await == 0.0
         })
         .await;
         assert_eq!(
-            metric(&mesh, NodeRef::Pop(1), "flagmesh_applied_revision").await,
+            mesh.metric(NodeRef::Pop(1), "flagmesh_applied_revision")
+                .await,
             head as f64
         );
 
@@ -156,8 +132,7 @@ async fn lag_rises_while_a_hub_is_cut_off_and_heals() {
         .await
         .unwrap();
         assert!(
-            metric(
-                &mesh,
+            mesh.metric(
                 NodeRef::Pop(0),
                 r#"flagmesh_evaluations_total{reason="STATIC"}"#
             )
@@ -165,8 +140,7 @@ async fn lag_rises_while_a_hub_is_cut_off_and_heals() {
                 >= 1.0
         );
         assert!(
-            metric(
-                &mesh,
+            mesh.metric(
                 NodeRef::Pop(0),
                 "flagmesh_evaluation_duration_seconds_count"
             )

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use flagmesh_integration_tests::relay::LinkMode;
-use flagmesh_integration_tests::topology::{Eval, Mesh, NodeRef, TopologySpec};
+use flagmesh_integration_tests::topology::{Eval, Mesh, NodeRef, TopologySpec, eventually};
 use flagmesh_proto::v1::*;
 use prost_types::value::Kind;
 
@@ -61,30 +61,6 @@ fn string_of(r: &EvaluateResponse) -> Option<String> {
     match r.value.as_ref()?.kind.as_ref()? {
         Kind::StringValue(s) => Some(s.clone()),
         _ => None,
-    }
-}
-
-async fn metric(mesh: &Mesh, n: NodeRef, name: &str) -> f64 {
-    mesh.metrics(n)
-        .await
-        .unwrap()
-        .get(name)
-        .copied()
-        .unwrap_or(f64::NAN)
-}
-
-async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {secs}s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -234,7 +210,7 @@ async fn s3_origin_loss() {
             .await;
             let r = evaluate(&mut e.clone(), "greeting").await;
             assert_eq!(string_of(&r).as_deref(), Some("hello"));
-            assert_eq!(metric(&mesh, NodeRef::Pop(i), "flagmesh_stale").await, 1.0);
+            assert_eq!(mesh.metric(NodeRef::Pop(i), "flagmesh_stale").await, 1.0);
         }
         mesh.restart(NodeRef::Control).unwrap();
         let revision = set(&mesh, "greeting", "back").await;
@@ -287,11 +263,16 @@ async fn s4_pop_crash() {
         let r = evaluate(&mut e, "counter").await;
         assert_eq!(string_of(&r).as_deref(), Some("30"));
         assert_eq!(
-            metric(&mesh, NodeRef::Pop(0), "flagmesh_snapshots_applied_total").await,
+            mesh.metric(NodeRef::Pop(0), "flagmesh_snapshots_applied_total")
+                .await,
             0.0,
             "caught up by snapshot"
         );
-        assert!(metric(&mesh, NodeRef::Pop(0), "flagmesh_deltas_applied_total").await >= 1.0);
+        assert!(
+            mesh.metric(NodeRef::Pop(0), "flagmesh_deltas_applied_total")
+                .await
+                >= 1.0
+        );
     })
     .await;
 }
@@ -329,7 +310,9 @@ async fn s5_partition_and_heal() {
         // stall hub-0's link to control: it notices by missed heartbeats
         mesh.hub_links[0].set(LinkMode::Stall);
         eventually("hub-0 notices the stall", 20, || async {
-            metric(&mesh, NodeRef::Hub(0), "flagmesh_upstream_connected").await == 0.0
+            mesh.metric(NodeRef::Hub(0), "flagmesh_upstream_connected")
+                .await
+                == 0.0
         })
         .await;
         let revision = set(&mesh, "greeting", "three").await;
@@ -349,7 +332,9 @@ async fn s5_partition_and_heal() {
         mesh.hub_links[0].set(LinkMode::Pass);
         mesh.converged(CONVERGE).await.unwrap();
         eventually("hub-0 reconnects", 20, || async {
-            metric(&mesh, NodeRef::Hub(0), "flagmesh_upstream_connected").await == 1.0
+            mesh.metric(NodeRef::Hub(0), "flagmesh_upstream_connected")
+                .await
+                == 1.0
         })
         .await;
     })
@@ -384,7 +369,8 @@ async fn s6_compaction() {
         mesh.restart(NodeRef::Pop(0)).unwrap();
         mesh.converged(CONVERGE).await.unwrap();
         assert_eq!(
-            metric(&mesh, NodeRef::Pop(0), "flagmesh_snapshots_applied_total").await,
+            mesh.metric(NodeRef::Pop(0), "flagmesh_snapshots_applied_total")
+                .await,
             1.0
         );
         let mut e = mesh.eval(0).await.unwrap();
