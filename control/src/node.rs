@@ -127,22 +127,12 @@ pub async fn start(
     let layer = AuthLayer::new(auth, Arc::new(requirement));
 
     let mut tasks = Vec::new();
-    let stop = shutdown.wait();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = serve::serve_grpc(routes, layer, grpc, stop).await {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
+    tasks.push(serve::spawn_grpc(routes, layer, grpc, &shutdown));
     let ready = Readiness::default();
     ready.set(true);
     if let Some(listener) = http {
         let router = http_routes(ready, store.clone(), fanout.clone(), propagation.clone());
-        let stop = shutdown.wait();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve::serve_http(router, listener, stop).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }));
+        tasks.push(serve::spawn_http(router, listener, &shutdown));
     }
     Ok(RunningControl {
         grpc_addr,

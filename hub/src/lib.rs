@@ -83,12 +83,7 @@ pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Resul
     let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Sync"])?;
     let layer = AuthLayer::new(auth, Arc::new(requirement));
     let mut tasks = Vec::new();
-    let stop = shutdown.wait();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = serve::serve_grpc(routes, layer, grpc, stop).await {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
+    tasks.push(serve::spawn_grpc(routes, layer, grpc, &shutdown));
     if let Some(listener) = http {
         let ready = Readiness::default();
         let mut status = relay.status.clone();
@@ -100,13 +95,8 @@ pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Resul
                 ready2.set(replica.position().revision > 0);
             }
         }));
-        let stop = shutdown.wait();
         let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), None);
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve::serve_http(router, listener, stop).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }));
+        tasks.push(serve::spawn_http(router, listener, &shutdown));
     }
     Ok(RunningHub {
         grpc_addr,

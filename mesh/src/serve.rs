@@ -145,6 +145,35 @@ pub async fn serve_grpc(
         .await
 }
 
+/// Serves gRPC in a task until `shutdown`; failures are logged.
+pub fn spawn_grpc(
+    routes: tonic::service::Routes,
+    auth: AuthLayer,
+    listener: TcpListener,
+    shutdown: &Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    let stop = shutdown.wait();
+    tokio::spawn(async move {
+        if let Err(e) = serve_grpc(routes, auth, listener, stop).await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    })
+}
+
+/// Serves HTTP in a task until `shutdown`; failures are logged.
+pub fn spawn_http(
+    router: axum::Router,
+    listener: TcpListener,
+    shutdown: &Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    let stop = shutdown.wait();
+    tokio::spawn(async move {
+        if let Err(e) = serve_http(router, listener, stop).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    })
+}
+
 /// Whether a node is ready to serve (`/readyz`).
 #[derive(Clone, Debug, Default)]
 pub struct Readiness(Arc<AtomicBool>);

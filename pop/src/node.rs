@@ -147,12 +147,7 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
     )?;
     let layer = AuthLayer::new(auth.clone(), Arc::new(requirement));
     let mut tasks = Vec::new();
-    let stop = shutdown.wait();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = serve::serve_grpc(routes, layer, grpc, stop).await {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
+    tasks.push(serve::spawn_grpc(routes, layer, grpc, &shutdown));
     if let Some(listener) = http {
         let ready = Readiness::default();
         ready.set(state.load().revision > 0);
@@ -162,16 +157,11 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
                 ready2.set(state2.load().revision > 0);
             }
         }));
-        let stop = shutdown.wait();
         let stats = eval.stats.clone();
         let extra: flagmesh_mesh::metrics::ExtraMetrics = Arc::new(move |e| stats.render(e));
         let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), Some(extra))
             .merge(crate::ofrep::router(eval.clone(), auth.clone()));
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve::serve_http(router, listener, stop).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }));
+        tasks.push(serve::spawn_http(router, listener, &shutdown));
     }
     Ok(RunningPop {
         grpc_addr,
