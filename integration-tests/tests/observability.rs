@@ -63,7 +63,7 @@ async fn lag_rises_while_a_hub_is_cut_off_and_heals() {
                 .await
                 == 0.0
                 && mesh
-                    .metric(NodeRef::Hub(0), "flagmesh_seconds_since_last_sync_message")
+                    .metric(NodeRef::Hub(0), "flagmesh_last_sync_message_age_seconds")
                     .await
                     > 1.0
         })

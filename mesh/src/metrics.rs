@@ -130,7 +130,7 @@ pub fn relay(e: &mut Exposition, r: &RelayView) {
         )
         .single("flagmesh_lag_seconds", "gauge", "Seconds this node has been behind the newest revision seen upstream (0 when caught up).", lag_seconds)
         .single(
-            "flagmesh_seconds_since_last_sync_message",
+            "flagmesh_last_sync_message_age_seconds",
             "gauge",
             "Seconds since the upstream stream last delivered anything (heartbeats included).",
             since_message,
