@@ -161,6 +161,36 @@ fn expect_revision(
     }
 }
 
+/// A change set writing one flag (`None` deletes it).
+fn one_flag(
+    actor: &str,
+    operation: &str,
+    comment: &str,
+    flag_set: &str,
+    key: &str,
+    definition: Option<Vec<u8>>,
+) -> ChangeRequest {
+    ChangeRequest {
+        actor: actor.to_owned(),
+        operation: operation.to_owned(),
+        comment: comment.to_owned(),
+        flags: vec![FlagWrite {
+            flag_set: flag_set.to_owned(),
+            key: key.to_owned(),
+            definition,
+        }],
+        sets: vec![],
+    }
+}
+
+/// The answer to a single-flag or flag-set write.
+fn written(outcome: &CommitOutcome) -> Response<WriteResponse> {
+    Response::new(WriteResponse {
+        revision: outcome.revision,
+        changed: outcome.delta.is_some(),
+    })
+}
+
 fn page_size(requested: u32, default: usize) -> usize {
     match requested {
         0 => default,
@@ -246,25 +276,19 @@ impl<S: FlagStore> Admin for AdminService<S> {
                             r.key, r.flag_set, f.mod_revision
                         )));
                     }
-                    Ok(ChangeRequest {
-                        actor: actor.clone(),
-                        operation: "create".into(),
-                        comment: r.comment.clone(),
-                        flags: vec![FlagWrite {
-                            flag_set: r.flag_set.clone(),
-                            key: r.key.clone(),
-                            definition: Some(def.clone()),
-                        }],
-                        sets: vec![],
-                    })
+                    Ok(one_flag(
+                        &actor,
+                        "create",
+                        &r.comment,
+                        &r.flag_set,
+                        &r.key,
+                        Some(def.clone()),
+                    ))
                 },
                 false,
             )
             .await?;
-        Ok(Response::new(WriteResponse {
-            revision: outcome.revision,
-            changed: outcome.delta.is_some(),
-        }))
+        Ok(written(&outcome))
     }
 
     async fn update_flag(
@@ -282,25 +306,19 @@ impl<S: FlagStore> Admin for AdminService<S> {
                     let current = view.flag(&r.flag_set, &r.key)?.map(|f| f.mod_revision);
                     let what = format!("flag \"{}\" of flag set \"{}\"", r.key, r.flag_set);
                     expect_revision(&what, current, r.expected_mod_revision, r.force, true)?;
-                    Ok(ChangeRequest {
-                        actor: actor.clone(),
-                        operation: "update".into(),
-                        comment: r.comment.clone(),
-                        flags: vec![FlagWrite {
-                            flag_set: r.flag_set.clone(),
-                            key: r.key.clone(),
-                            definition: Some(def.clone()),
-                        }],
-                        sets: vec![],
-                    })
+                    Ok(one_flag(
+                        &actor,
+                        "update",
+                        &r.comment,
+                        &r.flag_set,
+                        &r.key,
+                        Some(def.clone()),
+                    ))
                 },
                 false,
             )
             .await?;
-        Ok(Response::new(WriteResponse {
-            revision: outcome.revision,
-            changed: outcome.delta.is_some(),
-        }))
+        Ok(written(&outcome))
     }
 
     async fn delete_flag(
@@ -315,25 +333,19 @@ impl<S: FlagStore> Admin for AdminService<S> {
                     let current = view.flag(&r.flag_set, &r.key)?.map(|f| f.mod_revision);
                     let what = format!("flag \"{}\" of flag set \"{}\"", r.key, r.flag_set);
                     expect_revision(&what, current, r.expected_mod_revision, false, false)?;
-                    Ok(ChangeRequest {
-                        actor: actor.clone(),
-                        operation: "delete".into(),
-                        comment: r.comment.clone(),
-                        flags: vec![FlagWrite {
-                            flag_set: r.flag_set.clone(),
-                            key: r.key.clone(),
-                            definition: None,
-                        }],
-                        sets: vec![],
-                    })
+                    Ok(one_flag(
+                        &actor,
+                        "delete",
+                        &r.comment,
+                        &r.flag_set,
+                        &r.key,
+                        None,
+                    ))
                 },
                 false,
             )
             .await?;
-        Ok(Response::new(WriteResponse {
-            revision: outcome.revision,
-            changed: outcome.delta.is_some(),
-        }))
+        Ok(written(&outcome))
     }
 
     async fn list_flag_sets(
@@ -382,10 +394,7 @@ impl<S: FlagStore> Admin for AdminService<S> {
                 false,
             )
             .await?;
-        Ok(Response::new(WriteResponse {
-            revision: outcome.revision,
-            changed: outcome.delta.is_some(),
-        }))
+        Ok(written(&outcome))
     }
 
     async fn apply_flag_set(
