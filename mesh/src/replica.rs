@@ -158,6 +158,15 @@ impl ReplicaStore {
     /// applied event is flushed to disk before it is served, so a restarted
     /// node never serves older state than it served before.
     pub fn open(dir: &Path, sync_writes: bool) -> Result<Self, ApplyError> {
+        Self::open_with_state(dir, sync_writes).map(|(store, _)| store)
+    }
+
+    /// [`ReplicaStore::open`], also returning what it holds (read once, for
+    /// nodes that load their state at start).
+    pub fn open_with_state(
+        dir: &Path,
+        sync_writes: bool,
+    ) -> Result<(Self, SourceSnapshot), ApplyError> {
         // the state is also held in memory: sled's page cache need not be big
         let db = sled::Config::new()
             .path(dir)
@@ -169,10 +178,10 @@ impl ReplicaStore {
     /// A replica that lives in memory only (gone when dropped).
     pub fn open_temporary() -> Result<Self, ApplyError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, false)
+        Self::from_db(db, false).map(|(store, _)| store)
     }
 
-    fn from_db(db: sled::Db, sync_writes: bool) -> Result<Self, ApplyError> {
+    fn from_db(db: sled::Db, sync_writes: bool) -> Result<(Self, SourceSnapshot), ApplyError> {
         let tree = db.open_tree("replica")?;
         let position = match tree.get(META)? {
             Some(b) => {
@@ -180,22 +189,21 @@ impl ReplicaStore {
             }
             None => Position::default(),
         };
-        let mut flag_hashes = HashMap::new();
-        let mut set_hashes = HashMap::new();
-        for kv in tree.scan_prefix(b"f:") {
-            let (_, v) = kv?;
-            let f = Flag::decode(v.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?;
-            flag_hashes.insert(
-                (f.flag_set.clone(), f.key.clone()),
-                flag_hash(&f.flag_set, &f.key, &f.definition_json),
-            );
-        }
-        for kv in tree.scan_prefix(b"s:") {
-            let (_, v) = kv?;
-            let s = FlagSet::decode(v.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?;
-            set_hashes.insert(s.id.clone(), set_hash(&s));
-        }
-        Ok(Self {
+        let state = read_state(&tree, &position)?;
+        let flag_hashes = state
+            .flags
+            .iter()
+            .map(|f| {
+                let id = (f.flag_set.clone(), f.key.clone());
+                (id, flag_hash(&f.flag_set, &f.key, &f.definition_json))
+            })
+            .collect();
+        let set_hashes = state
+            .flag_sets
+            .iter()
+            .map(|s| (s.id.clone(), set_hash(s)))
+            .collect();
+        let store = Self {
             db,
             tree,
             inner: Mutex::new(Inner {
@@ -205,7 +213,8 @@ impl ReplicaStore {
                 pending: Vec::new(),
             }),
             sync_writes,
-        })
+        };
+        Ok((store, state))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -225,29 +234,7 @@ impl ReplicaStore {
     /// Every flag and flag set held.
     pub fn load(&self) -> Result<SourceSnapshot, ApplyError> {
         let inner = self.lock();
-        self.read_all(&inner.position)
-    }
-
-    fn read_all(&self, position: &Position) -> Result<SourceSnapshot, ApplyError> {
-        let mut flags = Vec::new();
-        for kv in self.tree.scan_prefix(b"f:") {
-            flags.push(
-                Flag::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?,
-            );
-        }
-        let mut flag_sets = Vec::new();
-        for kv in self.tree.scan_prefix(b"s:") {
-            flag_sets.push(
-                FlagSet::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?,
-            );
-        }
-        Ok(SourceSnapshot {
-            history_id: position.history_id.clone(),
-            revision: position.revision,
-            digest: position.digest,
-            flags,
-            flag_sets,
-        })
+        read_state(&self.tree, &inner.position)
     }
 
     fn persist(&self, batch: sled::Batch) -> Result<(), ApplyError> {
@@ -468,6 +455,26 @@ impl ReplicaStore {
     pub fn discard_pending(&self) {
         self.lock().pending.clear();
     }
+}
+
+/// Every flag and flag set a replica tree holds, at `position`.
+fn read_state(tree: &sled::Tree, position: &Position) -> Result<SourceSnapshot, ApplyError> {
+    let mut flags = Vec::new();
+    for kv in tree.scan_prefix(b"f:") {
+        flags.push(Flag::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
+    }
+    let mut flag_sets = Vec::new();
+    for kv in tree.scan_prefix(b"s:") {
+        flag_sets
+            .push(FlagSet::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
+    }
+    Ok(SourceSnapshot {
+        history_id: position.history_id.clone(),
+        revision: position.revision,
+        digest: position.digest,
+        flags,
+        flag_sets,
+    })
 }
 
 /// Serves a hub's snapshots from its replica; it keeps no older deltas

@@ -84,12 +84,12 @@ impl RunningPop {
 
 /// Loads the replica, binds, serves at once, and starts following.
 pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Result<RunningPop> {
-    let replica = Arc::new(
-        ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes).with_context(
-            || format!("opening the replica in {}", config.relay.data_dir.display()),
-        )?,
-    );
-    let loaded = replica.load().context("loading the replica")?;
+    let (replica, loaded) =
+        ReplicaStore::open_with_state(&config.relay.data_dir, config.relay.sync_writes)
+            .with_context(|| {
+                format!("opening the replica in {}", config.relay.data_dir.display())
+            })?;
+    let replica = Arc::new(replica);
     let state = Arc::new(ArcSwap::from_pointee(PopState::from_snapshot(&loaded)));
     tracing::info!(
         revision = loaded.revision,

@@ -68,13 +68,12 @@ pub struct LocalClient {
 impl LocalClient {
     /// Loads any persisted state (usable at once) and starts following.
     pub fn start(config: LocalConfig) -> Result<Self, LocalError> {
-        let replica = match &config.data_dir {
-            Some(dir) => ReplicaStore::open(dir, true),
-            None => ReplicaStore::open_temporary(),
+        let (replica, loaded) = match &config.data_dir {
+            Some(dir) => ReplicaStore::open_with_state(dir, true),
+            None => ReplicaStore::open_temporary().map(|store| (store, Default::default())),
         }
         .map_err(|e| LocalError(e.to_string()))?;
         let replica = Arc::new(replica);
-        let loaded = replica.load().map_err(|e| LocalError(e.to_string()))?;
         let state = Arc::new(ArcSwap::from_pointee(PopState::from_snapshot(&loaded)));
         let (changes_tx, changes) = watch::channel(loaded.revision);
         let mut sub = SubscriberConfig::new(
