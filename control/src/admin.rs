@@ -30,15 +30,23 @@ pub struct AdminService<S> {
     store: Arc<S>,
     fanout: Arc<Fanout>,
     propagation: Arc<Propagation>,
+    max_flags_per_set: usize,
 }
 
 impl<S: FlagStore> AdminService<S> {
-    /// The service over a store, publishing to a fan-out.
-    pub fn new(store: Arc<S>, fanout: Arc<Fanout>, propagation: Arc<Propagation>) -> Self {
+    /// The service over a store, publishing to a fan-out; a flag set holds
+    /// at most `max_flags_per_set` flags.
+    pub fn new(
+        store: Arc<S>,
+        fanout: Arc<Fanout>,
+        propagation: Arc<Propagation>,
+        max_flags_per_set: usize,
+    ) -> Self {
         Self {
             store,
             fanout,
             propagation,
+            max_flags_per_set,
         }
     }
 
@@ -79,6 +87,16 @@ fn actor<T>(req: &Request<T>) -> String {
     principal(req)
         .map(|p| p.name.clone())
         .unwrap_or_else(|| "anonymous".into())
+}
+
+/// Refuses a flag set that would hold more than `max` flags.
+fn check_flag_count(flag_set: &str, count: usize, max: usize) -> Result<(), ControlError> {
+    if count > max {
+        return Err(ControlError::ResourceExhausted(format!(
+            "flag set \"{flag_set}\" would hold {count} flags; the limit is {max} (--max-flags-per-set)"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a flag-set id: 1..=128 bytes of letters, digits, `.`, `_`, `-`, `:`.
@@ -267,6 +285,7 @@ impl<S: FlagStore> Admin for AdminService<S> {
         check_flag_set(&r.flag_set)?;
         check_key(&r.key)?;
         let def = validate_definition(&r.key, &r.definition_json)?;
+        let max = self.max_flags_per_set;
         let outcome = self
             .commit(
                 move |view| {
@@ -276,6 +295,8 @@ impl<S: FlagStore> Admin for AdminService<S> {
                             r.key, r.flag_set, f.mod_revision
                         )));
                     }
+                    let held = view.flag_set(&r.flag_set)?.map_or(0, |s| s.flag_count);
+                    check_flag_count(&r.flag_set, held as usize + 1, max)?;
                     Ok(one_flag(
                         &actor,
                         "create",
@@ -424,6 +445,8 @@ impl<S: FlagStore> Admin for AdminService<S> {
             check_key(key)?;
         }
         let replace = r.mode() != ApplyMode::Merge;
+        let max = self.max_flags_per_set;
+        check_flag_count(&flag_set, doc.flags.len(), max)?;
         let writes: Vec<FlagWrite> = doc
             .flags
             .iter()
@@ -450,6 +473,15 @@ impl<S: FlagStore> Admin for AdminService<S> {
                         )?;
                     }
                     let mut flags = writes.clone();
+                    if !replace {
+                        let held: std::collections::HashSet<String> = view
+                            .flags_of(&flag_set)?
+                            .into_iter()
+                            .map(|f| f.key)
+                            .collect();
+                        let added = writes.iter().filter(|w| !held.contains(&w.key)).count();
+                        check_flag_count(&flag_set, held.len() + added, max)?;
+                    }
                     if replace {
                         for f in view.flags_of(&flag_set)? {
                             if !flags.iter().any(|w| w.key == f.key) {

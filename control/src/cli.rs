@@ -29,6 +29,16 @@ pub struct Cli {
     /// A bearer token (read, write or admin role).
     #[arg(long, env = "FLAGMESH_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// CA (PEM) the server's certificate is verified against; turns on TLS
+    /// (as does an `https://` server address).
+    #[arg(long = "ca-cert", env = "FLAGMESH_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that require one.
+    #[arg(long = "client-cert", env = "FLAGMESH_CLIENT_CERT", global = true)]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--client-cert`.
+    #[arg(long = "client-key", env = "FLAGMESH_CLIENT_KEY", global = true)]
+    pub client_key: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
@@ -161,12 +171,14 @@ impl From<tonic::Status> for CliError {
 }
 
 async fn connect(cli: &Cli) -> Result<Client, CliError> {
-    let uri = if cli.server.contains("://") {
-        cli.server.clone()
-    } else {
-        format!("http://{}", cli.server)
+    let tls = flagmesh_mesh::tls::ClientTls {
+        ca: cli.ca_cert.clone(),
+        cert: cli.client_cert.clone(),
+        key: cli.client_key.clone(),
+        domain: None,
     };
-    let endpoint = Channel::from_shared(uri.clone())
+    let tls = tls.enabled().then_some(tls);
+    let endpoint = flagmesh_mesh::tls::endpoint(&cli.server, tls.as_ref())
         .map_err(|e| CliError(format!("--server {}: {e}", cli.server)))?
         .connect_timeout(std::time::Duration::from_secs(5));
     let channel = endpoint

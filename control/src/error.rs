@@ -20,6 +20,9 @@ pub enum ControlError {
     /// The caller's credential does not cover this flag set.
     #[error("{0}")]
     PermissionDenied(String),
+    /// A limit would be exceeded (flags per set).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The store failed.
     #[error("storage: {0}")]
     Storage(String),
@@ -45,6 +48,7 @@ impl From<ControlError> for Status {
             ControlError::AlreadyExists(m) => Status::already_exists(m),
             ControlError::FailedPrecondition(m) => Status::failed_precondition(m),
             ControlError::PermissionDenied(m) => Status::permission_denied(m),
+            ControlError::ResourceExhausted(m) => Status::resource_exhausted(m),
             ControlError::Storage(m) => {
                 tracing::error!(error = %m, "storage failure");
                 Status::internal("the control plane's store failed; see its logs")

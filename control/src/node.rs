@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use flagmesh_mesh::auth::{AuthLayer, Authenticator, Requirement, common_requirement};
+use flagmesh_mesh::auth::{HttpAccess, Requirement, Security, common_requirement};
 use flagmesh_mesh::serve::{self, Readiness, Shutdown};
 use flagmesh_mesh::sync_service::SyncService;
 use flagmesh_mesh::{Fanout, FanoutConfig, Head};
@@ -78,8 +78,9 @@ impl RunningControl {
 /// Opens the store, binds the listeners and starts serving.
 pub async fn start(
     config: ControlConfig,
-    auth: Arc<Authenticator>,
+    security: impl Into<Security>,
 ) -> anyhow::Result<RunningControl> {
+    let security: Security = security.into();
     let store = Arc::new(
         SledStore::open(&config.data_dir, config.retain_revisions)
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
@@ -116,23 +117,37 @@ pub async fn start(
     };
     let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
 
-    let routes = tonic::service::Routes::new(AdminServer::new(AdminService::new(
-        store.clone(),
-        fanout.clone(),
-        propagation.clone(),
-    )))
+    let routes = tonic::service::Routes::new(
+        AdminServer::new(AdminService::new(
+            store.clone(),
+            fanout.clone(),
+            propagation.clone(),
+            security.limits.max_flags_per_set,
+        ))
+        .max_decoding_message_size(security.limits.max_message_bytes),
+    )
     .add_service(SyncService::server(fanout.clone(), propagation.clone()));
     let routes =
         serve::with_health_and_reflection(routes, &["flagmesh.v1.Admin", "flagmesh.v1.Sync"])?;
-    let layer = AuthLayer::new(auth, Arc::new(requirement));
-
-    let mut tasks = Vec::new();
-    tasks.push(serve::spawn_grpc(routes, layer, grpc, &shutdown));
+    let mut tasks = security.spawn_tls_watchers(&shutdown);
+    tasks.push(serve::spawn_grpc(
+        routes,
+        &security,
+        Arc::new(requirement),
+        grpc,
+        &shutdown,
+    ));
     let ready = Readiness::default();
     ready.set(true);
     if let Some(listener) = http {
-        let router = http_routes(ready, store.clone(), fanout.clone(), propagation.clone());
-        tasks.push(serve::spawn_http(router, listener, &shutdown));
+        let router = http_routes(
+            ready,
+            store.clone(),
+            fanout.clone(),
+            propagation.clone(),
+            &security,
+        );
+        tasks.push(serve::spawn_http(router, &security, listener, &shutdown));
     }
     Ok(RunningControl {
         grpc_addr,
@@ -155,7 +170,9 @@ fn http_routes(
     store: Arc<SledStore>,
     fanout: Arc<Fanout>,
     propagation: Arc<Propagation>,
+    security: &Security,
 ) -> axum::Router {
+    use axum::response::IntoResponse as _;
     let (store2, propagation2) = (store.clone(), propagation.clone());
     let render = Arc::new(move || {
         let mut e = flagmesh_mesh::metrics::Exposition::default();
@@ -177,15 +194,24 @@ fn http_routes(
         flagmesh_mesh::metrics::fanout(&mut e, &fanout);
         e.finish()
     });
-    let api = axum::routing::get(move || {
-        let (store, propagation) = (store.clone(), propagation.clone());
+    // the page itself holds no data; what it shows needs a read credential
+    // (the page sends the token given in its address: `/#token=...`)
+    let access = HttpAccess {
+        auth: security.auth.clone(),
+        requirement: Requirement::Read,
+    };
+    let api = axum::routing::get(move |headers: axum::http::HeaderMap| {
+        let (store, propagation, access) = (store.clone(), propagation.clone(), access.clone());
         async move {
+            if let Err((status, message)) = access.check(&headers) {
+                return (status, format!("{message}\n")).into_response();
+            }
             let head = store.head().map(|h| h.revision).unwrap_or(0);
-            axum::Json(crate::propagation::view_json(&propagation.view(head, 30)))
+            axum::Json(crate::propagation::view_json(&propagation.view(head, 30))).into_response()
         }
     });
     serve::base_http_routes(ready)
-        .merge(serve::metrics_route(render))
+        .merge(serve::metrics_route(render, security.metrics_access()))
         .route(
             "/",
             axum::routing::get(|| async { axum::response::Html(STATUS_PAGE) }),

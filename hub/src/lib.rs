@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use flagmesh_mesh::auth::{AuthLayer, Authenticator, Requirement, common_requirement};
+use flagmesh_mesh::auth::{Requirement, Security, common_requirement};
 use flagmesh_mesh::relay::{Relay, RelayConfig};
 use flagmesh_mesh::replica::ReplicaStore;
 use flagmesh_mesh::serve::{self, Readiness, Shutdown};
@@ -58,7 +58,8 @@ impl RunningHub {
 }
 
 /// Opens the replica, binds, and starts following and serving.
-pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Result<RunningHub> {
+pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::Result<RunningHub> {
+    let security: Security = security.into();
     let replica = Arc::new(
         ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes).with_context(
             || format!("opening the replica in {}", config.relay.data_dir.display()),
@@ -81,9 +82,14 @@ pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Resul
         relay.reporter.clone(),
     ));
     let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Sync"])?;
-    let layer = AuthLayer::new(auth, Arc::new(requirement));
-    let mut tasks = Vec::new();
-    tasks.push(serve::spawn_grpc(routes, layer, grpc, &shutdown));
+    let mut tasks = security.spawn_tls_watchers(&shutdown);
+    tasks.push(serve::spawn_grpc(
+        routes,
+        &security,
+        Arc::new(requirement),
+        grpc,
+        &shutdown,
+    ));
     if let Some(listener) = http {
         let ready = Readiness::default();
         let mut status = relay.status.clone();
@@ -95,8 +101,13 @@ pub async fn start(config: HubConfig, auth: Arc<Authenticator>) -> anyhow::Resul
                 ready2.set(replica.position().revision > 0);
             }
         }));
-        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), None);
-        tasks.push(serve::spawn_http(router, listener, &shutdown));
+        let router = flagmesh_mesh::metrics::relay_router(
+            ready,
+            relay.view(),
+            None,
+            security.metrics_access(),
+        );
+        tasks.push(serve::spawn_http(router, &security, listener, &shutdown));
     }
     Ok(RunningHub {
         grpc_addr,

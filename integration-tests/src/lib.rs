@@ -4,6 +4,7 @@
 //! test kit shipped in the crates.io package `open-feature-flagd` 0.3.0.
 
 pub mod bench;
+pub mod certs;
 pub mod flagd_kit;
 pub mod process;
 pub mod relay;

@@ -196,7 +196,12 @@ fn token_args(spec: &TopologySpec, tokens_file: &Path, node: bool) -> Vec<String
     if !spec.secure {
         return vec!["--insecure-dev".into()];
     }
-    let mut a = vec!["--tokens-file".into(), tokens_file.display().to_string()];
+    // plaintext on loopback, said explicitly (TLS has its own tests)
+    let mut a = vec![
+        "--plaintext".into(),
+        "--tokens-file".into(),
+        tokens_file.display().to_string(),
+    ];
     if node {
         a.extend(["--mesh-token".into(), MESH_TOKEN.into()]);
     }
@@ -511,7 +516,18 @@ impl Mesh {
             NodeRef::Pop(i) => self.pops[i].http,
         }
         .ok_or_else(|| std::io::Error::other("no HTTP listener"))?;
-        let body = http_get(addr, "/metrics").await?;
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let headers: &[(&str, &str)] = if self.spec.secure {
+            &[("Authorization", auth.as_str())]
+        } else {
+            &[]
+        };
+        let (status, _, body) = http_request(addr, "GET", "/metrics", "", headers).await?;
+        if status != 200 {
+            return Err(std::io::Error::other(format!(
+                "/metrics: HTTP {status}: {body}"
+            )));
+        }
         Ok(body
             .lines()
             .filter(|l| !l.starts_with('#'))
@@ -575,21 +591,7 @@ impl Drop for Mesh {
 
 /// A minimal HTTP/1.1 GET on loopback; returns the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| std::io::Error::other("HTTP read timed out"))??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok(body)
+    Ok(http_request(addr, "GET", path, "", &[]).await?.2)
 }
 
 /// A minimal HTTP/1.1 POST on loopback; returns status, headers
@@ -600,22 +602,51 @@ pub async fn http_post(
     body: &str,
     headers: &[(&str, &str)],
 ) -> std::io::Result<(u16, HashMap<String, String>, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    http_request(addr, "POST", path, body, headers).await
+}
+
+/// A minimal HTTP/1.1 request on loopback (a JSON body when not empty);
+/// returns status, headers (lower-case names) and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, HashMap<String, String>, String)> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
     req.push_str(body);
-    s.write_all(req.as_bytes()).await?;
+    http_exchange(addr, req.as_bytes()).await
+}
+
+/// Sends raw request bytes and parses the response: status, headers
+/// (lower-case names), body.
+pub async fn http_exchange(
+    addr: SocketAddr,
+    request: &[u8],
+) -> std::io::Result<(u16, HashMap<String, String>, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
         .map_err(|_| std::io::Error::other("HTTP read timed out"))??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(parse_response(&buf))
+}
+
+/// Status, headers (lower-case names) and body of an HTTP/1.1 response.
+pub fn parse_response(buf: &[u8]) -> (u16, HashMap<String, String>, String) {
+    let text = String::from_utf8_lossy(buf).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
     let mut lines = head.lines();
     let status = lines
@@ -627,7 +658,7 @@ pub async fn http_post(
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    Ok((status, headers, dechunk(rest)))
+    (status, headers, dechunk(rest))
 }
 
 /// Decodes a chunked body (or returns it as is).

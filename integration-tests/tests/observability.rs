@@ -176,7 +176,11 @@ async fn status_page_shows_every_node_in_headless_chromium() {
             }
         })
         .await;
-        let url = format!("http://{}/", mesh.control.http.unwrap());
+        let url = format!(
+            "http://{}/#token={}",
+            mesh.control.http.unwrap(),
+            flagmesh_integration_tests::topology::ADMIN_TOKEN
+        );
         let profile = tempfile::tempdir().unwrap();
         let flags = [
             "--headless",

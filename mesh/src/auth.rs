@@ -15,6 +15,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
+use crate::limits::{Limits, RateLimiter, StreamLimiter, StreamPermit};
+use crate::serve::Shutdown;
+use crate::tls::ServerTls;
+
 /// What a credential may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -310,17 +314,105 @@ pub fn common_requirement(path: &str) -> Option<Requirement> {
     }
 }
 
-/// A tower layer enforcing a [`Policy`] with an [`Authenticator`].
+/// Everything a server enforces on its callers: credentials, TLS on its
+/// listeners, and limits.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// The credentials it accepts.
+    pub auth: Arc<Authenticator>,
+    /// TLS of the gRPC listener (`None`: plaintext).
+    pub grpc_tls: Option<Arc<ServerTls>>,
+    /// TLS of the HTTP listener (`None`: plaintext).
+    pub http_tls: Option<Arc<ServerTls>>,
+    /// How often certificate files are checked for changes.
+    pub tls_reload: std::time::Duration,
+    /// Limits on callers.
+    pub limits: Limits,
+}
+
+impl From<Arc<Authenticator>> for Security {
+    /// Plaintext listeners and the default limits.
+    fn from(auth: Arc<Authenticator>) -> Self {
+        Self {
+            auth,
+            grpc_tls: None,
+            http_tls: None,
+            tls_reload: std::time::Duration::from_secs(2),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Security {
+    /// Starts the certificate watchers of the TLS listeners.
+    pub fn spawn_tls_watchers(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
+        [&self.grpc_tls, &self.http_tls]
+            .into_iter()
+            .flatten()
+            .map(|t| t.spawn_watcher(self.tls_reload, shutdown))
+            .collect()
+    }
+
+    /// Who may read `/metrics`.
+    pub fn metrics_access(&self) -> HttpAccess {
+        HttpAccess {
+            auth: self.auth.clone(),
+            requirement: if self.limits.metrics_public {
+                Requirement::Public
+            } else {
+                Requirement::Read
+            },
+        }
+    }
+}
+
+/// The long-lived streaming methods, limited per client.
+pub fn is_stream_method(path: &str) -> bool {
+    matches!(
+        path,
+        "/flagmesh.v1.Sync/Subscribe"
+            | "/flagmesh.v1.Sync/Report"
+            | "/flagmesh.v1.Evaluation/Watch"
+            | "/flagd.evaluation.v1.Service/EventStream"
+            | "/flagd.evaluation.v2.Service/EventStream"
+            | "/flagd.sync.v1.FlagSyncService/SyncFlags"
+    )
+}
+
+/// The methods under the Admin rate limit.
+fn is_rate_limited(path: &str) -> bool {
+    path.starts_with("/flagmesh.v1.Admin/")
+}
+
+/// A tower layer enforcing a [`Policy`] with an [`Authenticator`], and the
+/// limits of [`Security`]: streams per client, the Admin rate limit, and
+/// (on a listener that verifies client certificates) a verified client
+/// certificate for mesh calls.
 #[derive(Clone)]
 pub struct AuthLayer {
     auth: Arc<Authenticator>,
     policy: Policy,
+    streams: StreamLimiter,
+    rate: RateLimiter,
+    mesh_needs_cert: bool,
 }
 
 impl AuthLayer {
     /// A layer checking every call against `policy`.
-    pub fn new(auth: Arc<Authenticator>, policy: Policy) -> Self {
-        Self { auth, policy }
+    pub fn new(security: &Security, policy: Policy) -> Self {
+        Self {
+            auth: security.auth.clone(),
+            policy,
+            streams: StreamLimiter::new(security.limits.streams_per_client),
+            rate: RateLimiter::new(
+                security.limits.admin_rate_per_sec,
+                security.limits.admin_burst,
+            ),
+            mesh_needs_cert: security
+                .grpc_tls
+                .as_ref()
+                .is_some_and(|t| t.verifies_clients()),
+        }
     }
 }
 
@@ -330,8 +422,7 @@ impl<S> tower::Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Self::Service {
         AuthService {
             inner,
-            auth: self.auth.clone(),
-            policy: self.policy.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -340,11 +431,65 @@ impl<S> tower::Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct AuthService<S> {
     inner: S,
-    auth: Arc<Authenticator>,
-    policy: Policy,
+    layer: AuthLayer,
 }
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+type TlsInfo = tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
+
+/// The peer's address, over plaintext or TLS.
+fn peer_ip(ext: &http::Extensions) -> Option<std::net::IpAddr> {
+    ext.get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr())
+        .or_else(|| ext.get::<TlsInfo>().and_then(|i| i.get_ref().remote_addr()))
+        .map(|a| a.ip())
+}
+
+/// Whether the connection presented a client certificate that the
+/// listener verified (rustls refuses the handshake of an unverified one).
+fn has_client_cert(ext: &http::Extensions) -> bool {
+    ext.get::<TlsInfo>()
+        .and_then(|i| i.peer_certs())
+        .is_some_and(|c| !c.is_empty())
+}
+
+impl AuthLayer {
+    /// Checks a call; on success, the caller and (for streams) its permit.
+    fn admit(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        ext: &http::Extensions,
+    ) -> Result<(Option<Principal>, Option<StreamPermit>), Status> {
+        let requirement = (self.policy)(path);
+        let principal = self.auth.authorize(headers, requirement)?;
+        if requirement == Requirement::Mesh && self.mesh_needs_cert && !has_client_cert(ext) {
+            return Err(Status::unauthenticated(
+                "mesh calls on this server need a client certificate signed by its client CA (mTLS)",
+            ));
+        }
+        let name = principal.as_ref().map_or("anonymous", |p| p.name.as_str());
+        if is_rate_limited(path)
+            && let Err(wait) = self.rate.check(name)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "rate limit: credential \"{name}\" makes more Admin calls than allowed; retry in {} ms",
+                wait.as_millis().max(1)
+            )));
+        }
+        let permit = if is_stream_method(path) {
+            Some(
+                self.streams
+                    .acquire(name, peer_ip(ext))
+                    .map_err(Status::resource_exhausted)?,
+            )
+        } else {
+            None
+        };
+        Ok((principal, permit))
+    }
+}
 
 impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
 where
@@ -364,22 +509,95 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let requirement = (self.policy)(req.uri().path());
-        match self.auth.authorize(req.headers(), requirement) {
-            Ok(principal) => {
+        match self
+            .layer
+            .admit(req.uri().path(), req.headers(), req.extensions())
+        {
+            Ok((principal, permit)) => {
                 if let Some(p) = principal {
                     req.extensions_mut().insert(p);
                 }
                 // take the service that was polled ready, leave a clone
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(req))
+                let call = inner.call(req);
+                Box::pin(async move {
+                    let response = call.await?;
+                    Ok(match permit {
+                        // the stream's place is held until its body ends
+                        Some(permit) => response.map(|body| {
+                            tonic::body::Body::new(PermitBody {
+                                inner: body,
+                                _permit: permit,
+                            })
+                        }),
+                        None => response,
+                    })
+                })
             }
             Err(status) => {
                 tracing::debug!(path = %req.uri().path(), code = ?status.code(), "request refused");
                 Box::pin(async move { Ok(status.into_http()) })
             }
         }
+    }
+}
+
+/// A response body holding a stream's [`StreamPermit`] until it ends.
+struct PermitBody {
+    inner: tonic::body::Body,
+    _permit: StreamPermit,
+}
+
+impl http_body::Body for PermitBody {
+    type Data = tonic::codegen::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Access to an HTTP route: a credential meeting `requirement`.
+#[derive(Debug, Clone)]
+pub struct HttpAccess {
+    /// The credentials.
+    pub auth: Arc<Authenticator>,
+    /// What the route requires.
+    pub requirement: Requirement,
+}
+
+impl HttpAccess {
+    /// The caller, or the HTTP status (401 without or with a wrong
+    /// credential, 403 with one that may not) and message refusing it.
+    pub fn check(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Principal>, (http::StatusCode, String)> {
+        self.auth
+            .authorize(headers, self.requirement)
+            .map_err(|s| (http_status(&s), s.message().to_owned()))
+    }
+}
+
+/// The HTTP status of an access error.
+pub fn http_status(status: &Status) -> http::StatusCode {
+    match status.code() {
+        tonic::Code::Unauthenticated => http::StatusCode::UNAUTHORIZED,
+        tonic::Code::PermissionDenied => http::StatusCode::FORBIDDEN,
+        tonic::Code::ResourceExhausted => http::StatusCode::TOO_MANY_REQUESTS,
+        _ => http::StatusCode::BAD_REQUEST,
     }
 }
 

@@ -8,7 +8,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::auth::{AuthConfigError, Authenticator};
+use std::time::Duration;
+
+use crate::auth::{AuthConfigError, Authenticator, Security};
+use crate::limits::Limits;
+use crate::tls::{ClientTls, ServerTls, ServerTlsFiles, TlsError};
 
 /// The core options of `flagmesh-control`, `flagmesh-hub` and `flagmesh-pop`.
 #[derive(clap::Args, Debug, Clone, Default, Deserialize)]
@@ -55,6 +59,71 @@ pub struct CommonArgs {
     /// Log format: `text` or `json`.
     #[arg(long = "log-format", env = "FLAGMESH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Serve without TLS, explicitly (local development, or TLS terminated
+    /// in front of the node); without it a server needs `--tls-cert`.
+    #[arg(long, env = "FLAGMESH_PLAINTEXT")]
+    pub plaintext: bool,
+    /// TLS certificate chain (PEM) of the gRPC listener (and of the HTTP
+    /// listener unless `--http-tls-cert` is given); reloaded when it changes.
+    #[arg(long = "tls-cert", env = "FLAGMESH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long = "tls-key", env = "FLAGMESH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates are verified against (mTLS); mesh
+    /// calls then need a verified client certificate.
+    #[arg(long = "tls-client-ca", env = "FLAGMESH_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse every gRPC connection without a verified client certificate.
+    #[arg(
+        long = "tls-require-client-cert",
+        env = "FLAGMESH_TLS_REQUIRE_CLIENT_CERT"
+    )]
+    pub tls_require_client_cert: bool,
+    /// TLS certificate (PEM) of the HTTP listener, if it differs.
+    #[arg(long = "http-tls-cert", env = "FLAGMESH_HTTP_TLS_CERT")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--http-tls-cert`.
+    #[arg(long = "http-tls-key", env = "FLAGMESH_HTTP_TLS_KEY")]
+    pub http_tls_key: Option<PathBuf>,
+    /// How often certificate files are checked for changes, in milliseconds.
+    #[arg(long = "tls-reload-ms", env = "FLAGMESH_TLS_RELOAD_MS")]
+    pub tls_reload_ms: Option<u64>,
+    /// Hub and PoP: CA (PEM) the upstream's certificate is verified
+    /// against; turns on TLS to upstreams.
+    #[arg(long = "upstream-ca", env = "FLAGMESH_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Hub and PoP: client certificate (PEM) presented to upstreams (mTLS).
+    #[arg(long = "client-cert", env = "FLAGMESH_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// Hub and PoP: private key (PEM) of `--client-cert`.
+    #[arg(long = "client-key", env = "FLAGMESH_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+    /// Hub and PoP: the name expected in upstream certificates (default:
+    /// the upstream's host).
+    #[arg(long = "upstream-tls-name", env = "FLAGMESH_UPSTREAM_TLS_NAME")]
+    pub upstream_tls_name: Option<String>,
+    /// Open streams one client (credential and address) may hold; 0: no limit.
+    #[arg(
+        long = "max-streams-per-client",
+        env = "FLAGMESH_MAX_STREAMS_PER_CLIENT"
+    )]
+    pub max_streams_per_client: Option<usize>,
+    /// Admin calls per second per credential (sustained); 0: no limit.
+    #[arg(long = "admin-rate", env = "FLAGMESH_ADMIN_RATE")]
+    pub admin_rate: Option<f64>,
+    /// Admin calls a credential may make in a burst.
+    #[arg(long = "admin-burst", env = "FLAGMESH_ADMIN_BURST")]
+    pub admin_burst: Option<f64>,
+    /// Largest Admin request, in bytes.
+    #[arg(long = "max-message-bytes", env = "FLAGMESH_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Control: flags one flag set may hold.
+    #[arg(long = "max-flags-per-set", env = "FLAGMESH_MAX_FLAGS_PER_SET")]
+    pub max_flags_per_set: Option<usize>,
+    /// Serve `/metrics` without a credential (otherwise a read credential).
+    #[arg(long = "metrics-public", env = "FLAGMESH_METRICS_PUBLIC")]
+    pub metrics_public: bool,
     /// Export traces over OTLP/gRPC to this endpoint (for example
     /// `http://127.0.0.1:4317`); also read from `OTEL_EXPORTER_OTLP_ENDPOINT`.
     #[arg(long = "otlp-endpoint", env = "FLAGMESH_OTLP_ENDPOINT")]
@@ -92,6 +161,9 @@ pub enum ConfigError {
     /// Credentials are misconfigured.
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
+    /// A certificate, key or CA could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// A required option is missing.
     #[error("{0}")]
     Missing(String),
@@ -122,12 +194,31 @@ impl CommonArgs {
             tokens_file,
             tokens,
             mesh_token,
-            log_format
+            log_format,
+            otlp_endpoint,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            http_tls_cert,
+            http_tls_key,
+            tls_reload_ms,
+            upstream_ca,
+            client_cert,
+            client_key,
+            upstream_tls_name,
+            max_streams_per_client,
+            admin_rate,
+            admin_burst,
+            max_message_bytes,
+            max_flags_per_set
         );
         if self.upstream.is_empty() {
             self.upstream = file.upstream;
         }
         self.insecure_dev |= file.insecure_dev;
+        self.plaintext |= file.plaintext;
+        self.tls_require_client_cert |= file.tls_require_client_cert;
+        self.metrics_public |= file.metrics_public;
         Ok(self)
     }
 
@@ -151,6 +242,92 @@ impl CommonArgs {
             self.tokens.as_deref(),
             self.insecure_dev,
         )?))
+    }
+
+    /// Credentials, TLS and limits of this server. Refuses plaintext unless
+    /// asked for (`--plaintext`, or `--insecure-dev`).
+    pub fn security(&self) -> Result<Security, ConfigError> {
+        let auth = self.authenticator()?;
+        let listener = |cert: &Option<PathBuf>, key: &Option<PathBuf>, what: &str| match (cert, key)
+        {
+            (Some(cert), Some(key)) => Ok(Some((cert.clone(), key.clone()))),
+            (None, None) => Ok(None),
+            _ => Err(ConfigError::Missing(format!(
+                "{what}: a certificate needs its key and a key its certificate"
+            ))),
+        };
+        let grpc = listener(&self.tls_cert, &self.tls_key, "--tls-cert/--tls-key")?;
+        let http = listener(
+            &self.http_tls_cert,
+            &self.http_tls_key,
+            "--http-tls-cert/--http-tls-key",
+        )?
+        .or_else(|| grpc.clone());
+        if grpc.is_none() && !(self.plaintext || self.insecure_dev) {
+            return Err(ConfigError::Missing(
+                "no TLS certificate: pass --tls-cert and --tls-key, or --plaintext to serve without TLS".into(),
+            ));
+        }
+        if grpc.is_none() && (self.tls_client_ca.is_some() || self.tls_require_client_cert) {
+            return Err(ConfigError::Missing(
+                "--tls-client-ca and --tls-require-client-cert need --tls-cert and --tls-key"
+                    .into(),
+            ));
+        }
+        let grpc_tls = grpc
+            .map(|(cert, key)| {
+                ServerTls::load(
+                    ServerTlsFiles {
+                        cert,
+                        key,
+                        client_ca: self.tls_client_ca.clone(),
+                        require_client_cert: self.tls_require_client_cert,
+                    },
+                    crate::tls::ALPN_GRPC,
+                )
+            })
+            .transpose()?;
+        let http_tls = http
+            .filter(|_| self.http_listen.is_some())
+            .map(|(cert, key)| {
+                ServerTls::load(
+                    ServerTlsFiles {
+                        cert,
+                        key,
+                        client_ca: None,
+                        require_client_cert: false,
+                    },
+                    crate::tls::ALPN_HTTP,
+                )
+            })
+            .transpose()?;
+        let d = Limits::default();
+        Ok(Security {
+            auth,
+            grpc_tls,
+            http_tls,
+            tls_reload: Duration::from_millis(self.tls_reload_ms.unwrap_or(2_000).max(50)),
+            limits: Limits {
+                streams_per_client: self.max_streams_per_client.unwrap_or(d.streams_per_client),
+                admin_rate_per_sec: self.admin_rate.unwrap_or(d.admin_rate_per_sec),
+                admin_burst: self.admin_burst.unwrap_or(d.admin_burst),
+                max_message_bytes: self.max_message_bytes.unwrap_or(d.max_message_bytes),
+                max_flags_per_set: self.max_flags_per_set.unwrap_or(d.max_flags_per_set),
+                metrics_public: self.metrics_public,
+                ..d
+            },
+        })
+    }
+
+    /// TLS to upstreams, if configured.
+    pub fn client_tls(&self) -> Option<ClientTls> {
+        let tls = ClientTls {
+            ca: self.upstream_ca.clone(),
+            cert: self.client_cert.clone(),
+            key: self.client_key.clone(),
+            domain: self.upstream_tls_name.clone(),
+        };
+        tls.enabled().then_some(tls)
     }
 
     /// Installs the tracing subscriber: logs go to stderr (stdout carries

@@ -7,12 +7,15 @@
 //! - [`sync_service`]: the `flagmesh.v1.Sync` gRPC service.
 //! - [`auth`], [`config`], [`serve`]: credentials, common options, and
 //!   server plumbing (listeners, ready line, health, reflection, shutdown).
+//! - [`tls`], [`limits`]: TLS on listeners and mesh links (certificates
+//!   reloaded when their files change), streams per client, rate limits.
 
 pub mod auth;
 pub mod coalesce;
 pub mod compiled;
 pub mod config;
 pub mod fanout;
+pub mod limits;
 pub mod metrics;
 pub mod node_args;
 pub mod relay;
@@ -22,6 +25,7 @@ pub mod serve;
 pub mod source;
 pub mod subscriber;
 pub mod sync_service;
+pub mod tls;
 
 pub use fanout::{Cursor, Fanout, FanoutConfig, Head};
 pub use source::{ReportSink, SourceError, SourceSnapshot, SyncSource};

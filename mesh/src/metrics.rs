@@ -159,6 +159,7 @@ pub fn relay_router(
     ready: crate::serve::Readiness,
     view: RelayView,
     extra: Option<ExtraMetrics>,
+    access: crate::auth::HttpAccess,
 ) -> axum::Router {
     let render = std::sync::Arc::new(move || {
         let mut e = Exposition::default();
@@ -168,5 +169,5 @@ pub fn relay_router(
         }
         e.finish()
     });
-    crate::serve::base_http_routes(ready).merge(crate::serve::metrics_route(render))
+    crate::serve::base_http_routes(ready).merge(crate::serve::metrics_route(render, access))
 }

@@ -87,6 +87,7 @@ impl RelayArgs {
             common.upstream.clone(),
         );
         sub.mesh_token = common.mesh_token.clone();
+        sub.tls = common.client_tls();
         sub.flag_sets = self.flag_sets.clone();
         sub.stall_timeout = Duration::from_millis(self.stall_ms.max(100));
         sub.backoff_max = Duration::from_millis(self.backoff_max_ms.max(100));

@@ -141,6 +141,7 @@ impl Relay {
         let reporter = Reporter::new(
             config.subscriber.node_id.clone(),
             config.subscriber.mesh_token.clone(),
+            config.subscriber.tls.clone(),
         );
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(subscriber.run(shutdown.clone())));

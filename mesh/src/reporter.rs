@@ -12,7 +12,6 @@ use flagmesh_proto::v1::NodeReport;
 use flagmesh_proto::v1::sync_client::SyncClient;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use crate::auth::BearerToken;
 use crate::serve::Shutdown;
@@ -25,16 +24,22 @@ pub struct Reporter {
     pending: Mutex<HashMap<String, NodeReport>>,
     notify: Notify,
     token: Option<String>,
+    tls: Option<crate::tls::ClientTls>,
 }
 
 impl Reporter {
-    /// A reporter for `node_id`, presenting `token`.
-    pub fn new(node_id: String, token: Option<String>) -> Arc<Self> {
+    /// A reporter for `node_id`, presenting `token` (over `tls`, if any).
+    pub fn new(
+        node_id: String,
+        token: Option<String>,
+        tls: Option<crate::tls::ClientTls>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
             pending: Mutex::new(HashMap::new()),
             notify: Notify::new(),
             token,
+            tls,
         })
     }
 
@@ -72,22 +77,24 @@ impl Reporter {
                 }
                 continue;
             };
-            let uri = if upstream.contains("://") {
-                upstream.clone()
-            } else {
-                format!("http://{upstream}")
+            // a TLS file being replaced or an upstream down: try again soon
+            let connected = match crate::tls::endpoint(&upstream, self.tls.as_ref()) {
+                Ok(e) => e
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect()
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
             };
-            let channel = match Endpoint::from_shared(uri) {
-                Ok(e) => match e.connect_timeout(Duration::from_secs(2)).connect().await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        tokio::select! {
-                            _ = &mut stop => return,
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                        }
+            let channel = match connected {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(upstream = %upstream, error = %e, "report stream: cannot connect");
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     }
-                },
-                Err(_) => return,
+                }
             };
             let Ok(token) = BearerToken::new(self.token.as_deref()) else {
                 return;

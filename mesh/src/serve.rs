@@ -12,9 +12,11 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
-use crate::auth::AuthLayer;
+use crate::auth::{AuthLayer, HttpAccess, Policy, Security};
+use crate::tls::TlsListener;
 
 /// A shutdown signal that many tasks can wait on.
 #[derive(Clone, Debug)]
@@ -126,49 +128,76 @@ pub fn with_health_and_reflection(
         .add_service(reflection_v1alpha))
 }
 
-/// Serves gRPC on `listener` until `shutdown`, behind the auth layer.
+/// Serves gRPC on `listener` until `shutdown`, behind the auth layer, over
+/// TLS when `security` has a certificate for it.
 pub async fn serve_grpc(
     routes: tonic::service::Routes,
-    auth: AuthLayer,
+    security: &Security,
+    policy: Policy,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder()
         // detect dead peers on long-lived streams
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .tcp_nodelay(true)
-        // every call is checked against the node's access policy
-        .layer(auth)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .max_concurrent_streams(Some(security.limits.max_concurrent_streams_per_connection))
+        // every call is checked against the node's access policy and limits
+        .layer(AuthLayer::new(security, policy));
+    let router = server.add_routes(routes);
+    match &security.grpc_tls {
+        Some(tls) => {
+            let incoming = ReceiverStream::new(tls.incoming(listener))
+                .map(|(stream, _peer)| Ok::<_, std::io::Error>(stream));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+    }
 }
 
 /// Serves gRPC in a task until `shutdown`; failures are logged.
 pub fn spawn_grpc(
     routes: tonic::service::Routes,
-    auth: AuthLayer,
+    security: &Security,
+    policy: Policy,
     listener: TcpListener,
     shutdown: &Shutdown,
 ) -> tokio::task::JoinHandle<()> {
     let stop = shutdown.wait();
+    let security = security.clone();
     tokio::spawn(async move {
-        if let Err(e) = serve_grpc(routes, auth, listener, stop).await {
+        if let Err(e) = serve_grpc(routes, &security, policy, listener, stop).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
     })
 }
 
-/// Serves HTTP in a task until `shutdown`; failures are logged.
+/// Serves HTTP in a task until `shutdown` (over TLS when `security` has a
+/// certificate for it); failures are logged.
 pub fn spawn_http(
     router: axum::Router,
+    security: &Security,
     listener: TcpListener,
     shutdown: &Shutdown,
 ) -> tokio::task::JoinHandle<()> {
     let stop = shutdown.wait();
+    let tls = security.http_tls.clone();
     tokio::spawn(async move {
-        if let Err(e) = serve_http(router, listener, stop).await {
+        let served = match tls {
+            Some(tls) => match TlsListener::new(listener, &tls) {
+                Ok(l) => axum::serve(l, router).with_graceful_shutdown(stop).await,
+                Err(e) => Err(e),
+            },
+            None => serve_http(router, listener, stop).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server failed");
         }
     })
@@ -209,13 +238,21 @@ pub fn base_http_routes(ready: Readiness) -> axum::Router {
         )
 }
 
-/// A `/metrics` route rendering `render()` in the Prometheus text format.
-pub fn metrics_route(render: std::sync::Arc<dyn Fn() -> String + Send + Sync>) -> axum::Router {
+/// A `/metrics` route rendering `render()` in the Prometheus text format,
+/// to callers `access` admits.
+pub fn metrics_route(
+    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+    access: HttpAccess,
+) -> axum::Router {
+    use axum::response::IntoResponse as _;
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let (render, access) = (render.clone(), access.clone());
             async move {
+                if let Err((status, message)) = access.check(&headers) {
+                    return (status, format!("{message}\n")).into_response();
+                }
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
@@ -223,6 +260,7 @@ pub fn metrics_route(render: std::sync::Arc<dyn Fn() -> String + Send + Sync>) -
                     )],
                     render(),
                 )
+                    .into_response()
             }
         }),
     )

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use flagmesh_proto::v1::sync_client::SyncClient;
 use flagmesh_proto::v1::{NodeRole, SubscribeRequest};
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::auth::BearerToken;
@@ -42,6 +41,8 @@ pub struct SubscriberConfig {
     pub upstreams: Vec<String>,
     /// The mesh credential presented upstream.
     pub mesh_token: Option<String>,
+    /// TLS to upstreams (`None`: plaintext).
+    pub tls: Option<crate::tls::ClientTls>,
     /// Flag sets to follow (empty: all).
     pub flag_sets: Vec<String>,
     /// First backoff after a round with no upstream.
@@ -63,6 +64,7 @@ impl SubscriberConfig {
             region,
             upstreams,
             mesh_token: None,
+            tls: None,
             flag_sets: Vec::new(),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -261,18 +263,15 @@ impl Subscriber {
     }
 
     async fn follow(&self, upstream: &str, force_snapshot: &mut bool) -> Ended {
-        let uri = if upstream.contains("://") {
-            upstream.to_owned()
-        } else {
-            format!("http://{upstream}")
-        };
-        let endpoint = match Endpoint::from_shared(uri) {
+        // TLS files are read at every attempt: a rotated certificate is
+        // used from the next connection on
+        let endpoint = match crate::tls::endpoint(upstream, self.config.tls.as_ref()) {
             Ok(e) => e
                 .connect_timeout(self.config.connect_timeout)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(self.config.stall_timeout),
-            Err(e) => return Ended::WithoutProgress(format!("bad upstream address: {e}")),
+            Err(e) => return Ended::WithoutProgress(e),
         };
         let channel =
             match tokio::time::timeout(self.config.connect_timeout, endpoint.connect()).await {

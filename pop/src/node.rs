@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use flagmesh_mesh::auth::{AuthLayer, Authenticator, Requirement, common_requirement};
+use flagmesh_mesh::auth::{Requirement, Security, common_requirement};
 use flagmesh_mesh::compiled::StateSwap;
 use flagmesh_mesh::relay::{Relay, RelayConfig};
 use flagmesh_mesh::replica::ReplicaStore;
@@ -83,7 +83,8 @@ impl RunningPop {
 }
 
 /// Loads the replica, binds, serves at once, and starts following.
-pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Result<RunningPop> {
+pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::Result<RunningPop> {
+    let security: Security = security.into();
     let (replica, loaded) =
         ReplicaStore::open_with_state(&config.relay.data_dir, config.relay.sync_writes)
             .with_context(|| {
@@ -145,9 +146,14 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
             "flagd.sync.v1.FlagSyncService",
         ],
     )?;
-    let layer = AuthLayer::new(auth.clone(), Arc::new(requirement));
-    let mut tasks = Vec::new();
-    tasks.push(serve::spawn_grpc(routes, layer, grpc, &shutdown));
+    let mut tasks = security.spawn_tls_watchers(&shutdown);
+    tasks.push(serve::spawn_grpc(
+        routes,
+        &security,
+        Arc::new(requirement),
+        grpc,
+        &shutdown,
+    ));
     if let Some(listener) = http {
         let ready = Readiness::default();
         ready.set(state.load().revision > 0);
@@ -159,9 +165,14 @@ pub async fn start(config: PopConfig, auth: Arc<Authenticator>) -> anyhow::Resul
         }));
         let stats = eval.stats.clone();
         let extra: flagmesh_mesh::metrics::ExtraMetrics = Arc::new(move |e| stats.render(e));
-        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), Some(extra))
-            .merge(crate::ofrep::router(eval.clone(), auth.clone()));
-        tasks.push(serve::spawn_http(router, listener, &shutdown));
+        let router = flagmesh_mesh::metrics::relay_router(
+            ready,
+            relay.view(),
+            Some(extra),
+            security.metrics_access(),
+        )
+        .merge(crate::ofrep::router(eval.clone(), security.auth.clone()));
+        tasks.push(serve::spawn_http(router, &security, listener, &shutdown));
     }
     Ok(RunningPop {
         grpc_addr,

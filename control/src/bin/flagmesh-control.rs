@@ -38,7 +38,7 @@ struct Args {
 async fn run(args: Args) -> anyhow::Result<()> {
     let common = args.common.merge_config_file()?;
     let telemetry = common.init_logging("flagmesh-control");
-    let auth = common.authenticator()?;
+    let security = common.security()?;
     let config = ControlConfig {
         listen: common.listen_addr(),
         http_listen: common.http_listen,
@@ -50,7 +50,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         drain: Duration::from_millis(args.drain_ms),
     };
-    let node = start(config, auth)
+    let node = start(config, security)
         .await
         .context("starting the control plane")?;
     serve::print_ready(node.grpc_addr, node.http_addr);

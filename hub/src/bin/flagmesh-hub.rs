@@ -22,7 +22,7 @@ struct Args {
 async fn run(args: Args) -> anyhow::Result<()> {
     let common = args.common.merge_config_file()?;
     let telemetry = common.init_logging("flagmesh-hub");
-    let auth = common.authenticator()?;
+    let security = common.security()?;
     let listen = common.listen_addr();
     let config = HubConfig {
         listen,
@@ -30,7 +30,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         relay: args.relay.relay_config(&common, NodeRole::Hub, "hub")?,
         drain: args.relay.drain(),
     };
-    let hub = start(config, auth).await.context("starting the hub")?;
+    let hub = start(config, security).await.context("starting the hub")?;
     serve::print_ready(hub.grpc_addr, hub.http_addr);
     tracing::info!(grpc = %hub.grpc_addr, "hub serving");
     serve::signal().await;

@@ -78,7 +78,12 @@ fn spec(root: PathBuf, hubs: usize, pops_per_hub: usize) -> TopologySpec {
         control_port: 0,
         default_flag_set: "bench".into(),
         hub_ring_revisions: None,
-        envs: Vec::new(),
+        // benchmarks measure the mesh, not its limiters: the fan-out bench
+        // opens 1,000 streams from one address, the writers are unthrottled
+        envs: vec![
+            ("FLAGMESH_MAX_STREAMS_PER_CLIENT".into(), "0".into()),
+            ("FLAGMESH_ADMIN_RATE".into(), "0".into()),
+        ],
     }
 }
 

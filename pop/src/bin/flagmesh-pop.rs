@@ -30,7 +30,7 @@ struct Args {
 async fn run(args: Args) -> anyhow::Result<()> {
     let common = args.common.merge_config_file()?;
     let telemetry = common.init_logging("flagmesh-pop");
-    let auth = common.authenticator()?;
+    let security = common.security()?;
     let config = PopConfig {
         listen: common.listen_addr(),
         http_listen: common.http_listen,
@@ -38,7 +38,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         default_flag_set: args.default_flag_set.clone(),
         drain: args.relay.drain(),
     };
-    let pop = start(config, auth).await.context("starting the PoP")?;
+    let pop = start(config, security).await.context("starting the PoP")?;
     serve::print_ready(pop.grpc_addr, pop.http_addr);
     tracing::info!(grpc = %pop.grpc_addr, "PoP serving");
     serve::signal().await;
