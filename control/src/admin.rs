@@ -447,15 +447,21 @@ impl<S: FlagStore> Admin for AdminService<S> {
         let replace = r.mode() != ApplyMode::Merge;
         let max = self.max_flags_per_set;
         check_flag_count(&flag_set, doc.flags.len(), max)?;
-        let writes: Vec<FlagWrite> = doc
-            .flags
-            .iter()
-            .map(|(k, d)| FlagWrite {
+        let mut writes: Vec<FlagWrite> = Vec::with_capacity(doc.flags.len());
+        for (k, d) in &doc.flags {
+            let definition = d.to_canonical_json();
+            // the same limit as one flag written alone
+            if definition.len() > MAX_DEFINITION_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "flag \"{k}\": definition larger than {MAX_DEFINITION_BYTES} bytes"
+                )));
+            }
+            writes.push(FlagWrite {
                 flag_set: flag_set.clone(),
                 key: k.clone(),
-                definition: Some(d.to_canonical_json()),
-            })
-            .collect();
+                definition: Some(definition),
+            });
+        }
         let metadata = doc.metadata.clone();
         let expected = r.expected_mod_revision;
         let comment = r.comment.clone();

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod certs;
 pub mod flagd_kit;
+pub mod fuzzing;
 pub mod process;
 pub mod relay;
 pub mod tools;

@@ -142,7 +142,12 @@ impl NodeProcess {
         false
     }
 
-    /// The process id.
+    /// Whether it still runs (it has not exited or died).
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -33,6 +33,12 @@ pub const ADMIN_TOKEN: &str = "admin-secret";
 pub const MESH_TOKEN: &str = "mesh-secret";
 /// The evaluation key of a secured test mesh.
 pub const EVAL_TOKEN: &str = "eval-secret";
+/// A read-only credential of a secured test mesh.
+pub const READ_TOKEN: &str = "read-secret";
+/// A write credential of a secured test mesh.
+pub const WRITE_TOKEN: &str = "write-secret";
+/// An evaluation key of a secured test mesh scoped to flag set `a`.
+pub const EVAL_A_TOKEN: &str = "eval-a-secret";
 
 /// The shape of a mesh.
 #[derive(Debug, Clone)]
@@ -216,13 +222,16 @@ impl Mesh {
         let tokens_file = spec.root.join("tokens.toml");
         if spec.secure {
             let mut t = String::new();
-            for (name, role, secret) in [
-                ("admin", "admin", ADMIN_TOKEN),
-                ("mesh", "mesh", MESH_TOKEN),
-                ("app", "evaluate", EVAL_TOKEN),
+            for (name, role, secret, sets) in [
+                ("admin", "admin", ADMIN_TOKEN, ""),
+                ("mesh", "mesh", MESH_TOKEN, ""),
+                ("app", "evaluate", EVAL_TOKEN, ""),
+                ("reader", "read", READ_TOKEN, ""),
+                ("writer", "write", WRITE_TOKEN, ""),
+                ("app-a", "evaluate", EVAL_A_TOKEN, "flag_sets = [\"a\"]\n"),
             ] {
                 t.push_str(&format!(
-                    "[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n\n",
+                    "[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n{sets}\n",
                     hash_token(secret)
                 ));
             }
@@ -439,7 +448,8 @@ impl Mesh {
         self.spec.secure.then_some(t)
     }
 
-    async fn channel(addr: SocketAddr) -> Result<Channel, tonic::Status> {
+    /// A plaintext channel to `addr`.
+    pub async fn channel(addr: SocketAddr) -> Result<Channel, tonic::Status> {
         Channel::from_shared(format!("http://{addr}"))
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
             .connect_timeout(Duration::from_secs(2))

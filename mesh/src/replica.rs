@@ -147,6 +147,18 @@ fn decode_position(b: &[u8]) -> Option<Position> {
     })
 }
 
+/// The digest of a whole state: every flag and every flag set's metadata.
+pub fn digest_of(state: &SourceSnapshot) -> u64 {
+    StateDigest::of(
+        state
+            .flags
+            .iter()
+            .map(|f| flag_hash(&f.flag_set, &f.key, &f.definition_json))
+            .chain(state.flag_sets.iter().map(set_hash)),
+    )
+    .0
+}
+
 /// The digest contribution of a flag set's metadata.
 pub fn set_hash(set: &FlagSet) -> u64 {
     let md = set.metadata.as_ref().map(struct_to_map).unwrap_or_default();

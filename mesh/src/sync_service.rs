@@ -35,7 +35,21 @@ impl Sync for SyncService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let stream = self.fanout.subscribe(request.into_inner())?;
+        let principal = crate::auth::principal(&request).cloned();
+        let mut req = request.into_inner();
+        // a key scoped to flag sets follows only those: no filter means
+        // "all of mine", and a set outside its scope is refused
+        if let Some(p) = principal.filter(|p| !p.flag_sets.is_empty()) {
+            if req.flag_sets.is_empty() {
+                req.flag_sets = p.flag_sets.clone();
+            } else if let Some(other) = req.flag_sets.iter().find(|s| !p.may_use_flag_set(s)) {
+                return Err(Status::permission_denied(format!(
+                    "credential \"{}\" may not follow flag set \"{other}\"",
+                    p.name
+                )));
+            }
+        }
+        let stream = self.fanout.subscribe(req)?;
         Ok(Response::new(stream))
     }
 

@@ -74,6 +74,27 @@ fn flag_json(key: &str, o: &Outcome<'_>) -> (StatusCode, Value) {
     (StatusCode::OK, Value::Object(body))
 }
 
+/// The evaluation context of an OFREP request body (`{"context": {...}}`;
+/// an empty body or a missing context is an empty one), checked against
+/// the context limits; on failure, the message to answer with.
+pub fn request_context(body: &[u8]) -> Result<Value, String> {
+    let context = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Object(Map::new())
+    } else {
+        let parsed: Value = serde_json::from_slice(body)
+            .map_err(|e| format!("the request body is not JSON: {e}"))?;
+        match parsed {
+            Value::Object(mut o) => match o.remove("context") {
+                None | Some(Value::Null) => Value::Object(Map::new()),
+                Some(c) => c,
+            },
+            _ => return Err("the request body must be a JSON object".into()),
+        }
+    };
+    validate_context(&context).map_err(|e| e.message)?;
+    Ok(context)
+}
+
 /// Checks credentials and reads the flag set and context of a request;
 /// on failure, the status and error body to answer with.
 fn prepare(
@@ -112,27 +133,12 @@ fn prepare(
         );
         return Err((StatusCode::FORBIDDEN, error_body(key, "GENERAL", &msg)));
     }
-    let context = if body.iter().all(u8::is_ascii_whitespace) {
-        Value::Object(Map::new())
-    } else {
-        let parsed: Value = serde_json::from_slice(body).map_err(|e| {
-            let msg = format!("the request body is not JSON: {e}");
-            (
-                StatusCode::BAD_REQUEST,
-                error_body(key, "INVALID_CONTEXT", &msg),
-            )
-        })?;
-        match parsed.get("context") {
-            None | Some(Value::Null) => Value::Object(Map::new()),
-            Some(c) => c.clone(),
-        }
-    };
-    if let Err(e) = validate_context(&context) {
-        return Err((
+    let context = request_context(body).map_err(|msg| {
+        (
             StatusCode::BAD_REQUEST,
-            error_body(key, "INVALID_CONTEXT", &e.message),
-        ));
-    }
+            error_body(key, "INVALID_CONTEXT", &msg),
+        )
+    })?;
     Ok((set, context))
 }
 
