@@ -14,8 +14,11 @@ use flagmesh_proto::v1::SyncEvent;
 use prost::Message as _;
 use serde_json::{Value, json};
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name (as in `fuzz/fuzz_targets/` and the corpus folders).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("document", document),
     ("evaluate", evaluate),
     ("sync_events", sync_events),
