@@ -129,14 +129,7 @@ pub async fn start(
     .add_service(SyncService::server(fanout.clone(), propagation.clone()));
     let routes =
         serve::with_health_and_reflection(routes, &["flagmesh.v1.Admin", "flagmesh.v1.Sync"])?;
-    let mut tasks = security.spawn_tls_watchers(&shutdown);
-    tasks.push(serve::spawn_grpc(
-        routes,
-        &security,
-        Arc::new(requirement),
-        grpc,
-        &shutdown,
-    ));
+    let mut tasks = serve::start_grpc(routes, &security, Arc::new(requirement), grpc, &shutdown);
     let ready = Readiness::default();
     ready.set(true);
     if let Some(listener) = http {

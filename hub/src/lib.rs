@@ -82,14 +82,7 @@ pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::
         relay.reporter.clone(),
     ));
     let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Sync"])?;
-    let mut tasks = security.spawn_tls_watchers(&shutdown);
-    tasks.push(serve::spawn_grpc(
-        routes,
-        &security,
-        Arc::new(requirement),
-        grpc,
-        &shutdown,
-    ));
+    let mut tasks = serve::start_grpc(routes, &security, Arc::new(requirement), grpc, &shutdown);
     if let Some(listener) = http {
         let ready = Readiness::default();
         let mut status = relay.status.clone();

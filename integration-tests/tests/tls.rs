@@ -224,6 +224,71 @@ async fn mtls_mesh_serves_and_refuses_nodes_and_clients_without_trust() {
         })
         .await;
 
+        // the SDK over TLS, remote and local mode
+        let trust = ClientTls {
+            ca: Some(ca.cert.clone()),
+            ..ClientTls::default()
+        };
+        let mut config = flagmesh_sdk::RemoteConfig::new(vec![pop.grpc.to_string()]);
+        config.token = Some(APP.into());
+        config.flag_set = "web".into();
+        config.deadline = Duration::from_secs(2);
+        config.tls = Some(trust.clone());
+        let remote = flagmesh_sdk::RemoteClient::new(config).unwrap();
+        let d = remote
+            .string_value("banner", &serde_json::json!({}), "default")
+            .await;
+        assert_eq!(d.value, "one", "{d:?}");
+        let mut config = flagmesh_sdk::LocalConfig::new(vec![pop.grpc.to_string()], "web");
+        config.token = Some(APP.into());
+        config.tls = Some(trust);
+        let local = flagmesh_sdk::LocalClient::start(config).unwrap();
+        assert!(
+            local.wait_ready(Duration::from_secs(20)).await,
+            "local mode over TLS"
+        );
+        assert_eq!(
+            local
+                .string_value("banner", &serde_json::json!({}), "default")
+                .value,
+            "one"
+        );
+
+        // flagctl over TLS; without the CA it fails with one line
+        let flagctl = |extra: &[&str]| {
+            let mut args = vec![
+                "--server".to_owned(),
+                control.grpc.to_string(),
+                "--token".into(),
+                ADMIN.into(),
+            ];
+            args.extend(extra.iter().map(|s| (*s).to_owned()));
+            args.extend([
+                "-o".into(),
+                "json".into(),
+                "get".into(),
+                "web".into(),
+                "banner".into(),
+            ]);
+            std::process::Command::new(bin_dir().join("flagctl"))
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let out = flagctl(&["--ca-cert", &ca.cert.display().to_string()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("one"));
+        let out = flagctl(&[]);
+        assert!(!out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+            1
+        );
+
         // OFREP and metrics over TLS on the PoP's HTTP listener
         let http = pop.http.unwrap();
         let (status, body) = https_get(http, &ca.cert, "/metrics", ADMIN).await.unwrap();

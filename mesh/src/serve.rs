@@ -179,6 +179,20 @@ pub fn spawn_grpc(
     })
 }
 
+/// Starts a node's gRPC server and the certificate watchers of its TLS
+/// listeners; the tasks to drain at shutdown.
+pub fn start_grpc(
+    routes: tonic::service::Routes,
+    security: &Security,
+    policy: Policy,
+    listener: TcpListener,
+    shutdown: &Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = security.spawn_tls_watchers(shutdown);
+    tasks.push(spawn_grpc(routes, security, policy, listener, shutdown));
+    tasks
+}
+
 /// Serves HTTP in a task until `shutdown` (over TLS when `security` has a
 /// certificate for it); failures are logged.
 pub fn spawn_http(

@@ -146,14 +146,7 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
             "flagd.sync.v1.FlagSyncService",
         ],
     )?;
-    let mut tasks = security.spawn_tls_watchers(&shutdown);
-    tasks.push(serve::spawn_grpc(
-        routes,
-        &security,
-        Arc::new(requirement),
-        grpc,
-        &shutdown,
-    ));
+    let mut tasks = serve::start_grpc(routes, &security, Arc::new(requirement), grpc, &shutdown);
     if let Some(listener) = http {
         let ready = Readiness::default();
         ready.set(state.load().revision > 0);

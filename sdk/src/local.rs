@@ -35,6 +35,8 @@ pub struct LocalConfig {
     pub data_dir: Option<PathBuf>,
     /// A silent stream is dropped after this long.
     pub stall_timeout: Duration,
+    /// TLS to the upstreams (`None`: plaintext).
+    pub tls: Option<flagmesh_mesh::tls::ClientTls>,
 }
 
 impl LocalConfig {
@@ -47,6 +49,7 @@ impl LocalConfig {
             node_id: format!("sdk-{}", std::process::id()),
             data_dir: None,
             stall_timeout: Duration::from_secs(6),
+            tls: None,
         }
     }
 }
@@ -83,6 +86,7 @@ impl LocalClient {
             config.upstreams.clone(),
         );
         sub.mesh_token = config.token.clone();
+        sub.tls = config.tls.clone();
         sub.flag_sets = vec![config.flag_set.clone()];
         sub.stall_timeout = config.stall_timeout;
         sub.backoff_max = Duration::from_secs(2);

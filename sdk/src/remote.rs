@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flagmesh_mesh::auth::BearerToken;
+use flagmesh_mesh::tls::ClientTls;
 use flagmesh_proto::convert::{map_to_struct, struct_to_map, value_to_json};
 use flagmesh_proto::v1 as pb;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
 use serde_json::{Map, Value};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::details::{Details, FromJson};
 
@@ -35,6 +36,9 @@ pub struct RemoteConfig {
     pub failures_to_open: u32,
     /// How long an open breaker skips its PoP before a half-open probe.
     pub open_for: Duration,
+    /// TLS to the PoPs (a CA to trust, optionally a client certificate);
+    /// `None`: plaintext.
+    pub tls: Option<ClientTls>,
 }
 
 impl RemoteConfig {
@@ -47,6 +51,7 @@ impl RemoteConfig {
             deadline: Duration::from_millis(250),
             failures_to_open: 3,
             open_for: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -95,14 +100,6 @@ pub struct RemoteClient {
     pops: Vec<Pop>,
 }
 
-fn uri(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    }
-}
-
 impl RemoteClient {
     /// A client; connections are made lazily, so this never blocks.
     pub fn new(config: RemoteConfig) -> Result<Self, RemoteError> {
@@ -115,7 +112,7 @@ impl RemoteClient {
             .map_err(|e| RemoteError::Config(e.message().into()))?;
         let mut pops = Vec::with_capacity(config.pops.len());
         for address in &config.pops {
-            let endpoint = Endpoint::from_shared(uri(address))
+            let endpoint = flagmesh_mesh::tls::endpoint(address, config.tls.as_ref())
                 .map_err(|e| RemoteError::Config(format!("{address}: {e}")))?
                 .connect_timeout(config.deadline)
                 .timeout(config.deadline)

@@ -89,7 +89,10 @@ async fn main() -> anyhow::Result<()> {
         control_port: port,
         default_flag_set: "demo".into(),
         hub_ring_revisions: None,
-        envs: Vec::new(),
+        // every node runs as the same development credential on the same
+        // address: the per-client stream limit would count a whole tier
+        // of PoPs as one client
+        envs: vec![("FLAGMESH_MAX_STREAMS_PER_CLIENT".into(), "0".into())],
     };
     eprintln!(
         "starting 1 control, {} hubs, {} PoPs (data in {})",
