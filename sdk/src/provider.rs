@@ -35,7 +35,7 @@ pub enum ProviderEvent {
 }
 
 enum Mode {
-    Remote(RemoteClient),
+    Remote(Box<RemoteClient>),
     Local(Arc<LocalClient>),
 }
 
@@ -51,7 +51,7 @@ impl FlagmeshProvider {
     pub fn remote(client: RemoteClient) -> Self {
         let (events, _) = broadcast::channel(64);
         Self {
-            mode: Mode::Remote(client),
+            mode: Mode::Remote(Box::new(client)),
             metadata: ProviderMetadata::new("flagmesh-remote"),
             events,
         }
