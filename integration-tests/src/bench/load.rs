@@ -28,6 +28,8 @@ pub struct Target {
     pub flag_set: String,
     /// Flag keys to spread requests over.
     pub keys: Vec<String>,
+    /// TLS to the PoP's gRPC listener (`None`: plaintext).
+    pub tls: Option<flagmesh_mesh::tls::ClientTls>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -39,12 +41,14 @@ fn histogram() -> Histogram<u64> {
 /// One gRPC client per task.
 async fn grpc_client(
     addr: SocketAddr,
+    tls: Option<&flagmesh_mesh::tls::ClientTls>,
 ) -> EvaluationClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
 > {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    // a socket address is a valid URI; TLS files were checked by the caller
+    let channel = flagmesh_mesh::tls::endpoint(&addr.to_string(), tls)
         .map(|e| e.tcp_nodelay(true).connect_lazy())
-        .unwrap_or_else(|_| unreachable!("a socket address is a valid URI"));
+        .unwrap_or_else(|e| unreachable!("{e}"));
     EvaluationClient::with_interceptor(
         channel,
         BearerToken::new(None).unwrap_or_else(|_| unreachable!()),
@@ -120,7 +124,7 @@ enum Client {
 impl Client {
     async fn new(t: &Target, p: Protocol) -> std::io::Result<Self> {
         Ok(match p {
-            Protocol::Grpc => Client::Grpc(grpc_client(t.grpc).await),
+            Protocol::Grpc => Client::Grpc(grpc_client(t.grpc, t.tls.as_ref()).await),
             Protocol::Ofrep => Client::Http(HttpConn::open(t.http).await?),
         })
     }

@@ -8,7 +8,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use flagmesh_integration_tests::bench::{self, load, machine, update_section, write_results};
+use flagmesh_integration_tests::certs::Ca;
+use flagmesh_integration_tests::process::NodeProcess;
 use flagmesh_integration_tests::topology::{Mesh, TopologySpec, bin_dir};
+use flagmesh_mesh::tls::ClientTls;
 use flagmesh_proto::v1::ApplyFlagSetRequest;
 use serde_json::{Value, json};
 
@@ -105,6 +108,7 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
         http: pop.http.context("the PoP has no HTTP listener")?,
         flag_set: "bench".into(),
         keys: (0..200).map(|i| format!("flag-{i}")).collect(),
+        tls: None,
     };
     let d = Duration::from_secs(args.seconds);
     let mut closed = Vec::new();
@@ -119,7 +123,21 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
             closed.push(r);
         }
     }
+    // the same over TLS: a second PoP, following the same hub, serving
+    // gRPC with a certificate of a CA made here
+    let (tls_pop, tls_target) = start_tls_pop(&mesh, &args.data.join("load"), &target).await?;
+    for c in [1, 8] {
+        let mut r = load::closed_loop(&tls_target, load::Protocol::Grpc, c, d).await;
+        r["protocol"] = json!("grpc+tls");
+        eprintln!("closed loop grpc+tls x{c}: {r}");
+        closed.push(r);
+    }
     let mut open = Vec::new();
+    let mut r = load::open_loop(&tls_target, load::Protocol::Grpc, 2000, d).await;
+    r["protocol"] = json!("grpc+tls");
+    eprintln!("open loop grpc+tls at 2000/s: {r}");
+    open.push(r);
+    drop(tls_pop);
     for (name, p, rate) in [
         ("grpc", load::Protocol::Grpc, 2000),
         ("grpc", load::Protocol::Grpc, 8000),
@@ -161,6 +179,79 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
     }
     update_section("load", &t);
     Ok(result)
+}
+
+/// Starts a PoP serving gRPC over TLS beside the load mesh's PoP (same hub,
+/// same options otherwise) and waits until it serves the flags.
+async fn start_tls_pop(
+    mesh: &Mesh,
+    dir: &std::path::Path,
+    plain: &load::Target,
+) -> anyhow::Result<(NodeProcess, load::Target)> {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs)?;
+    let ca = Ca::new(&certs, "bench-ca")?;
+    let server = ca.server(&certs, "pop-tls")?;
+    let hub = mesh.hubs.first().context("the load mesh has no hub")?;
+    let s = |p: &std::path::Path| p.display().to_string();
+    let args: Vec<String> = [
+        "--data-dir",
+        &s(&dir.join("pop-tls")),
+        "--node-id",
+        "pop-tls",
+        "--upstream",
+        &hub.grpc.to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure-dev",
+        "--default-flag-set",
+        "bench",
+        "--tls-cert",
+        &s(&server.cert),
+        "--tls-key",
+        &s(&server.key),
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    let envs = [("TOKIO_WORKER_THREADS", "2")];
+    let pop = NodeProcess::start(
+        &mesh.spec.bin_dir.join("flagmesh-pop"),
+        &args,
+        &envs,
+        &dir.join("pop-tls.log"),
+    )?;
+    let target = load::Target {
+        grpc: pop.grpc,
+        tls: Some(ClientTls {
+            ca: Some(ca.cert.clone()),
+            ..ClientTls::default()
+        }),
+        ..plain.clone()
+    };
+    let endpoint = flagmesh_mesh::tls::endpoint(&pop.grpc.to_string(), target.tls.as_ref())
+        .map_err(anyhow::Error::msg)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(ch) = endpoint.connect().await {
+            let served = flagmesh_proto::v1::evaluation_client::EvaluationClient::new(ch)
+                .evaluate(flagmesh_proto::v1::EvaluateRequest {
+                    flag_set: "bench".into(),
+                    flag_key: plain.keys[0].clone(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().value.is_some());
+            if served {
+                return Ok((pop, target));
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the TLS PoP did not get the flags within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
