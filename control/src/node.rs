@@ -166,7 +166,7 @@ fn http_routes(
     security: &Security,
 ) -> axum::Router {
     use axum::response::IntoResponse as _;
-    let (store2, propagation2) = (store.clone(), propagation.clone());
+    let (store2, propagation2, security2) = (store.clone(), propagation.clone(), security.clone());
     let render = Arc::new(move || {
         let mut e = flagmesh_mesh::metrics::Exposition::default();
         if let Ok(head) = store2.head() {
@@ -185,6 +185,7 @@ fn http_routes(
             crate::propagation::render_metrics(&mut e, &propagation2.view(head.revision, 20));
         }
         flagmesh_mesh::metrics::fanout(&mut e, &fanout);
+        flagmesh_mesh::metrics::tls(&mut e, &security2);
         e.finish()
     });
     // the page itself holds no data; what it shows needs a read credential

@@ -94,12 +94,7 @@ pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::
                 ready2.set(replica.position().revision > 0);
             }
         }));
-        let router = flagmesh_mesh::metrics::relay_router(
-            ready,
-            relay.view(),
-            None,
-            security.metrics_access(),
-        );
+        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), None, &security);
         tasks.push(serve::spawn_http(router, &security, listener, &shutdown));
     }
     Ok(RunningHub {

@@ -382,6 +382,46 @@ async fn mtls_mesh_serves_and_refuses_nodes_and_clients_without_trust() {
             channel(control.grpc, &ca.cert, None).await.is_err(),
             "old chain still served"
         );
+        // the reload and the refused handshakes show in control's metrics
+        // (its HTTP listener uses the same files, so it was rotated too)
+        // (each listener has its own watcher: wait for the HTTP one too)
+        let mut body = String::new();
+        for _ in 0..100 {
+            if let Ok((200, b)) =
+                https_get(control.http.unwrap(), &stranger.cert, "/metrics", ADMIN).await
+            {
+                body = b;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !body.is_empty(),
+            "control's HTTPS listener never served the rotated certificate"
+        );
+        let value = |series: &str| -> f64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or(-1.0)
+        };
+        // key and certificate are replaced one after the other: a reload
+        // may have seen the new key with the old certificate and failed first
+        assert!(
+            value("flagmesh_tls_reloads_total{listener=\"grpc\"}") >= 1.0,
+            "{body}"
+        );
+        assert!(
+            value("flagmesh_tls_reloads_total{listener=\"http\"}") >= 1.0,
+            "{body}"
+        );
+        assert!(
+            value("flagmesh_tls_reload_failures_total{listener=\"grpc\"}") >= 0.0,
+            "{body}"
+        );
+        assert!(
+            value("flagmesh_tls_handshake_failures_total{listener=\"grpc\"}") >= 1.0,
+            "{body}"
+        );
         // the hub's open mTLS stream (handshaken before) keeps replicating
         apply(control.grpc, &stranger.cert, "two").await;
         eventually("a change after rotation reaches the PoP", 20, || async {

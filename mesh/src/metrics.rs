@@ -150,6 +150,44 @@ pub fn relay(e: &mut Exposition, r: &RelayView) {
     fanout(e, &r.fanout);
 }
 
+/// TLS counters of a node's listeners (none without TLS).
+pub fn tls(e: &mut Exposition, security: &crate::auth::Security) {
+    let listeners: Vec<(&str, &crate::tls::ServerTls)> = [
+        ("grpc", security.grpc_tls.as_deref()),
+        ("http", security.http_tls.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(name, t)| Some((name, t?)))
+    .collect();
+    if listeners.is_empty() {
+        return;
+    }
+    type Counter = fn(&crate::tls::ServerTls) -> u64;
+    let families: [(&str, &str, Counter); 3] = [
+        (
+            "flagmesh_tls_reloads_total",
+            "Certificate reloads after the files changed.",
+            crate::tls::ServerTls::reloads,
+        ),
+        (
+            "flagmesh_tls_reload_failures_total",
+            "Changed certificate files that failed to load (the previous certificate stays in use).",
+            crate::tls::ServerTls::reload_failures,
+        ),
+        (
+            "flagmesh_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out (untrusted or missing client certificates, plaintext clients).",
+            crate::tls::ServerTls::handshake_failures,
+        ),
+    ];
+    for (name, help, value) in families {
+        e.family(name, "counter", help);
+        for (listener, t) in &listeners {
+            e.sample(name, &[("listener", listener)], value(t) as f64);
+        }
+    }
+}
+
 /// What a node adds to its metrics beyond replication.
 pub type ExtraMetrics = std::sync::Arc<dyn Fn(&mut Exposition) + Send + Sync>;
 
@@ -159,14 +197,17 @@ pub fn relay_router(
     ready: crate::serve::Readiness,
     view: RelayView,
     extra: Option<ExtraMetrics>,
-    access: crate::auth::HttpAccess,
+    security: &crate::auth::Security,
 ) -> axum::Router {
+    let access = security.metrics_access();
+    let security = security.clone();
     let render = std::sync::Arc::new(move || {
         let mut e = Exposition::default();
         relay(&mut e, &view);
         if let Some(extra) = &extra {
             extra(&mut e);
         }
+        tls(&mut e, &security);
         e.finish()
     });
     crate::serve::base_http_routes(ready).merge(crate::serve::metrics_route(render, access))

@@ -158,13 +158,9 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
         }));
         let stats = eval.stats.clone();
         let extra: flagmesh_mesh::metrics::ExtraMetrics = Arc::new(move |e| stats.render(e));
-        let router = flagmesh_mesh::metrics::relay_router(
-            ready,
-            relay.view(),
-            Some(extra),
-            security.metrics_access(),
-        )
-        .merge(crate::ofrep::router(eval.clone(), security.auth.clone()));
+        let router =
+            flagmesh_mesh::metrics::relay_router(ready, relay.view(), Some(extra), &security)
+                .merge(crate::ofrep::router(eval.clone(), security.auth.clone()));
         tasks.push(serve::spawn_http(router, &security, listener, &shutdown));
     }
     Ok(RunningPop {
