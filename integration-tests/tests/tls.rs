@@ -422,6 +422,11 @@ async fn mtls_mesh_serves_and_refuses_nodes_and_clients_without_trust() {
             value("flagmesh_tls_handshake_failures_total{listener=\"grpc\"}") >= 1.0,
             "{body}"
         );
+        let now = flagmesh_mesh::now_ms() as f64 / 1000.0;
+        assert!(
+            value("flagmesh_tls_certificate_expiry_timestamp_seconds{listener=\"grpc\"}") > now,
+            "{body}"
+        );
         // the hub's open mTLS stream (handshaken before) keeps replicating
         apply(control.grpc, &stranger.cert, "two").await;
         eventually("a change after rotation reaches the PoP", 20, || async {

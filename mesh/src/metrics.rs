@@ -186,6 +186,15 @@ pub fn tls(e: &mut Exposition, security: &crate::auth::Security) {
             e.sample(name, &[("listener", listener)], value(t) as f64);
         }
     }
+    let expiry = "flagmesh_tls_certificate_expiry_timestamp_seconds";
+    e.family(
+        expiry,
+        "gauge",
+        "When the certificate in use expires, Unix time (0: could not be read).",
+    );
+    for (listener, t) in &listeners {
+        e.sample(expiry, &[("listener", listener)], t.not_after() as f64);
+    }
 }
 
 /// What a node adds to its metrics beyond replication.

@@ -20,7 +20,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -193,6 +193,16 @@ pub struct ServerTls {
     reloads: AtomicU64,
     reload_failures: AtomicU64,
     handshake_failures: AtomicU64,
+    /// When the certificate in use expires, Unix seconds (0: unknown).
+    not_after: AtomicI64,
+}
+
+/// When the leaf (first) certificate of a PEM chain expires, in Unix
+/// seconds; `None` when it cannot be parsed.
+pub fn certificate_not_after(path: &Path) -> Option<i64> {
+    let certs = load_certs("certificate", path).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// ALPN of gRPC listeners.
@@ -208,15 +218,19 @@ impl ServerTls {
     pub fn load(files: ServerTlsFiles, alpn: &[&'static [u8]]) -> Result<Arc<Self>, TlsError> {
         let stamp = files.stamp();
         let config = files.build(alpn)?;
-        Ok(Arc::new(Self {
-            files,
-            alpn: alpn.to_vec(),
-            config: ArcSwap::from_pointee(config),
-            stamp: Mutex::new(stamp),
-            reloads: AtomicU64::new(0),
-            reload_failures: AtomicU64::new(0),
-            handshake_failures: AtomicU64::new(0),
-        }))
+        Ok(Arc::new(
+            Self {
+                files,
+                alpn: alpn.to_vec(),
+                config: ArcSwap::from_pointee(config),
+                stamp: Mutex::new(stamp),
+                reloads: AtomicU64::new(0),
+                reload_failures: AtomicU64::new(0),
+                handshake_failures: AtomicU64::new(0),
+                not_after: AtomicI64::new(0),
+            }
+            .with_expiry(),
+        ))
     }
 
     /// The files this listener uses.
@@ -246,6 +260,10 @@ impl ServerTls {
             Ok(config) => {
                 self.config.store(Arc::new(config));
                 self.reloads.fetch_add(1, Ordering::Relaxed);
+                self.not_after.store(
+                    certificate_not_after(&self.files.cert).unwrap_or(0),
+                    Ordering::Relaxed,
+                );
                 Ok(true)
             }
             Err(e) => {
@@ -281,6 +299,19 @@ impl ServerTls {
                 }
             }
         })
+    }
+
+    fn with_expiry(self) -> Self {
+        self.not_after.store(
+            certificate_not_after(&self.files.cert).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        self
+    }
+
+    /// When the certificate in use expires, Unix seconds (0: unknown).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
     }
 
     /// Successful reloads so far.
@@ -477,8 +508,18 @@ mod tests {
 
         /// (certificate PEM, key PEM)
         fn issue(&self, usage: ExtendedKeyUsagePurpose) -> (String, String) {
+            self.issue_until(usage, (2100, 1, 1))
+        }
+
+        /// Valid until the start of (year, month, day), UTC.
+        fn issue_until(
+            &self,
+            usage: ExtendedKeyUsagePurpose,
+            until: (i32, u8, u8),
+        ) -> (String, String) {
             let mut p = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
             p.extended_key_usages = vec![usage];
+            p.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
             let key = KeyPair::generate().expect("key");
             let cert = p.signed_by(&key, &self.0).expect("sign");
             (cert.pem(), key.serialize_pem())
@@ -588,6 +629,11 @@ mod tests {
             require_client_cert: false,
         };
         let tls = ServerTls::load(files.clone(), ALPN_GRPC).expect("load");
+        let first_expiry = tls.not_after();
+        assert!(
+            first_expiry > crate::now_ms() / 1000,
+            "expiry {first_expiry}"
+        );
         assert!(matches!(tls.reload_if_changed(), Ok(false)));
         assert!(handshake(&tls, &ca1, None).await.is_ok());
         assert!(handshake(&tls, &ca2, None).await.is_err());
@@ -601,11 +647,17 @@ mod tests {
         assert!(handshake(&tls, &ca1, None).await.is_ok());
 
         // rotated to a certificate of another CA: picked up
-        let (cert, key) = ca2.issue(ExtendedKeyUsagePurpose::ServerAuth);
+        let (cert, key) = ca2.issue_until(ExtendedKeyUsagePurpose::ServerAuth, (2033, 5, 18));
         std::fs::write(&files.key, key).expect("write");
         std::fs::write(&files.cert, cert).expect("write");
         assert!(matches!(tls.reload_if_changed(), Ok(true)));
         assert_eq!(tls.reloads(), 1);
+        // 2033-05-18T00:00:00Z
+        assert_eq!(
+            tls.not_after(),
+            1_999_987_200,
+            "the new certificate's expiry"
+        );
         assert!(handshake(&tls, &ca2, None).await.is_ok());
         assert!(handshake(&tls, &ca1, None).await.is_err());
     }
