@@ -164,6 +164,9 @@ pub enum ConfigError {
     /// A certificate, key or CA could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// An option's value is out of range.
+    #[error("{0}")]
+    Invalid(String),
     /// A required option is missing.
     #[error("{0}")]
     Missing(String),
@@ -302,6 +305,30 @@ impl CommonArgs {
             })
             .transpose()?;
         let d = Limits::default();
+        let rate = self.admin_rate.unwrap_or(d.admin_rate_per_sec);
+        let burst = self.admin_burst.unwrap_or(d.admin_burst);
+        if !(rate.is_finite() && rate >= 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "--admin-rate {rate}: calls per second, 0 or more (0: no limit)"
+            )));
+        }
+        if !(burst.is_finite() && burst >= 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "--admin-burst {burst}: at least 1"
+            )));
+        }
+        let max_flags = self.max_flags_per_set.unwrap_or(d.max_flags_per_set);
+        if max_flags == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-flags-per-set 0: a flag set must be able to hold a flag".into(),
+            ));
+        }
+        let max_message = self.max_message_bytes.unwrap_or(d.max_message_bytes);
+        if max_message < 64 << 10 {
+            return Err(ConfigError::Invalid(format!(
+                "--max-message-bytes {max_message}: at least 65536 (one flag may be 256 KiB)"
+            )));
+        }
         Ok(Security {
             auth,
             grpc_tls,
@@ -309,10 +336,10 @@ impl CommonArgs {
             tls_reload: Duration::from_millis(self.tls_reload_ms.unwrap_or(2_000).max(50)),
             limits: Limits {
                 streams_per_client: self.max_streams_per_client.unwrap_or(d.streams_per_client),
-                admin_rate_per_sec: self.admin_rate.unwrap_or(d.admin_rate_per_sec),
-                admin_burst: self.admin_burst.unwrap_or(d.admin_burst),
-                max_message_bytes: self.max_message_bytes.unwrap_or(d.max_message_bytes),
-                max_flags_per_set: self.max_flags_per_set.unwrap_or(d.max_flags_per_set),
+                admin_rate_per_sec: rate,
+                admin_burst: burst,
+                max_message_bytes: max_message,
+                max_flags_per_set: max_flags,
                 metrics_public: self.metrics_public,
                 ..d
             },
@@ -403,4 +430,87 @@ fn otlp_provider(
                 .build(),
         )
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev() -> CommonArgs {
+        CommonArgs {
+            insecure_dev: true,
+            ..CommonArgs::default()
+        }
+    }
+
+    #[test]
+    fn plaintext_must_be_asked_for() {
+        let mut a = CommonArgs {
+            tokens: Some(format!("ops:read:{}", crate::auth::hash_token("x"))),
+            ..CommonArgs::default()
+        };
+        let e = a.security().err().map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("--plaintext") && m.contains("--tls-cert")));
+        a.plaintext = true;
+        assert!(
+            a.security()
+                .is_ok_and(|s| s.grpc_tls.is_none() && s.http_tls.is_none())
+        );
+        a.tls_client_ca = Some("ca.pem".into());
+        assert!(a.security().is_err(), "a client CA without a certificate");
+    }
+
+    #[test]
+    fn limits_out_of_range_are_refused_with_the_option_named() {
+        for (args, option) in [
+            (
+                CommonArgs {
+                    admin_rate: Some(-1.0),
+                    ..dev()
+                },
+                "--admin-rate",
+            ),
+            (
+                CommonArgs {
+                    admin_rate: Some(f64::NAN),
+                    ..dev()
+                },
+                "--admin-rate",
+            ),
+            (
+                CommonArgs {
+                    admin_burst: Some(0.5),
+                    ..dev()
+                },
+                "--admin-burst",
+            ),
+            (
+                CommonArgs {
+                    max_flags_per_set: Some(0),
+                    ..dev()
+                },
+                "--max-flags-per-set",
+            ),
+            (
+                CommonArgs {
+                    max_message_bytes: Some(100),
+                    ..dev()
+                },
+                "--max-message-bytes",
+            ),
+        ] {
+            let e = args.security().err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|m| m.contains(option)),
+                "{option}: {e:?}"
+            );
+        }
+        let ok = CommonArgs {
+            admin_rate: Some(0.0),
+            max_streams_per_client: Some(0),
+            ..dev()
+        }
+        .security();
+        assert!(ok.is_ok_and(|s| s.limits.admin_rate_per_sec == 0.0 && s.limits.streams_per_client == 0));
+    }
 }
