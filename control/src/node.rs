@@ -165,7 +165,6 @@ fn http_routes(
     propagation: Arc<Propagation>,
     security: &Security,
 ) -> axum::Router {
-    use axum::response::IntoResponse as _;
     let (store2, propagation2, security2) = (store.clone(), propagation.clone(), security.clone());
     let render = Arc::new(move || {
         let mut e = flagmesh_mesh::metrics::Exposition::default();
@@ -194,14 +193,11 @@ fn http_routes(
         auth: security.auth.clone(),
         requirement: Requirement::Read,
     };
-    let api = axum::routing::get(move |headers: axum::http::HeaderMap| {
-        let (store, propagation, access) = (store.clone(), propagation.clone(), access.clone());
+    let api = axum::routing::get(move || {
+        let (store, propagation) = (store.clone(), propagation.clone());
         async move {
-            if let Err((status, message)) = access.check(&headers) {
-                return (status, format!("{message}\n")).into_response();
-            }
             let head = store.head().map(|h| h.revision).unwrap_or(0);
-            axum::Json(crate::propagation::view_json(&propagation.view(head, 30))).into_response()
+            axum::Json(crate::propagation::view_json(&propagation.view(head, 30)))
         }
     });
     serve::base_http_routes(ready)
@@ -210,5 +206,5 @@ fn http_routes(
             "/",
             axum::routing::get(|| async { axum::response::Html(STATUS_PAGE) }),
         )
-        .route("/api/propagation", api)
+        .merge(access.guard(axum::Router::new().route("/api/propagation", api)))
 }

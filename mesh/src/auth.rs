@@ -591,6 +591,25 @@ impl HttpAccess {
     }
 }
 
+impl HttpAccess {
+    /// `router`'s routes behind this check: a refused request gets the
+    /// status (401 or 403) and the reason as text, and never reaches them.
+    pub fn guard(self, router: axum::Router) -> axum::Router {
+        use axum::response::IntoResponse as _;
+        router.route_layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let refused = self.check(request.headers()).err();
+                async move {
+                    match refused {
+                        None => next.run(request).await,
+                        Some((status, message)) => (status, format!("{message}\n")).into_response(),
+                    }
+                }
+            },
+        ))
+    }
+}
+
 /// The HTTP status of an access error.
 pub fn http_status(status: &Status) -> http::StatusCode {
     match status.code() {

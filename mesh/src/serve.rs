@@ -258,15 +258,11 @@ pub fn metrics_route(
     render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
     access: HttpAccess,
 ) -> axum::Router {
-    use axum::response::IntoResponse as _;
-    axum::Router::new().route(
+    access.guard(axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move |headers: axum::http::HeaderMap| {
-            let (render, access) = (render.clone(), access.clone());
+        axum::routing::get(move || {
+            let render = render.clone();
             async move {
-                if let Err((status, message)) = access.check(&headers) {
-                    return (status, format!("{message}\n")).into_response();
-                }
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
@@ -274,10 +270,9 @@ pub fn metrics_route(
                     )],
                     render(),
                 )
-                    .into_response()
             }
         }),
-    )
+    ))
 }
 
 /// Serves HTTP on `listener` until `shutdown`.

@@ -15,7 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
-use flagmesh_mesh::auth::{Authenticator, Requirement};
+use flagmesh_mesh::auth::{Authenticator, HttpAccess, Requirement};
 use serde_json::{Map, Value, json};
 
 use crate::evaluation::{EvalContext, Outcome, resolve, resolve_flag};
@@ -23,7 +23,7 @@ use crate::evaluation::{EvalContext, Outcome, resolve, resolve_flag};
 #[derive(Clone)]
 struct Ofrep {
     ctx: EvalContext,
-    auth: Arc<Authenticator>,
+    access: HttpAccess,
 }
 
 /// The OFREP routes.
@@ -34,7 +34,13 @@ pub fn router(ctx: EvalContext, auth: Arc<Authenticator>) -> axum::Router {
             axum::routing::post(single),
         )
         .route("/ofrep/v1/evaluate/flags", axum::routing::post(bulk))
-        .with_state(Ofrep { ctx, auth })
+        .with_state(Ofrep {
+            ctx,
+            access: HttpAccess {
+                auth,
+                requirement: Requirement::Evaluate,
+            },
+        })
 }
 
 fn error_body(key: &str, code: &str, details: &str) -> Value {
@@ -104,17 +110,10 @@ fn prepare(
     body: &Bytes,
     key: &str,
 ) -> Result<(String, Value), (StatusCode, Value)> {
-    let principal = match s.auth.authorize(headers, Requirement::Evaluate) {
-        Ok(p) => p,
-        Err(st) => {
-            let code = if st.code() == tonic::Code::Unauthenticated {
-                StatusCode::UNAUTHORIZED
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            return Err((code, error_body(key, "GENERAL", st.message())));
-        }
-    };
+    let principal = s
+        .access
+        .check(headers)
+        .map_err(|(status, message)| (status, error_body(key, "GENERAL", &message)))?;
     let selector = headers
         .get("flagd-selector")
         .and_then(|v| v.to_str().ok())
