@@ -99,8 +99,16 @@ pub fn load_certs(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(what, path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    parse_certs(what, path, &read(what, path)?)
+}
+
+/// Every certificate of PEM `bytes` read from `path` (at least one).
+fn parse_certs(
+    what: &'static str,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(what, path, e))?;
     if certs.is_empty() {
@@ -111,8 +119,19 @@ pub fn load_certs(
 
 /// Reads the private key of a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read("key", path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| pem_error("key", path, e))
+    parse_key(path, &read("key", path)?)
+}
+
+/// The private key in PEM `bytes` read from `path`.
+fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|e| pem_error("key", path, e))
+}
+
+/// When a certificate expires, in Unix seconds; `None` when it cannot be
+/// parsed as X.509.
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -133,9 +152,11 @@ fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
 }
 
 impl ServerTlsFiles {
-    /// A rustls server configuration from the files, offering `alpn`.
-    pub fn build(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+    /// A rustls server configuration from the files, offering `alpn`, and
+    /// when its certificate expires (Unix seconds; 0 when it cannot be read).
+    pub fn build(&self, alpn: &[&[u8]]) -> Result<(rustls::ServerConfig, i64), TlsError> {
         let certs = load_certs("certificate", &self.cert)?;
+        let expires = certs.first().and_then(not_after).unwrap_or(0);
         let key = load_key(&self.key)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -162,7 +183,7 @@ impl ServerTlsFiles {
         };
         let mut config = builder.with_single_cert(certs, key).map_err(rustls_error)?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(config)
+        Ok((config, expires))
     }
 
     fn paths(&self) -> impl Iterator<Item = &PathBuf> {
@@ -197,14 +218,6 @@ pub struct ServerTls {
     not_after: AtomicI64,
 }
 
-/// When the leaf (first) certificate of a PEM chain expires, in Unix
-/// seconds; `None` when it cannot be parsed.
-pub fn certificate_not_after(path: &Path) -> Option<i64> {
-    let certs = load_certs("certificate", path).ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
-    Some(cert.validity().not_after.timestamp())
-}
-
 /// ALPN of gRPC listeners.
 pub const ALPN_GRPC: &[&[u8]] = &[b"h2"];
 /// ALPN of HTTP listeners (HTTP/1.1 only).
@@ -217,20 +230,17 @@ impl ServerTls {
     /// Loads the files; an error names the file and what is wrong.
     pub fn load(files: ServerTlsFiles, alpn: &[&'static [u8]]) -> Result<Arc<Self>, TlsError> {
         let stamp = files.stamp();
-        let config = files.build(alpn)?;
-        Ok(Arc::new(
-            Self {
-                files,
-                alpn: alpn.to_vec(),
-                config: ArcSwap::from_pointee(config),
-                stamp: Mutex::new(stamp),
-                reloads: AtomicU64::new(0),
-                reload_failures: AtomicU64::new(0),
-                handshake_failures: AtomicU64::new(0),
-                not_after: AtomicI64::new(0),
-            }
-            .with_expiry(),
-        ))
+        let (config, expires) = files.build(alpn)?;
+        Ok(Arc::new(Self {
+            files,
+            alpn: alpn.to_vec(),
+            config: ArcSwap::from_pointee(config),
+            stamp: Mutex::new(stamp),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+            handshake_failures: AtomicU64::new(0),
+            not_after: AtomicI64::new(expires),
+        }))
     }
 
     /// The files this listener uses.
@@ -257,13 +267,10 @@ impl ServerTls {
             *seen = now;
         }
         match self.files.build(&self.alpn) {
-            Ok(config) => {
+            Ok((config, expires)) => {
                 self.config.store(Arc::new(config));
+                self.not_after.store(expires, Ordering::Relaxed);
                 self.reloads.fetch_add(1, Ordering::Relaxed);
-                self.not_after.store(
-                    certificate_not_after(&self.files.cert).unwrap_or(0),
-                    Ordering::Relaxed,
-                );
                 Ok(true)
             }
             Err(e) => {
@@ -299,14 +306,6 @@ impl ServerTls {
                 }
             }
         })
-    }
-
-    fn with_expiry(self) -> Self {
-        self.not_after.store(
-            certificate_not_after(&self.files.cert).unwrap_or(0),
-            Ordering::Relaxed,
-        );
-        self
     }
 
     /// When the certificate in use expires, Unix seconds (0: unknown).
@@ -435,20 +434,19 @@ impl ClientTls {
     /// tonic's client TLS configuration, from the files as they are now.
     pub fn config(&self) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
         let mut config = tonic::transport::ClientTlsConfig::new();
+        // each file is read once and parsed here, so a bad one gets an error
+        // naming it rather than a failed handshake later
         if let Some(ca) = &self.ca {
-            // parse here so a bad file gets a clear error
-            load_certs("CA", ca)?;
-            config =
-                config.ca_certificate(tonic::transport::Certificate::from_pem(read("CA", ca)?));
+            let pem = read("CA", ca)?;
+            parse_certs("CA", ca, &pem)?;
+            config = config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
         }
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
-                load_certs("client certificate", cert)?;
-                load_key(key)?;
-                config = config.identity(tonic::transport::Identity::from_pem(
-                    read("client certificate", cert)?,
-                    read("key", key)?,
-                ));
+                let (cert_pem, key_pem) = (read("client certificate", cert)?, read("key", key)?);
+                parse_certs("client certificate", cert, &cert_pem)?;
+                parse_key(key, &key_pem)?;
+                config = config.identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
             }
             (None, None) => {}
             _ => {
