@@ -109,13 +109,12 @@ pub async fn start(
     );
     let propagation = Arc::new(Propagation::default());
 
-    let grpc = serve::bind(config.listen).await?;
-    let grpc_addr = grpc.local_addr()?;
-    let http = match config.http_listen {
-        Some(a) => Some(serve::bind(a).await?),
-        None => None,
-    };
-    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+    let serve::Listeners {
+        grpc,
+        grpc_addr,
+        http,
+        http_addr,
+    } = serve::bind_listeners(config.listen, config.http_listen).await?;
 
     let routes = tonic::service::Routes::new(
         AdminServer::new(AdminService::new(

@@ -67,13 +67,12 @@ pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::
     );
     let position = replica.position();
     tracing::info!(revision = position.revision, history_id = %position.history_id, "replica opened");
-    let grpc = serve::bind(config.listen).await?;
-    let grpc_addr = grpc.local_addr()?;
-    let http = match config.http_listen {
-        Some(a) => Some(serve::bind(a).await?),
-        None => None,
-    };
-    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+    let serve::Listeners {
+        grpc,
+        grpc_addr,
+        http,
+        http_addr,
+    } = serve::bind_listeners(config.listen, config.http_listen).await?;
     let shutdown = Shutdown::new();
     let relay = Relay::start(config.relay.clone(), replica, None, shutdown.clone())?;
 

@@ -90,6 +90,37 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// A node's listeners, bound before anything is served.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC listener.
+    pub grpc: TcpListener,
+    /// Its bound address.
+    pub grpc_addr: SocketAddr,
+    /// The HTTP listener, if the node has one.
+    pub http: Option<TcpListener>,
+    /// Its bound address.
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// Binds the gRPC listener and, if asked for, the HTTP one.
+pub async fn bind_listeners(
+    grpc: SocketAddr,
+    http: Option<SocketAddr>,
+) -> std::io::Result<Listeners> {
+    let grpc = bind(grpc).await?;
+    let http = match http {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    Ok(Listeners {
+        grpc_addr: grpc.local_addr()?,
+        http_addr: http.as_ref().map(TcpListener::local_addr).transpose()?,
+        grpc,
+        http,
+    })
+}
+
 /// Prints the ready line scripts and tests wait for:
 /// `flagmesh ready grpc=ADDR http=ADDR` (`http=-` without an HTTP listener).
 pub fn print_ready(grpc: SocketAddr, http: Option<SocketAddr>) {
