@@ -159,6 +159,19 @@ pub fn digest_of(state: &SourceSnapshot) -> u64 {
     .0
 }
 
+/// A flag's hash as of the part of a delta applied so far: what the delta
+/// already set it to, else what the replica holds.
+fn current_hash(
+    changed: &HashMap<(String, String), Option<u64>>,
+    held: &HashMap<(String, String), u64>,
+    id: &(String, String),
+) -> Option<u64> {
+    match changed.get(id) {
+        Some(h) => *h,
+        None => held.get(id).copied(),
+    }
+}
+
 /// The digest contribution of a flag set's metadata.
 pub fn set_hash(set: &FlagSet) -> u64 {
     let md = set.metadata.as_ref().map(struct_to_map).unwrap_or_default();
@@ -390,35 +403,25 @@ impl ReplicaStore {
             });
         }
         let mut digest = StateDigest(inner.position.digest);
-        let mut flag_changes: Vec<((String, String), Option<u64>)> = Vec::new();
+        // each flag's hash after this delta (None: deleted), by flag
+        let mut flag_changes: HashMap<(String, String), Option<u64>> = HashMap::new();
         let mut set_changes: Vec<(String, Option<u64>)> = Vec::new();
         let mut batch = sled::Batch::default();
         for r in &d.deletes {
             let id = (r.flag_set.clone(), r.key.clone());
-            let old = flag_changes
-                .iter()
-                .rev()
-                .find(|(k, _)| *k == id)
-                .map(|(_, h)| *h)
-                .unwrap_or_else(|| inner.flag_hashes.get(&id).copied());
-            if let Some(old) = old {
+            if let Some(old) = current_hash(&flag_changes, &inner.flag_hashes, &id) {
                 digest.remove(old);
             }
             batch.remove(flag_key(&r.flag_set, &r.key));
-            flag_changes.push((id, None));
+            flag_changes.insert(id, None);
         }
         for f in &d.upserts {
             let id = (f.flag_set.clone(), f.key.clone());
-            let old = flag_changes
-                .iter()
-                .rev()
-                .find(|(k, _)| *k == id)
-                .map(|(_, h)| *h)
-                .unwrap_or_else(|| inner.flag_hashes.get(&id).copied());
+            let old = current_hash(&flag_changes, &inner.flag_hashes, &id);
             let new = flag_hash(&f.flag_set, &f.key, &f.definition_json);
             digest.replace(old, Some(new));
             batch.insert(flag_key(&f.flag_set, &f.key), f.encode_to_vec());
-            flag_changes.push((id, Some(new)));
+            flag_changes.insert(id, Some(new));
         }
         for s in &d.flag_set_deletes {
             if let Some(old) = inner.set_hashes.get(s) {
