@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
+use flagmesh_client::identity::principal;
 use flagmesh_engine::{FlagDefinition, FlagDocument, Strictness};
 use flagmesh_mesh::Fanout;
-use flagmesh_mesh::auth::principal;
 use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::admin_server::Admin;
 use flagmesh_proto::v1::*;

@@ -7,10 +7,8 @@
 //!   concurrency, dry-run diffs).
 //! - [`propagation`]: which node has applied which revision.
 //! - [`node`]: assembling and running a control node.
-//! - [`cli`]: the `flagctl` operator CLI's commands and output.
 
 pub mod admin;
-pub mod cli;
 pub mod error;
 pub mod node;
 pub mod propagation;

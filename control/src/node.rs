@@ -1,6 +1,6 @@
-//! Assembles a control-plane node: store, fan-out, Admin and Sync services
-//! behind the auth layer, health and reflection, the HTTP listener, and
-//! graceful shutdown.
+//! Assembles a control-plane node with the shared node builder: store,
+//! fan-out, the Admin and Sync services with their access policies, the
+//! status page and its API, and the control plane's metrics.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use flagmesh_mesh::auth::{HttpAccess, Requirement, Security, common_requirement};
-use flagmesh_mesh::serve::{self, Readiness, Shutdown};
+use flagmesh_mesh::metrics::FanoutMetrics;
 use flagmesh_mesh::sync_service::SyncService;
 use flagmesh_mesh::{Fanout, FanoutConfig, Head};
 use flagmesh_proto::v1::admin_server::AdminServer;
+use flagmesh_server::http_access::HttpAccess;
+use flagmesh_server::{
+    MethodPolicy, NodeBuilder, Requirement, RunningNode, Security, ServicePolicy,
+};
+use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::admin::AdminService;
 use crate::propagation::Propagation;
@@ -31,24 +35,60 @@ pub struct ControlConfig {
     pub retain_revisions: u64,
     /// Fan-out tuning (heartbeat, ring, cut-off deadline).
     pub fanout: FanoutConfig,
-    /// How long shutdown waits for connections to finish.
+    /// How long a stop waits, in all, for connections and tasks.
     pub drain: Duration,
+    /// Largest Admin request, in bytes.
+    pub max_message_bytes: usize,
+    /// Flags one flag set may hold.
+    pub max_flags_per_set: usize,
 }
 
-/// The access policy of the control plane's methods.
-pub fn requirement(path: &str) -> Requirement {
-    if let Some(r) = common_requirement(path) {
-        return r;
+impl ControlConfig {
+    /// The defaults of everything but where it listens and stores.
+    pub fn new(listen: SocketAddr, http_listen: Option<SocketAddr>, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            http_listen,
+            data_dir,
+            retain_revisions: 10_000,
+            fanout: FanoutConfig::default(),
+            drain: Duration::from_secs(5),
+            max_message_bytes: 16 << 20,
+            max_flags_per_set: 10_000,
+        }
     }
-    let Some(method) = path.strip_prefix("/flagmesh.v1.Admin/") else {
-        return Requirement::Admin;
-    };
-    match method {
-        "GetFlag" | "ListFlags" | "ListFlagSets" | "ExportFlagSet" | "ListHistory"
-        | "GetRevision" | "GetPropagation" => Requirement::Read,
-        "CreateFlag" | "UpdateFlag" | "DeleteFlag" | "ApplyFlagSet" => Requirement::Write,
-        _ => Requirement::Admin,
-    }
+}
+
+/// What the control plane's services ask of callers: reading needs a read
+/// credential, changing a write one, anything else (deleting a flag set)
+/// an admin; every Admin call is rate limited per credential. Sync is for
+/// mesh nodes.
+pub fn policies() -> [ServicePolicy; 2] {
+    let read = MethodPolicy::unary(Requirement::Read).rate_limited();
+    let write = MethodPolicy::unary(Requirement::Write).rate_limited();
+    [
+        ServicePolicy::new(
+            "flagmesh.v1.Admin",
+            MethodPolicy::unary(Requirement::Admin).rate_limited(),
+        )
+        .methods(
+            &[
+                "GetFlag",
+                "ListFlags",
+                "ListFlagSets",
+                "ExportFlagSet",
+                "ListHistory",
+                "GetRevision",
+                "GetPropagation",
+            ],
+            read,
+        )
+        .methods(
+            &["CreateFlag", "UpdateFlag", "DeleteFlag", "ApplyFlagSet"],
+            write,
+        ),
+        ServicePolicy::new("flagmesh.v1.Sync", MethodPolicy::stream(Requirement::Mesh)),
+    ]
 }
 
 /// A running control node.
@@ -57,21 +97,16 @@ pub struct RunningControl {
     pub grpc_addr: SocketAddr,
     /// The bound HTTP address.
     pub http_addr: Option<SocketAddr>,
-    /// Triggers shutdown.
-    pub shutdown: Shutdown,
     /// The store.
     pub store: Arc<SledStore>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    drain: Duration,
+    node: RunningNode,
 }
 
 impl RunningControl {
-    /// Stops accepting, then waits for connections at most the drain deadline.
-    pub async fn stop(self) {
-        self.shutdown.trigger();
-        for t in self.tasks {
-            serve::drain(t, self.drain).await;
-        }
+    /// Stops accepting, then drains everything under one deadline; `true`
+    /// when everything ended in time.
+    pub async fn stop(self) -> bool {
+        self.node.stop().await
     }
 }
 
@@ -80,14 +115,19 @@ pub async fn start(
     config: ControlConfig,
     security: impl Into<Security>,
 ) -> anyhow::Result<RunningControl> {
-    let security: Security = security.into();
     let store = Arc::new(
         SledStore::open(&config.data_dir, config.retain_revisions)
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
     );
     let head = store.head()?;
     tracing::info!(revision = head.revision, history_id = %head.history_id, "store opened");
-    let shutdown = Shutdown::new();
+    let mut node = NodeBuilder::bind(
+        config.listen,
+        config.http_listen,
+        security.into(),
+        config.drain,
+    )
+    .await?;
     // the ring never holds more than the change log retains, so "compacted"
     // means the same thing to every subscriber
     let retain = usize::try_from(config.retain_revisions)
@@ -105,87 +145,89 @@ pub async fn start(
             upstream_connected: true,
         },
         fanout_config,
-        shutdown.clone(),
+        node.stop_token(),
     );
     let propagation = Arc::new(Propagation::default());
-
-    let serve::Listeners {
-        grpc,
-        grpc_addr,
-        http,
-        http_addr,
-    } = serve::bind_listeners(config.listen, config.http_listen).await?;
-
-    let routes = tonic::service::Routes::new(
-        AdminServer::new(AdminService::new(
-            store.clone(),
-            fanout.clone(),
-            propagation.clone(),
-            security.limits.max_flags_per_set,
-        ))
-        .max_decoding_message_size(security.limits.max_message_bytes),
-    )
-    .add_service(SyncService::server(fanout.clone(), propagation.clone()));
-    let routes =
-        serve::with_health_and_reflection(routes, &["flagmesh.v1.Admin", "flagmesh.v1.Sync"])?;
-    let mut tasks = serve::start_grpc(routes, &security, Arc::new(requirement), grpc, &shutdown);
-    let ready = Readiness::default();
-    ready.set(true);
-    if let Some(listener) = http {
-        let router = http_routes(
-            ready,
-            store.clone(),
-            fanout.clone(),
-            propagation.clone(),
-            &security,
-        );
-        tasks.push(serve::spawn_http(router, &security, listener, &shutdown));
-    }
+    node.readiness().set(true);
+    node.metrics().register_collector(Box::new(ControlMetrics {
+        store: store.clone(),
+        propagation: propagation.clone(),
+    }));
+    node.metrics()
+        .register_collector(Box::new(FanoutMetrics(fanout.clone())));
+    let http = http_routes(store.clone(), propagation.clone(), node.security());
+    let [admin, sync] = policies();
+    let node = node
+        .service(
+            AdminServer::new(AdminService::new(
+                store.clone(),
+                fanout.clone(),
+                propagation.clone(),
+                config.max_flags_per_set,
+            ))
+            .max_decoding_message_size(config.max_message_bytes),
+            admin,
+        )
+        .service(SyncService::server(fanout, propagation), sync)
+        .http_routes(http)
+        .start()?;
     Ok(RunningControl {
-        grpc_addr,
-        http_addr,
-        shutdown,
+        grpc_addr: node.grpc_addr,
+        http_addr: node.http_addr,
         store,
-        tasks,
-        drain: config.drain,
+        node,
     })
+}
+
+/// The control plane's own metrics: its head, its change log's window and
+/// the propagation view.
+struct ControlMetrics {
+    store: Arc<SledStore>,
+    propagation: Arc<Propagation>,
+}
+
+impl std::fmt::Debug for ControlMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlMetrics")
+    }
+}
+
+impl prometheus_client::collector::Collector for ControlMetrics {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let Ok(head) = self.store.head() else {
+            return Ok(());
+        };
+        flagmesh_mesh::metrics::gauge(
+            &mut e,
+            "flagmesh_control_revision",
+            "The newest committed revision.",
+            head.revision as f64,
+        )?;
+        flagmesh_mesh::metrics::gauge(
+            &mut e,
+            "flagmesh_control_oldest_revision",
+            "The oldest revision the change log holds.",
+            (head.compacted_through + 1) as f64,
+        )?;
+        crate::propagation::encode_metrics(
+            &mut e,
+            &self.propagation.view(head.revision, 20),
+            self.propagation.rejected_reports(),
+        )
+    }
 }
 
 /// The propagation page: one self-contained HTML page (no build step) that
 /// polls `api/propagation` every second.
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
-/// Control's HTTP routes: `/healthz`, `/readyz`, `/metrics`, the status
-/// page at `/`, and its data at `/api/propagation`.
+/// Control's own HTTP routes: the status page at `/`, and its data at
+/// `/api/propagation` (the node adds `/healthz`, `/readyz`, `/metrics`).
 fn http_routes(
-    ready: Readiness,
     store: Arc<SledStore>,
-    fanout: Arc<Fanout>,
     propagation: Arc<Propagation>,
     security: &Security,
 ) -> axum::Router {
-    let (store2, propagation2, security2) = (store.clone(), propagation.clone(), security.clone());
-    let render = Arc::new(move || {
-        let mut e = flagmesh_mesh::metrics::Exposition::default();
-        if let Ok(head) = store2.head() {
-            e.single(
-                "flagmesh_control_revision",
-                "gauge",
-                "The newest committed revision.",
-                head.revision as f64,
-            )
-            .single(
-                "flagmesh_control_oldest_revision",
-                "gauge",
-                "The oldest revision the change log holds.",
-                (head.compacted_through + 1) as f64,
-            );
-            crate::propagation::render_metrics(&mut e, &propagation2.view(head.revision, 20));
-        }
-        flagmesh_mesh::metrics::fanout(&mut e, &fanout);
-        flagmesh_mesh::metrics::tls(&mut e, &security2);
-        e.finish()
-    });
     // the page itself holds no data; what it shows needs a read credential
     // (the page sends the token given in its address: `/#token=...`)
     let access = HttpAccess {
@@ -196,11 +238,10 @@ fn http_routes(
         let (store, propagation) = (store.clone(), propagation.clone());
         async move {
             let head = store.head().map(|h| h.revision).unwrap_or(0);
-            axum::Json(crate::propagation::view_json(&propagation.view(head, 30)))
+            axum::Json(flagmesh_proto::view::view_json(&propagation.view(head, 30)))
         }
     });
-    serve::base_http_routes(ready)
-        .merge(serve::metrics_route(render, security.metrics_access()))
+    axum::Router::new()
         .route(
             "/",
             axum::routing::get(|| async { axum::response::Html(STATUS_PAGE) }),

@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use flagmesh_mesh::ReportSink;
-use flagmesh_proto::v1::{
-    GetPropagationResponse, NodeReport, NodeRole, NodeStatus, RevisionPropagation,
-};
+use flagmesh_mesh::{ReportSink, metrics};
+use flagmesh_proto::v1::{GetPropagationResponse, NodeReport, NodeStatus, RevisionPropagation};
+use flagmesh_proto::view::role_name;
+use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::store::now_ms;
 
@@ -28,6 +29,18 @@ struct NodeRecord {
 pub struct Propagation {
     nodes: Mutex<HashMap<String, NodeRecord>>,
     commits: Mutex<VecDeque<(u64, i64)>>,
+    /// Reports dropped because their node id is not a valid id.
+    rejected: AtomicU64,
+}
+
+/// Whether `id` may name a node: 1 to 128 ASCII letters, digits and
+/// `.-_:@/`. Ids arrive in remote reports and become label values and
+/// table cells, so nothing else is let in.
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:@/".contains(&b))
 }
 
 impl Propagation {
@@ -99,7 +112,12 @@ impl Propagation {
 
 impl ReportSink for Propagation {
     fn report(&self, report: NodeReport) {
-        if report.node_id.is_empty() {
+        if !valid_node_id(&report.node_id) {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                len = report.node_id.len(),
+                "report with an invalid node id dropped"
+            );
             return;
         }
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,79 +142,64 @@ impl ReportSink for Propagation {
     }
 }
 
-/// A node role's name.
-pub fn role_name(role: i32) -> &'static str {
-    match NodeRole::try_from(role) {
-        Ok(NodeRole::Control) => "control",
-        Ok(NodeRole::Hub) => "hub",
-        Ok(NodeRole::Pop) => "pop",
-        Ok(NodeRole::Sdk) => "sdk",
-        _ => "?",
+impl Propagation {
+    /// Reports dropped for an invalid node id.
+    pub fn rejected_reports(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
     }
 }
 
-/// The view as JSON (for `flagctl status -o json` and the status page).
-pub fn view_json(r: &GetPropagationResponse) -> serde_json::Value {
-    use serde_json::json;
-    json!({
-        "head_revision": r.head_revision,
-        "now_unix_ms": now_ms(),
-        "nodes": r.nodes.iter().map(|n| json!({
-            "node_id": n.node_id, "role": role_name(n.role), "region": n.region, "upstream": n.upstream,
-            "applied_revision": n.applied_revision, "lag_revisions": n.lag_revisions,
-            "last_report_unix_ms": n.last_report_unix_ms, "rejected_revision": n.rejected_revision,
-            "rejected_error": n.rejected_error, "via": n.via,
-        })).collect::<Vec<_>>(),
-        "revisions": r.revisions.iter().map(|p| json!({
-            "revision": p.revision, "committed_at_unix_ms": p.committed_at_unix_ms,
-            "nodes_applied": p.nodes_applied, "nodes_total": p.nodes_total,
-            "all_applied_after_ms": p.all_applied_after_ms,
-        })).collect::<Vec<_>>(),
-        "applied_distribution": r.applied_distribution.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-    })
-}
-
-/// The view's metrics: per node (applied revision, lag), node count, and
-/// the time the newest fully propagated revision took.
-pub fn render_metrics(e: &mut flagmesh_mesh::metrics::Exposition, r: &GetPropagationResponse) {
-    e.single(
+/// The view's metrics: per node (applied revision, lag), node count, the
+/// time the newest fully propagated revision took, and dropped reports.
+pub fn encode_metrics(
+    e: &mut DescriptorEncoder<'_>,
+    r: &GetPropagationResponse,
+    rejected_reports: u64,
+) -> std::fmt::Result {
+    metrics::gauge(
+        e,
         "flagmesh_nodes_known",
-        "gauge",
         "Nodes that have reported to the control plane.",
         r.nodes.len() as f64,
-    );
-    e.family(
+    )?;
+    let labels: Vec<[(&str, &str); 2]> = r
+        .nodes
+        .iter()
+        .map(|n| [("node", n.node_id.as_str()), ("role", role_name(n.role))])
+        .collect();
+    metrics::gauges(
+        e,
         "flagmesh_node_applied_revision",
-        "gauge",
         "The revision each node last reported applied.",
-    );
-    for n in &r.nodes {
-        e.sample(
-            "flagmesh_node_applied_revision",
-            &[("node", &n.node_id), ("role", role_name(n.role))],
-            n.applied_revision as f64,
-        );
-    }
-    e.family(
+        labels
+            .iter()
+            .zip(&r.nodes)
+            .map(|(l, n)| (&l[..], n.applied_revision as f64)),
+    )?;
+    metrics::gauges(
+        e,
         "flagmesh_node_lag_revisions",
-        "gauge",
         "Revisions each node is behind the control plane's head.",
-    );
-    for n in &r.nodes {
-        e.sample(
-            "flagmesh_node_lag_revisions",
-            &[("node", &n.node_id), ("role", role_name(n.role))],
-            n.lag_revisions as f64,
-        );
-    }
+        labels
+            .iter()
+            .zip(&r.nodes)
+            .map(|(l, n)| (&l[..], n.lag_revisions as f64)),
+    )?;
+    metrics::counter(
+        e,
+        "flagmesh_reports_rejected_total",
+        "Node reports dropped because their node id is not a valid id.",
+        rejected_reports,
+    )?;
     if let Some(ms) = r.revisions.iter().find_map(|p| p.all_applied_after_ms) {
-        e.single(
+        metrics::gauge(
+            e,
             "flagmesh_propagation_seconds",
-            "gauge",
             "Commit to applied at every node, for the newest revision every node has.",
             ms as f64 / 1000.0,
-        );
+        )?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -219,5 +222,26 @@ mod tests {
         assert_eq!(v.revisions[0].nodes_applied, 2);
         assert_eq!(v.revisions[0].all_applied_after_ms, Some(70));
         assert_eq!(v.applied_distribution.get(&5), Some(&2));
+    }
+
+    #[test]
+    fn reports_with_invalid_node_ids_are_dropped() {
+        let p = Propagation::default();
+        for id in ["", "a\"b", "x\ny", "evil}{", &"n".repeat(129)] {
+            p.report(NodeReport {
+                node_id: id.into(),
+                applied_revision: 1,
+                ..Default::default()
+            });
+        }
+        p.report(NodeReport {
+            node_id: "pop-eu.1:7071".into(),
+            applied_revision: 1,
+            ..Default::default()
+        });
+        let v = p.view(1, 1);
+        assert_eq!(v.nodes.len(), 1);
+        assert_eq!(v.nodes[0].node_id, "pop-eu.1:7071");
+        assert_eq!(p.rejected_reports(), 5);
     }
 }

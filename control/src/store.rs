@@ -9,6 +9,7 @@
 //! none of it. Commits are serialized by a lock, under which the caller's
 //! plan reads the current state and checks its preconditions.
 
+use flagmesh_mesh::keys;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -142,25 +143,6 @@ const META_REVISION: &[u8] = b"m:revision";
 const META_COMPACTED: &[u8] = b"m:compacted";
 const META_DIGEST: &[u8] = b"m:digest";
 
-fn flag_key(set: &str, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(3 + set.len() + key.len());
-    k.extend_from_slice(b"f:");
-    k.extend_from_slice(set.as_bytes());
-    k.push(0);
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-fn flag_prefix(set: &str) -> Vec<u8> {
-    let mut k = flag_key(set, "");
-    k.truncate(3 + set.len());
-    k
-}
-
-fn set_key(set: &str) -> Vec<u8> {
-    [b"s:".as_slice(), set.as_bytes()].concat()
-}
-
 fn rev_key(prefix: &[u8], rev: u64) -> Vec<u8> {
     [prefix, &rev.to_be_bytes()].concat()
 }
@@ -270,14 +252,14 @@ impl SledStore {
 impl StateView for SledStore {
     fn flag(&self, flag_set: &str, key: &str) -> Result<Option<Flag>, ControlError> {
         self.tree
-            .get(flag_key(flag_set, key))?
+            .get(keys::flag(flag_set, key))?
             .map(|v| Self::decode_flag(&v))
             .transpose()
     }
 
     fn flags_of(&self, flag_set: &str) -> Result<Vec<Flag>, ControlError> {
         self.tree
-            .scan_prefix(flag_prefix(flag_set))
+            .scan_prefix(keys::flags_of(flag_set))
             .map(|kv| Self::decode_flag(&kv?.1))
             .collect()
     }
@@ -285,7 +267,7 @@ impl StateView for SledStore {
     fn flag_set(&self, flag_set: &str) -> Result<Option<FlagSet>, ControlError> {
         Ok(self
             .tree
-            .get(set_key(flag_set))?
+            .get(keys::flag_set(flag_set))?
             .map(|v| FlagSet::decode(v.as_ref()))
             .transpose()?)
     }
@@ -307,12 +289,12 @@ impl FlagStore for SledStore {
         limit: usize,
     ) -> Result<Vec<Flag>, ControlError> {
         let prefix = match flag_set {
-            Some(s) => flag_prefix(s),
-            None => b"f:".to_vec(),
+            Some(s) => keys::flags_of(s),
+            None => keys::FLAGS.to_vec(),
         };
         let start = match after {
             Some((s, k)) => {
-                let mut k = flag_key(s, k);
+                let mut k = keys::flag(s, k);
                 k.push(0);
                 k
             }
@@ -331,7 +313,7 @@ impl FlagStore for SledStore {
 
     fn list_flag_sets(&self) -> Result<Vec<FlagSet>, ControlError> {
         self.tree
-            .scan_prefix(b"s:")
+            .scan_prefix(keys::FLAG_SETS)
             .map(|kv| Ok(FlagSet::decode(kv?.1.as_ref())?))
             .collect()
     }
@@ -385,7 +367,7 @@ impl FlagStore for SledStore {
                         before_json: String::from_utf8_lossy(&metadata_bytes(&old_md)).into_owned(),
                         after_json: String::new(),
                     });
-                    batch.remove(set_key(&old.id));
+                    batch.remove(keys::flag_set(&old.id));
                     delta.flag_set_deletes.push(old.id);
                 }
                 entry.1 = false;
@@ -465,7 +447,7 @@ impl FlagStore for SledStore {
                             .unwrap_or_default(),
                         after_json: String::from_utf8_lossy(def).into_owned(),
                     });
-                    batch.insert(flag_key(&flag.flag_set, &flag.key), flag.encode_to_vec());
+                    batch.insert(keys::flag(&flag.flag_set, &flag.key), flag.encode_to_vec());
                     delta.upserts.push(flag);
                 }
                 None => {
@@ -482,7 +464,7 @@ impl FlagStore for SledStore {
                         before_json: String::from_utf8_lossy(&old.definition_json).into_owned(),
                         after_json: String::new(),
                     });
-                    batch.remove(flag_key(&old.flag_set, &old.key));
+                    batch.remove(keys::flag(&old.flag_set, &old.key));
                     delta.deletes.push(FlagRef {
                         flag_set: old.flag_set,
                         key: old.key,
@@ -530,7 +512,7 @@ impl FlagStore for SledStore {
                     });
                 }
             }
-            batch.insert(set_key(id), record.encode_to_vec());
+            batch.insert(keys::flag_set(id), record.encode_to_vec());
         }
 
         if changes.is_empty() || dry_run {
@@ -602,7 +584,7 @@ impl FlagStore for SledStore {
         let head = self.read_head()?;
         let flags = self
             .tree
-            .scan_prefix(b"f:")
+            .scan_prefix(keys::FLAGS)
             .map(|kv| Self::decode_flag(&kv?.1))
             .collect::<Result<Vec<_>, _>>()?;
         let flag_sets = self.list_flag_sets()?;

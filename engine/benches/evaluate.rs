@@ -22,10 +22,10 @@ use criterion::Criterion;
 use flagmesh_engine::{CompiledFlag, FlagDefinition, Strictness};
 use serde_json::{Map, Value, json};
 
-#[path = "../tests/counting/mod.rs"]
-mod counting;
+use flagmesh_test_support::counting::{ALLOCATIONS, Counting};
 
-use counting::ALLOCATIONS;
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 /// One benchmark case: a flag and the request contexts it is evaluated with.
 struct Case {

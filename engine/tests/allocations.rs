@@ -3,7 +3,7 @@
 //! counting global allocator; this test binary holds a single test so no
 //! other thread allocates while it counts).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::hint::black_box;
 use std::sync::atomic::Ordering;
@@ -11,9 +11,10 @@ use std::sync::atomic::Ordering;
 use flagmesh_engine::{CompiledFlag, FlagDefinition, Reason, Strictness};
 use serde_json::{Map, json};
 
-mod counting;
+use flagmesh_test_support::counting::{ALLOCATIONS, Counting};
 
-use counting::ALLOCATIONS;
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 fn flag(raw: serde_json::Value) -> CompiledFlag {
     let def = FlagDefinition::from_json("f", &raw, &Map::new(), Strictness::Strict).unwrap();

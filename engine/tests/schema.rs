@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use flagmesh_engine::rule::inline_refs;
 use flagmesh_engine::{DocumentError, FlagDocument, Strictness, compile};
-use flagmesh_integration_tests::flagd_kit::json_files;
+use flagmesh_test_support::flagd_kit::json_files;
 
 fn schema_tests() -> PathBuf {
-    flagmesh_integration_tests::flagd_kit::package_dir().join("schemas/json/test")
+    flagmesh_test_support::flagd_kit::package_dir().join("schemas/json/test")
 }
 
 fn parse(path: &Path) -> Result<FlagDocument, DocumentError> {

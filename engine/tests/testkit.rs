@@ -17,7 +17,7 @@ use flagmesh_engine::{CompiledFlagSet, FlagDocument, Strictness, ValueType};
 use serde_json::{Map, Value, json};
 
 fn testbed() -> PathBuf {
-    flagmesh_integration_tests::flagd_kit::package_dir().join("flagd-testbed/evaluator")
+    flagmesh_test_support::flagd_kit::package_dir().join("flagd-testbed/evaluator")
 }
 
 /// The test kit's flags, compiled once like a flagd evaluator loads them.

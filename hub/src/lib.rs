@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use flagmesh_mesh::auth::{Requirement, Security, common_requirement};
+use flagmesh_mesh::metrics::RelayMetrics;
 use flagmesh_mesh::relay::{Relay, RelayConfig};
 use flagmesh_mesh::replica::ReplicaStore;
-use flagmesh_mesh::serve::{self, Readiness, Shutdown};
 use flagmesh_mesh::sync_service::SyncService;
+use flagmesh_server::{
+    MethodPolicy, NodeBuilder, Requirement, RunningNode, Security, ServicePolicy,
+};
 
 /// What a hub needs to start.
 #[derive(Debug, Clone)]
@@ -24,13 +26,13 @@ pub struct HubConfig {
     pub http_listen: Option<SocketAddr>,
     /// Following, fan-out and storage.
     pub relay: RelayConfig,
-    /// How long shutdown waits for connections.
+    /// How long a stop waits, in all, for connections and tasks.
     pub drain: Duration,
 }
 
-/// The hub's access policy: Sync needs the mesh credential.
-pub fn requirement(path: &str) -> Requirement {
-    common_requirement(path).unwrap_or(Requirement::Admin)
+/// The hub's one service: Sync, for mesh nodes only.
+pub fn sync_policy() -> ServicePolicy {
+    ServicePolicy::new("flagmesh.v1.Sync", MethodPolicy::stream(Requirement::Mesh))
 }
 
 /// A running hub.
@@ -39,27 +41,21 @@ pub struct RunningHub {
     pub grpc_addr: SocketAddr,
     /// The bound HTTP address.
     pub http_addr: Option<SocketAddr>,
-    /// Triggers shutdown.
-    pub shutdown: Shutdown,
     /// The relay (replica, fan-out, subscriber status).
     pub relay: Relay,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    drain: Duration,
+    node: RunningNode,
 }
 
 impl RunningHub {
-    /// Stops accepting, then drains.
-    pub async fn stop(self) {
-        self.shutdown.trigger();
-        for t in self.tasks.into_iter().chain(self.relay.tasks) {
-            serve::drain(t, self.drain).await;
-        }
+    /// Stops accepting, then drains everything under one deadline; `true`
+    /// when everything ended in time.
+    pub async fn stop(self) -> bool {
+        self.node.stop().await
     }
 }
 
 /// Opens the replica, binds, and starts following and serving.
 pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::Result<RunningHub> {
-    let security: Security = security.into();
     let replica = Arc::new(
         ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes).with_context(
             || format!("opening the replica in {}", config.relay.data_dir.display()),
@@ -67,41 +63,46 @@ pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::
     );
     let position = replica.position();
     tracing::info!(revision = position.revision, history_id = %position.history_id, "replica opened");
-    let serve::Listeners {
-        grpc,
-        grpc_addr,
-        http,
-        http_addr,
-    } = serve::bind_listeners(config.listen, config.http_listen).await?;
-    let shutdown = Shutdown::new();
-    let relay = Relay::start(config.relay.clone(), replica, None, shutdown.clone())?;
-
-    let routes = tonic::service::Routes::new(SyncService::server(
-        relay.fanout.clone(),
-        relay.reporter.clone(),
-    ));
-    let routes = serve::with_health_and_reflection(routes, &["flagmesh.v1.Sync"])?;
-    let mut tasks = serve::start_grpc(routes, &security, Arc::new(requirement), grpc, &shutdown);
-    if let Some(listener) = http {
-        let ready = Readiness::default();
-        let mut status = relay.status.clone();
-        let ready2 = ready.clone();
-        let replica = relay.replica.clone();
-        ready.set(replica.position().revision > 0);
-        tasks.push(tokio::spawn(async move {
-            while status.changed().await.is_ok() {
-                ready2.set(replica.position().revision > 0);
+    let mut node = NodeBuilder::bind(
+        config.listen,
+        config.http_listen,
+        security.into(),
+        config.drain,
+    )
+    .await?;
+    let relay = Relay::start(
+        config.relay.clone(),
+        replica,
+        None,
+        &node.stop_token(),
+        node.tasks(),
+    )?;
+    // ready once it holds a state
+    let ready = node.readiness();
+    let (mut status, replica) = (relay.status.clone(), relay.replica.clone());
+    ready.set(replica.position().revision > 0);
+    let stop = node.stop_token();
+    node.tasks().spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = status.changed() => if changed.is_err() { return },
             }
-        }));
-        let router = flagmesh_mesh::metrics::relay_router(ready, relay.view(), None, &security);
-        tasks.push(serve::spawn_http(router, &security, listener, &shutdown));
-    }
+            ready.set(replica.position().revision > 0);
+        }
+    });
+    node.metrics()
+        .register_collector(Box::new(RelayMetrics(relay.view())));
+    let node = node
+        .service(
+            SyncService::server(relay.fanout.clone(), relay.reporter.clone()),
+            sync_policy(),
+        )
+        .start()?;
     Ok(RunningHub {
-        grpc_addr,
-        http_addr,
-        shutdown,
+        grpc_addr: node.grpc_addr,
+        http_addr: node.http_addr,
         relay,
-        tasks,
-        drain: config.drain,
+        node,
     })
 }

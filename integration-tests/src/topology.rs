@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flagmesh_mesh::auth::{BearerToken, hash_token};
+use flagmesh_client::{BearerToken, hash_token};
 use flagmesh_proto::v1::admin_client::AdminClient;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
 use flagmesh_proto::v1::sync_client::SyncClient;

@@ -112,7 +112,7 @@ fn watch_revisions(
             let ch = tonic::transport::Channel::from_shared(format!("http://{a}"))
                 .unwrap()
                 .connect_lazy();
-            let token = flagmesh_mesh::auth::BearerToken::new(
+            let token = flagmesh_client::BearerToken::new(
                 secure.then_some(flagmesh_integration_tests::topology::EVAL_TOKEN),
             )
             .unwrap();

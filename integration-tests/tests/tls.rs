@@ -10,11 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flagmesh_client::ClientTls;
+use flagmesh_client::{BearerToken, hash_token};
 use flagmesh_integration_tests::certs::{Ca, CertFiles, install};
 use flagmesh_integration_tests::process::NodeProcess;
 use flagmesh_integration_tests::topology::{bin_dir, eventually, parse_response};
-use flagmesh_mesh::auth::{BearerToken, hash_token};
-use flagmesh_mesh::tls::ClientTls;
 use flagmesh_proto::v1::admin_client::AdminClient;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
 use flagmesh_proto::v1::sync_client::SyncClient;
@@ -115,7 +115,7 @@ async fn channel(
         key: client.map(|c| c.key.clone()),
         domain: None,
     };
-    flagmesh_mesh::tls::endpoint(&addr.to_string(), Some(&tls))?
+    flagmesh_client::endpoint(&addr.to_string(), Some(&tls))?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
@@ -163,7 +163,7 @@ async fn https_get(
     token: &str,
 ) -> std::io::Result<(u16, String)> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in flagmesh_mesh::tls::load_certs("CA", ca).map_err(std::io::Error::other)? {
+    for c in flagmesh_client::tls::load_certs("CA", ca).map_err(std::io::Error::other)? {
         roots.add(c).map_err(std::io::Error::other)?;
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(

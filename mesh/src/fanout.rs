@@ -24,8 +24,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::coalesce::{coalesce, filter_delta};
-use crate::serve::Shutdown;
 use crate::source::{SourceError, SyncSource};
+use tokio_util::sync::CancellationToken;
 
 /// Tuning of a fan-out.
 #[derive(Debug, Clone)]
@@ -105,17 +105,17 @@ pub struct Fanout {
     head: watch::Sender<Head>,
     source: Arc<dyn SyncSource>,
     config: FanoutConfig,
-    shutdown: Shutdown,
+    stop: CancellationToken,
     stats: FanoutStats,
 }
 
 impl Fanout {
-    /// A fan-out at `head`, serving from `source`, ending every stream on `shutdown`.
+    /// A fan-out at `head`, serving from `source`, ending every stream when `stop` is cancelled.
     pub fn new(
         source: Arc<dyn SyncSource>,
         head: Head,
         config: FanoutConfig,
-        shutdown: Shutdown,
+        stop: CancellationToken,
     ) -> Arc<Self> {
         let (tx, _) = watch::channel(head);
         Arc::new(Self {
@@ -123,7 +123,7 @@ impl Fanout {
             head: tx,
             source,
             config,
-            shutdown,
+            stop,
             stats: FanoutStats::default(),
         })
     }
@@ -248,8 +248,7 @@ impl Fanout {
         let mut cursor: Cursor = (!req.history_id.is_empty() && req.resume_revision > 0)
             .then(|| (req.history_id.as_str().into(), req.resume_revision));
         let mut head_rx = self.head.subscribe();
-        let shutdown = self.shutdown.wait();
-        tokio::pin!(shutdown);
+        let stop = self.stop.clone();
         loop {
             head_rx.borrow_and_update();
             // the common case (a live subscriber one entry behind, or up to
@@ -282,7 +281,7 @@ impl Fanout {
                 Err(_) => return Err("catch-up task failed"),
             }
             tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = stop.cancelled() => return Ok(()),
                 changed = head_rx.changed() => {
                     if changed.is_err() {
                         return Ok(());

@@ -1,31 +1,30 @@
-//! The flagmesh replication protocol and the plumbing every node shares.
+//! The flagmesh replication protocol, and nothing of server plumbing.
 //!
 //! - [`fanout`]: the server side of `Subscribe` (shared ring of encoded
 //!   deltas, per-subscriber cursors, catch-up, heartbeats, cut-off of slow
 //!   subscribers), over a [`source::SyncSource`].
 //! - [`coalesce`]: merging deltas and filtering them by flag set.
 //! - [`sync_service`]: the `flagmesh.v1.Sync` gRPC service.
-//! - [`auth`], [`config`], [`serve`]: credentials, common options, and
-//!   server plumbing (listeners, ready line, health, reflection, shutdown).
-//! - [`tls`], [`limits`]: TLS on listeners and mesh links (certificates
-//!   reloaded when their files change), streams per client, rate limits.
+//! - [`subscriber`], [`replica`], [`compiled`]: following upstreams into a
+//!   sled replica with atomic apply, and the compiled in-memory state.
+//! - [`reporter`], [`relay`]: reports upward, and what hubs and PoPs share.
+//! - [`keys`]: the sled key layout of every flag store.
+//! - [`metrics`]: replication metrics as prometheus-client collectors.
+//! - `args` (feature `cli`): the command-line options of relays.
 
-pub mod auth;
+#[cfg(feature = "cli")]
+pub mod args;
 pub mod coalesce;
 pub mod compiled;
-pub mod config;
 pub mod fanout;
-pub mod limits;
+pub mod keys;
 pub mod metrics;
-pub mod node_args;
 pub mod relay;
 pub mod replica;
 pub mod reporter;
-pub mod serve;
 pub mod source;
 pub mod subscriber;
 pub mod sync_service;
-pub mod tls;
 
 pub use fanout::{Cursor, Fanout, FanoutConfig, Head};
 pub use source::{ReportSink, SourceError, SourceSnapshot, SyncSource};

@@ -13,10 +13,11 @@ use tokio::sync::watch;
 use crate::fanout::{Fanout, FanoutConfig, Head};
 use crate::replica::{Applied, ApplyError, ReplicaSource, ReplicaStore};
 use crate::reporter::Reporter;
-use crate::serve::Shutdown;
 use crate::subscriber::{
     ReplicaObserver, Subscriber, SubscriberConfig, SubscriberStats, SyncStatus,
 };
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How a relay runs.
 #[derive(Debug, Clone)]
@@ -45,11 +46,9 @@ pub struct Relay {
     pub stats: Arc<SubscriberStats>,
     /// Sends reports upward; also the sink for the subtree's reports.
     pub reporter: Arc<Reporter>,
-    /// The background tasks.
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// The shareable parts of a relay (everything but its tasks).
+/// The shareable parts of a relay.
 #[derive(Clone)]
 pub struct RelayView {
     /// The replica.
@@ -114,11 +113,13 @@ impl Relay {
 
     /// Opens the replica and starts following, serving and reporting.
     /// `extra` sees every applied change first (a PoP's in-memory state).
+    /// Its tasks run on `tasks` until `stop`.
     pub fn start(
         config: RelayConfig,
         replica: Arc<ReplicaStore>,
         extra: Option<Arc<dyn ReplicaObserver>>,
-        shutdown: Shutdown,
+        stop: &CancellationToken,
+        tasks: &TaskTracker,
     ) -> Result<Self, ApplyError> {
         let position = replica.position();
         let fanout = Fanout::new(
@@ -129,7 +130,7 @@ impl Relay {
                 upstream_connected: false,
             },
             config.fanout.clone(),
-            shutdown.clone(),
+            stop.clone(),
         );
         let observer = Arc::new(RelayObserver {
             fanout: fanout.clone(),
@@ -143,11 +144,8 @@ impl Relay {
             config.subscriber.mesh_token.clone(),
             config.subscriber.tls.clone(),
         );
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(subscriber.run(shutdown.clone())));
-        tasks.push(tokio::spawn(
-            reporter.clone().run(status.clone(), shutdown.clone()),
-        ));
+        tasks.spawn(subscriber.run(stop.clone()));
+        tasks.spawn(reporter.clone().run(status.clone(), stop.clone()));
 
         // report on every change of status, and every interval when idle;
         // tell downstream whether this relay is connected
@@ -159,9 +157,8 @@ impl Relay {
         );
         let sub_config = config.subscriber.clone();
         let interval = config.report_interval;
-        let stop = shutdown.wait();
-        tasks.push(tokio::spawn(async move {
-            tokio::pin!(stop);
+        let stop = stop.clone();
+        tasks.spawn(async move {
             loop {
                 let report = {
                     let s = watch_status.borrow_and_update();
@@ -170,19 +167,18 @@ impl Relay {
                 };
                 reporter2.submit(report);
                 tokio::select! {
-                    _ = &mut stop => return,
+                    _ = stop.cancelled() => return,
                     r = watch_status.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep(interval) => {}
                 }
             }
-        }));
+        });
         Ok(Self {
             replica,
             fanout,
             status,
             stats,
             reporter,
-            tasks,
         })
     }
 }

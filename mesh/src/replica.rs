@@ -18,6 +18,7 @@ use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::{Delta, Flag, FlagSet, Snapshot, SyncEvent, sync_event::Event};
 use prost::Message;
 
+use crate::keys;
 use crate::source::{SourceError, SourceSnapshot};
 
 /// What applying an event did.
@@ -114,19 +115,6 @@ pub struct ReplicaStore {
 }
 
 const META: &[u8] = b"m:position";
-
-fn flag_key(set: &str, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(3 + set.len() + key.len());
-    k.extend_from_slice(b"f:");
-    k.extend_from_slice(set.as_bytes());
-    k.push(0);
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-fn set_key(set: &str) -> Vec<u8> {
-    [b"s:".as_slice(), set.as_bytes()].concat()
-}
 
 fn encode_position(p: &Position) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + p.history_id.len());
@@ -353,16 +341,16 @@ impl ReplicaStore {
         let mut batch = sled::Batch::default();
         for kv in self
             .tree
-            .scan_prefix(b"f:")
-            .chain(self.tree.scan_prefix(b"s:"))
+            .scan_prefix(keys::FLAGS)
+            .chain(self.tree.scan_prefix(keys::FLAG_SETS))
         {
             batch.remove(kv?.0);
         }
         for f in &flags {
-            batch.insert(flag_key(&f.flag_set, &f.key), f.encode_to_vec());
+            batch.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec());
         }
         for s in &flag_sets {
-            batch.insert(set_key(&s.id), s.encode_to_vec());
+            batch.insert(keys::flag_set(&s.id), s.encode_to_vec());
         }
         let position = Position {
             history_id: chunk.history_id.clone(),
@@ -412,7 +400,7 @@ impl ReplicaStore {
             if let Some(old) = current_hash(&flag_changes, &inner.flag_hashes, &id) {
                 digest.remove(old);
             }
-            batch.remove(flag_key(&r.flag_set, &r.key));
+            batch.remove(keys::flag(&r.flag_set, &r.key));
             flag_changes.insert(id, None);
         }
         for f in &d.upserts {
@@ -420,20 +408,20 @@ impl ReplicaStore {
             let old = current_hash(&flag_changes, &inner.flag_hashes, &id);
             let new = flag_hash(&f.flag_set, &f.key, &f.definition_json);
             digest.replace(old, Some(new));
-            batch.insert(flag_key(&f.flag_set, &f.key), f.encode_to_vec());
+            batch.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec());
             flag_changes.insert(id, Some(new));
         }
         for s in &d.flag_set_deletes {
             if let Some(old) = inner.set_hashes.get(s) {
                 digest.remove(*old);
             }
-            batch.remove(set_key(s));
+            batch.remove(keys::flag_set(s));
             set_changes.push((s.clone(), None));
         }
         for s in &d.flag_set_upserts {
             let new = set_hash(s);
             digest.replace(inner.set_hashes.get(&s.id).copied(), Some(new));
-            batch.insert(set_key(&s.id), s.encode_to_vec());
+            batch.insert(keys::flag_set(&s.id), s.encode_to_vec());
             set_changes.push((s.id.clone(), Some(new)));
         }
         if d.digest != 0 && digest.0 != d.digest {
@@ -475,11 +463,11 @@ impl ReplicaStore {
 /// Every flag and flag set a replica tree holds, at `position`.
 fn read_state(tree: &sled::Tree, position: &Position) -> Result<SourceSnapshot, ApplyError> {
     let mut flags = Vec::new();
-    for kv in tree.scan_prefix(b"f:") {
+    for kv in tree.scan_prefix(keys::FLAGS) {
         flags.push(Flag::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
     }
     let mut flag_sets = Vec::new();
-    for kv in tree.scan_prefix(b"s:") {
+    for kv in tree.scan_prefix(keys::FLAG_SETS) {
         flag_sets
             .push(FlagSet::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
     }

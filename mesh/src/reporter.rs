@@ -13,10 +13,10 @@ use flagmesh_proto::v1::sync_client::SyncClient;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::auth::BearerToken;
-use crate::serve::Shutdown;
 use crate::source::ReportSink;
 use crate::subscriber::SyncStatus;
+use flagmesh_client::BearerToken;
+use tokio_util::sync::CancellationToken;
 
 /// Sends reports to the upstream the subscriber follows.
 pub struct Reporter {
@@ -24,7 +24,7 @@ pub struct Reporter {
     pending: Mutex<HashMap<String, NodeReport>>,
     notify: Notify,
     token: Option<String>,
-    tls: Option<crate::tls::ClientTls>,
+    tls: Option<flagmesh_client::ClientTls>,
 }
 
 impl Reporter {
@@ -32,7 +32,7 @@ impl Reporter {
     pub fn new(
         node_id: String,
         token: Option<String>,
-        tls: Option<crate::tls::ClientTls>,
+        tls: Option<flagmesh_client::ClientTls>,
     ) -> Arc<Self> {
         Arc::new(Self {
             node_id,
@@ -61,10 +61,12 @@ impl Reporter {
             .collect()
     }
 
-    /// Sends queued reports to the current upstream until `shutdown`.
-    pub async fn run(self: Arc<Self>, mut status: watch::Receiver<SyncStatus>, shutdown: Shutdown) {
-        let stop = shutdown.wait();
-        tokio::pin!(stop);
+    /// Sends queued reports to the current upstream until `stop` is cancelled.
+    pub async fn run(
+        self: Arc<Self>,
+        mut status: watch::Receiver<SyncStatus>,
+        stop: CancellationToken,
+    ) {
         loop {
             let upstream = {
                 let s = status.borrow_and_update();
@@ -72,13 +74,13 @@ impl Reporter {
             };
             let Some(upstream) = upstream else {
                 tokio::select! {
-                    _ = &mut stop => return,
+                    _ = stop.cancelled() => return,
                     r = status.changed() => if r.is_err() { return },
                 }
                 continue;
             };
             // a TLS file being replaced or an upstream down: try again soon
-            let connected = match crate::tls::endpoint(&upstream, self.tls.as_ref()) {
+            let connected = match flagmesh_client::endpoint(&upstream, self.tls.as_ref()) {
                 Ok(e) => e
                     .connect_timeout(Duration::from_secs(2))
                     .connect()
@@ -91,7 +93,7 @@ impl Reporter {
                 Err(e) => {
                     tracing::debug!(upstream = %upstream, error = %e, "report stream: cannot connect");
                     tokio::select! {
-                        _ = &mut stop => return,
+                        _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                     }
                 }
@@ -109,7 +111,7 @@ impl Reporter {
                     }
                 }
                 tokio::select! {
-                    _ = &mut stop => break 'stream,
+                    _ = stop.cancelled() => break 'stream,
                     _ = self.notify.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     r = status.changed() => {
@@ -128,7 +130,7 @@ impl Reporter {
             }
             drop(tx);
             let _ = tokio::time::timeout(Duration::from_secs(1), call).await;
-            if shutdown.is_triggered() {
+            if stop.is_cancelled() {
                 return;
             }
         }

@@ -18,9 +18,9 @@ use flagmesh_proto::v1::{NodeRole, SubscribeRequest};
 use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::auth::BearerToken;
 use crate::replica::{Applied, ApplyError, ReplicaStore};
-use crate::serve::Shutdown;
+use flagmesh_client::BearerToken;
+use tokio_util::sync::CancellationToken;
 
 /// Sees every applied snapshot and delta, after it is persisted.
 pub trait ReplicaObserver: Send + Sync + 'static {
@@ -42,7 +42,7 @@ pub struct SubscriberConfig {
     /// The mesh credential presented upstream.
     pub mesh_token: Option<String>,
     /// TLS to upstreams (`None`: plaintext).
-    pub tls: Option<crate::tls::ClientTls>,
+    pub tls: Option<flagmesh_client::ClientTls>,
     /// Flag sets to follow (empty: all).
     pub flag_sets: Vec<String>,
     /// First backoff after a round with no upstream.
@@ -195,8 +195,8 @@ impl Subscriber {
         self.stats.clone()
     }
 
-    /// Runs until `shutdown`.
-    pub async fn run(self, shutdown: Shutdown) {
+    /// Runs until `stop` is cancelled.
+    pub async fn run(self, stop: CancellationToken) {
         // upstreams recently left because they were cut off from their own
         // upstream: tried last until the instant stored here
         let mut avoid: std::collections::HashMap<String, Instant> =
@@ -204,8 +204,6 @@ impl Subscriber {
         let mut force_snapshot = false;
         let mut failed_rounds = 0u32;
         let mut streams = 0u64;
-        let stop = shutdown.wait();
-        tokio::pin!(stop);
         loop {
             let now = Instant::now();
             avoid.retain(|_, until| *until > now);
@@ -219,7 +217,7 @@ impl Subscriber {
                 }
                 streams += 1;
                 let ended = tokio::select! {
-                    _ = &mut stop => Ended::Shutdown,
+                    _ = stop.cancelled() => Ended::Shutdown,
                     e = self.follow(upstream, &mut force_snapshot) => e,
                 };
                 self.status.send_modify(|s| s.connected = false);
@@ -256,7 +254,7 @@ impl Subscriber {
                 .min(self.config.backoff_max.as_millis() as u64);
             let wait = Duration::from_millis(exp / 2 + fastrand::u64(0..=exp / 2));
             tokio::select! {
-                _ = &mut stop => return,
+                _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -265,7 +263,7 @@ impl Subscriber {
     async fn follow(&self, upstream: &str, force_snapshot: &mut bool) -> Ended {
         // TLS files are read at every attempt: a rotated certificate is
         // used from the next connection on
-        let endpoint = match crate::tls::endpoint(upstream, self.config.tls.as_ref()) {
+        let endpoint = match flagmesh_client::endpoint(upstream, self.config.tls.as_ref()) {
             Ok(e) => e
                 .connect_timeout(self.config.connect_timeout)
                 .tcp_nodelay(true)

@@ -35,7 +35,7 @@ impl Sync for SyncService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let principal = crate::auth::principal(&request).cloned();
+        let principal = flagmesh_client::identity::principal(&request).cloned();
         let mut req = request.into_inner();
         // a key scoped to flag sets follows only those: no filter means
         // "all of mine", and a set outside its scope is refused

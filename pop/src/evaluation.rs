@@ -10,8 +10,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use flagmesh_client::identity::principal;
 use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
-use flagmesh_mesh::auth::principal;
 use flagmesh_mesh::subscriber::SyncStatus;
 use flagmesh_proto::convert::{json_to_value, map_to_struct, struct_to_map};
 use flagmesh_proto::v1 as pb;

@@ -13,8 +13,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flagmesh_client::identity::principal;
 use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
-use flagmesh_mesh::auth::principal;
 use flagmesh_proto::convert::{map_to_struct, struct_to_map};
 use flagmesh_proto::flagd::evaluation::{v1, v2};
 use flagmesh_proto::flagd::sync::v1 as sync;

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use flagmesh_mesh::auth::{Requirement, Security, common_requirement};
 use flagmesh_mesh::compiled::StateSwap;
+use flagmesh_mesh::metrics::RelayMetrics;
 use flagmesh_mesh::relay::{Relay, RelayConfig};
 use flagmesh_mesh::replica::ReplicaStore;
-use flagmesh_mesh::serve::{self, Readiness, Shutdown};
 use flagmesh_mesh::sync_service::SyncService;
 use flagmesh_proto::v1::evaluation_server::EvaluationServer;
+use flagmesh_server::{
+    MethodPolicy, NodeBuilder, Requirement, RunningNode, Security, ServicePolicy,
+};
 use tokio::sync::watch;
 
 use crate::evaluation::{EvalContext, EvaluationService};
@@ -37,23 +39,21 @@ pub struct PopConfig {
     pub drain: Duration,
 }
 
-/// The PoP's access policy.
-pub fn requirement(path: &str) -> Requirement {
-    // SDKs in local mode follow a PoP with an evaluation key (scoped keys
-    // follow only their flag sets); reports stay for mesh nodes
-    if path == "/flagmesh.v1.Sync/Subscribe" {
-        return Requirement::Evaluate;
-    }
-    if let Some(r) = common_requirement(path) {
-        return r;
-    }
-    if path.starts_with("/flagmesh.v1.Evaluation/")
-        || path.starts_with("/flagd.evaluation.")
-        || path.starts_with("/flagd.sync.")
-    {
-        return Requirement::Evaluate;
-    }
-    Requirement::Admin
+/// What the PoP's services ask of callers: evaluation keys (scoped ones
+/// only to their flag sets) evaluate and follow; reports are for mesh
+/// nodes. The event and sync streams count against the per-client limit.
+pub fn policies() -> [ServicePolicy; 5] {
+    let evaluate = MethodPolicy::unary(Requirement::Evaluate);
+    let stream = MethodPolicy::stream(Requirement::Evaluate);
+    [
+        ServicePolicy::new("flagmesh.v1.Evaluation", evaluate).method("Watch", stream),
+        // SDKs in local mode follow a PoP with an evaluation key
+        ServicePolicy::new("flagmesh.v1.Sync", stream)
+            .method("Report", MethodPolicy::stream(Requirement::Mesh)),
+        ServicePolicy::new("flagd.evaluation.v1.Service", evaluate).method("EventStream", stream),
+        ServicePolicy::new("flagd.evaluation.v2.Service", evaluate).method("EventStream", stream),
+        ServicePolicy::new("flagd.sync.v1.FlagSyncService", evaluate).method("SyncFlags", stream),
+    ]
 }
 
 /// A running PoP.
@@ -62,29 +62,23 @@ pub struct RunningPop {
     pub grpc_addr: SocketAddr,
     /// The bound HTTP address.
     pub http_addr: Option<SocketAddr>,
-    /// Triggers shutdown.
-    pub shutdown: Shutdown,
     /// The relay.
     pub relay: Relay,
     /// The in-memory state.
     pub state: Arc<ArcSwap<PopState>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    drain: Duration,
+    node: RunningNode,
 }
 
 impl RunningPop {
-    /// Stops accepting, then drains.
-    pub async fn stop(self) {
-        self.shutdown.trigger();
-        for t in self.tasks.into_iter().chain(self.relay.tasks) {
-            serve::drain(t, self.drain).await;
-        }
+    /// Stops accepting, then drains everything under one deadline; `true`
+    /// when everything ended in time.
+    pub async fn stop(self) -> bool {
+        self.node.stop().await
     }
 }
 
 /// Loads the replica, binds, serves at once, and starts following.
 pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::Result<RunningPop> {
-    let security: Security = security.into();
     let (replica, loaded) =
         ReplicaStore::open_with_state(&config.relay.data_dir, config.relay.sync_writes)
             .with_context(|| {
@@ -99,13 +93,13 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
     );
     let (changes_tx, changes_rx) = watch::channel(loaded.revision);
 
-    let serve::Listeners {
-        grpc,
-        grpc_addr,
-        http,
-        http_addr,
-    } = serve::bind_listeners(config.listen, config.http_listen).await?;
-    let shutdown = Shutdown::new();
+    let mut node = NodeBuilder::bind(
+        config.listen,
+        config.http_listen,
+        security.into(),
+        config.drain,
+    )
+    .await?;
     let observer = Arc::new(StateSwap {
         state: state.clone(),
         changes: changes_tx,
@@ -114,7 +108,8 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
         config.relay.clone(),
         replica,
         Some(observer),
-        shutdown.clone(),
+        &node.stop_token(),
+        node.tasks(),
     )?;
     let eval = EvalContext {
         state: state.clone(),
@@ -125,50 +120,54 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
         stats: Arc::new(crate::stats::EvalStats::default()),
     };
 
-    let flagd = Flagd::new(eval.clone());
-    let routes =
-        tonic::service::Routes::new(EvaluationServer::new(EvaluationService::new(eval.clone())))
-            .add_service(SyncService::server(
-                relay.fanout.clone(),
-                relay.reporter.clone(),
-            ))
-            .add_service(flagd_v1::service_server::ServiceServer::new(flagd.clone()))
-            .add_service(flagd_v2::service_server::ServiceServer::new(flagd.clone()))
-            .add_service(flagd_sync::flag_sync_service_server::FlagSyncServiceServer::new(flagd));
-    let routes = serve::with_health_and_reflection(
-        routes,
-        &[
-            "flagmesh.v1.Evaluation",
-            "flagmesh.v1.Sync",
-            "flagd.evaluation.v1.Service",
-            "flagd.evaluation.v2.Service",
-            "flagd.sync.v1.FlagSyncService",
-        ],
-    )?;
-    let mut tasks = serve::start_grpc(routes, &security, Arc::new(requirement), grpc, &shutdown);
-    if let Some(listener) = http {
-        let ready = Readiness::default();
-        ready.set(state.load().revision > 0);
-        let (ready2, mut changes, state2) = (ready.clone(), eval.changes.clone(), state.clone());
-        tasks.push(tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                ready2.set(state2.load().revision > 0);
+    // ready once it holds a state (from sled or an upstream)
+    let ready = node.readiness();
+    ready.set(state.load().revision > 0);
+    let (mut changes, state2, stop) = (eval.changes.clone(), state.clone(), node.stop_token());
+    node.tasks().spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
             }
-        }));
-        let stats = eval.stats.clone();
-        let extra: flagmesh_mesh::metrics::ExtraMetrics = Arc::new(move |e| stats.render(e));
-        let router =
-            flagmesh_mesh::metrics::relay_router(ready, relay.view(), Some(extra), &security)
-                .merge(crate::ofrep::router(eval.clone(), security.auth.clone()));
-        tasks.push(serve::spawn_http(router, &security, listener, &shutdown));
-    }
+            ready.set(state2.load().revision > 0);
+        }
+    });
+    node.metrics()
+        .register_collector(Box::new(RelayMetrics(relay.view())));
+    node.metrics()
+        .register_collector(Box::new(eval.stats.clone()));
+    let ofrep = crate::ofrep::router(eval.clone(), node.security().auth.clone());
+    let flagd = Flagd::new(eval.clone());
+    let [evaluation, sync, flagd_v1, flagd_v2, flagd_sync] = policies();
+    let node = node
+        .service(
+            EvaluationServer::new(EvaluationService::new(eval)),
+            evaluation,
+        )
+        .service(
+            SyncService::server(relay.fanout.clone(), relay.reporter.clone()),
+            sync,
+        )
+        .service(
+            flagd_v1::service_server::ServiceServer::new(flagd.clone()),
+            flagd_v1,
+        )
+        .service(
+            flagd_v2::service_server::ServiceServer::new(flagd.clone()),
+            flagd_v2,
+        )
+        .service(
+            flagd_sync::flag_sync_service_server::FlagSyncServiceServer::new(flagd),
+            flagd_sync,
+        )
+        .http_routes(ofrep)
+        .start()?;
     Ok(RunningPop {
-        grpc_addr,
-        http_addr,
-        shutdown,
+        grpc_addr: node.grpc_addr,
+        http_addr: node.http_addr,
         relay,
         state,
-        tasks,
-        drain: config.drain,
+        node,
     })
 }

@@ -15,7 +15,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
-use flagmesh_mesh::auth::{Authenticator, HttpAccess, Requirement};
+use flagmesh_server::credentials::Authenticator;
+use flagmesh_server::http_access::HttpAccess;
+use flagmesh_server::policy::Requirement;
 use serde_json::{Map, Value, json};
 
 use crate::evaluation::{EvalContext, Outcome, resolve, resolve_flag};

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flagmesh_engine::Reason;
-use flagmesh_mesh::metrics::Exposition;
+use flagmesh_mesh::metrics;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 
 /// Upper bounds of the latency buckets, in seconds.
 pub const BUCKETS: [f64; 12] = [
@@ -63,45 +65,53 @@ impl EvalStats {
         self.sum_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
     }
+}
 
-    /// Renders the counters.
-    pub fn render(&self, e: &mut Exposition) {
-        e.family(
+impl prometheus_client::collector::Collector for EvalStats {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let by_reason: Vec<(&[(&str, &str)], u64)> = REASONS
+            .iter()
+            .map(|r| {
+                let labels: &[(&str, &str)] = match r {
+                    Reason::Static => &[("reason", "STATIC")],
+                    Reason::TargetingMatch => &[("reason", "TARGETING_MATCH")],
+                    Reason::Default => &[("reason", "DEFAULT")],
+                    Reason::Disabled => &[("reason", "DISABLED")],
+                    Reason::Error => &[("reason", "ERROR")],
+                };
+                (
+                    labels,
+                    self.by_reason[reason_index(*r)].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        metrics::counters(
+            &mut e,
             "flagmesh_evaluations_total",
-            "counter",
             "Flag evaluations served, by reason.",
-        );
-        for r in REASONS {
-            let n = self.by_reason[reason_index(r)].load(Ordering::Relaxed);
-            e.sample(
-                "flagmesh_evaluations_total",
-                &[("reason", r.as_str())],
-                n as f64,
-            );
-        }
-        let name = "flagmesh_evaluation_duration_seconds";
-        e.family(
-            name,
-            "histogram",
-            "Time to resolve one flag inside the PoP (network excluded).",
-        );
-        let mut cumulative = 0u64;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            e.sample(
-                &format!("{name}_bucket"),
-                &[("le", &b.to_string())],
-                cumulative as f64,
-            );
-        }
+            by_reason,
+        )?;
         let count = self.count.load(Ordering::Relaxed);
-        e.sample(&format!("{name}_bucket"), &[("le", "+Inf")], count as f64);
-        e.sample(
-            &format!("{name}_sum"),
-            &[],
+        let mut buckets: Vec<(f64, u64)> = BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(b, n)| (*b, n.load(Ordering::Relaxed)))
+            .collect();
+        let counted: u64 = buckets.iter().map(|(_, n)| n).sum();
+        buckets.push((f64::INFINITY, count.saturating_sub(counted)));
+        let histogram = e.encode_descriptor(
+            "flagmesh_evaluation_duration_seconds",
+            "Time to resolve one flag inside the PoP (network excluded).",
+            None,
+            MetricType::Histogram,
+        )?;
+        let mut histogram = histogram;
+        histogram.encode_histogram::<NoLabelSet>(
             self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-        );
-        e.sample(&format!("{name}_count"), &[], count as f64);
+            count,
+            &buckets,
+            None,
+        )
     }
 }
 
@@ -115,19 +125,20 @@ mod tests {
         s.record(Reason::Static, Duration::from_nanos(500));
         s.record(Reason::Error, Duration::from_micros(30));
         s.record(Reason::Static, Duration::from_secs(1));
-        let mut e = Exposition::default();
-        s.render(&mut e);
-        let text = e.finish();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(s));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
         assert!(
             text.contains("flagmesh_evaluations_total{reason=\"STATIC\"} 2"),
             "{text}"
         );
         assert!(
-            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"0.000001\"} 1"),
+            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"1e-6\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"0.00005\"} 2"),
+            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"5e-5\"} 2"),
             "{text}"
         );
         assert!(

@@ -8,6 +8,7 @@
 #![allow(clippy::all, clippy::pedantic)]
 
 pub mod convert;
+pub mod view;
 
 /// The encoded `FileDescriptorSet` of every flagmesh and flagd proto file.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -11,11 +11,11 @@ use arc_swap::ArcSwap;
 use flagmesh_engine::validate_context;
 use flagmesh_mesh::compiled::{PopState, StateSwap, resolve};
 use flagmesh_mesh::replica::ReplicaStore;
-use flagmesh_mesh::serve::Shutdown;
 use flagmesh_mesh::subscriber::{Subscriber, SubscriberConfig, SyncStatus};
 use flagmesh_proto::v1::NodeRole;
 use serde_json::Value;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::details::{Details, FromJson};
 
@@ -36,7 +36,7 @@ pub struct LocalConfig {
     /// A silent stream is dropped after this long.
     pub stall_timeout: Duration,
     /// TLS to the upstreams (`None`: plaintext).
-    pub tls: Option<flagmesh_mesh::tls::ClientTls>,
+    pub tls: Option<flagmesh_client::ClientTls>,
 }
 
 impl LocalConfig {
@@ -65,7 +65,7 @@ pub struct LocalClient {
     status: watch::Receiver<SyncStatus>,
     changes: watch::Receiver<u64>,
     flag_set: String,
-    shutdown: Shutdown,
+    stop: CancellationToken,
 }
 
 impl LocalClient {
@@ -99,14 +99,14 @@ impl LocalClient {
             }),
         );
         let status = subscriber.status();
-        let shutdown = Shutdown::new();
-        tokio::spawn(subscriber.run(shutdown.clone()));
+        let stop = CancellationToken::new();
+        tokio::spawn(subscriber.run(stop.clone()));
         Ok(Self {
             state,
             status,
             changes,
             flag_set: config.flag_set,
-            shutdown,
+            stop,
         })
     }
 
@@ -209,6 +209,6 @@ impl LocalClient {
 
 impl Drop for LocalClient {
     fn drop(&mut self) {
-        self.shutdown.trigger();
+        self.stop.cancel();
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flagmesh_mesh::auth::BearerToken;
-use flagmesh_mesh::tls::ClientTls;
+use flagmesh_client::BearerToken;
+use flagmesh_client::ClientTls;
 use flagmesh_proto::convert::{map_to_struct, struct_to_map, value_to_json};
 use flagmesh_proto::v1 as pb;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
@@ -112,7 +112,7 @@ impl RemoteClient {
             .map_err(|e| RemoteError::Config(e.message().into()))?;
         let mut pops = Vec::with_capacity(config.pops.len());
         for address in &config.pops {
-            let endpoint = flagmesh_mesh::tls::endpoint(address, config.tls.as_ref())
+            let endpoint = flagmesh_client::endpoint(address, config.tls.as_ref())
                 .map_err(|e| RemoteError::Config(format!("{address}: {e}")))?
                 .connect_timeout(config.deadline)
                 .timeout(config.deadline)

@@ -4,14 +4,13 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
 use flagmesh_control::node::{ControlConfig, start};
 use flagmesh_mesh::FanoutConfig;
-use flagmesh_mesh::config::CommonArgs;
-use flagmesh_mesh::serve;
+use flagmesh_server::config::{self, CommonArgs, ConfigError};
+use flagmesh_server::process;
 
 /// The flagmesh control plane.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "flagmesh-control", version, about)]
 struct Args {
     #[command(flatten)]
@@ -30,32 +29,81 @@ struct Args {
         default_value_t = 2_000
     )]
     heartbeat_ms: u64,
-    /// How long shutdown waits for open connections, in milliseconds.
-    #[arg(long = "drain-ms", env = "FLAGMESH_DRAIN_MS", default_value_t = 5_000)]
-    drain_ms: u64,
+    /// Admin calls per second per credential (sustained); 0: no limit.
+    #[arg(
+        long = "admin-rate",
+        env = "FLAGMESH_ADMIN_RATE",
+        default_value_t = 100.0
+    )]
+    admin_rate: f64,
+    /// Admin calls a credential may make in a burst.
+    #[arg(
+        long = "admin-burst",
+        env = "FLAGMESH_ADMIN_BURST",
+        default_value_t = 200.0
+    )]
+    admin_burst: f64,
+    /// Largest Admin request, in bytes.
+    #[arg(
+        long = "max-message-bytes",
+        env = "FLAGMESH_MAX_MESSAGE_BYTES",
+        default_value_t = 16 << 20
+    )]
+    max_message_bytes: usize,
+    /// Flags one flag set may hold.
+    #[arg(
+        long = "max-flags-per-set",
+        env = "FLAGMESH_MAX_FLAGS_PER_SET",
+        default_value_t = 10_000
+    )]
+    max_flags_per_set: usize,
+}
+
+impl Args {
+    /// The node's configuration; out-of-range limits are refused with the
+    /// option named.
+    fn control_config(&self) -> Result<ControlConfig, ConfigError> {
+        if self.max_flags_per_set == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-flags-per-set 0: a flag set must be able to hold a flag".into(),
+            ));
+        }
+        if self.max_message_bytes < 64 << 10 {
+            return Err(ConfigError::Invalid(format!(
+                "--max-message-bytes {}: at least 65536 (one flag may be 256 KiB)",
+                self.max_message_bytes
+            )));
+        }
+        Ok(ControlConfig {
+            retain_revisions: self.retain_revisions,
+            fanout: FanoutConfig {
+                heartbeat: Duration::from_millis(self.heartbeat_ms.max(50)),
+                ..FanoutConfig::default()
+            },
+            drain: self.common.drain(),
+            max_message_bytes: self.max_message_bytes,
+            max_flags_per_set: self.max_flags_per_set,
+            ..ControlConfig::new(
+                self.common.listen_addr(),
+                self.common.http_listen,
+                self.common.require_data_dir()?,
+            )
+        })
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let common = args.common.merge_config_file()?;
-    let telemetry = common.init_logging("flagmesh-control");
-    let security = common.security()?;
-    let config = ControlConfig {
-        listen: common.listen_addr(),
-        http_listen: common.http_listen,
-        data_dir: common.require_data_dir()?,
-        retain_revisions: args.retain_revisions,
-        fanout: FanoutConfig {
-            heartbeat: Duration::from_millis(args.heartbeat_ms.max(50)),
-            ..FanoutConfig::default()
-        },
-        drain: Duration::from_millis(args.drain_ms),
-    };
-    let node = start(config, security)
+    let telemetry = args.common.init_telemetry("flagmesh-control");
+    let mut security = args.common.security()?;
+    let (rate, burst) = config::rate_limit("admin", args.admin_rate, args.admin_burst)?;
+    security.limits.rate_per_sec = rate;
+    security.limits.rate_burst = burst;
+    let node = start(args.control_config()?, security)
         .await
         .context("starting the control plane")?;
-    serve::print_ready(node.grpc_addr, node.http_addr);
+    process::print_ready(node.grpc_addr, node.http_addr);
     tracing::info!(grpc = %node.grpc_addr, http = ?node.http_addr, "control plane serving");
-    serve::signal().await;
+    process::signal().await;
     tracing::info!("shutting down");
     node.stop().await;
     telemetry.shutdown();
@@ -63,6 +111,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() {
-    let args = Args::parse();
-    serve::run_main("flagmesh-control", run(args));
+    let args: Args = config::parse();
+    process::run_main("flagmesh-control", run(args));
 }

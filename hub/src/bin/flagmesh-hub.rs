@@ -2,15 +2,14 @@
 //! ready line, serves until SIGINT/SIGTERM, drains.
 
 use anyhow::Context as _;
-use clap::Parser;
 use flagmesh_hub::{HubConfig, start};
-use flagmesh_mesh::config::CommonArgs;
-use flagmesh_mesh::node_args::RelayArgs;
-use flagmesh_mesh::serve;
+use flagmesh_mesh::args::RelayArgs;
 use flagmesh_proto::v1::NodeRole;
+use flagmesh_server::config::{self, CommonArgs};
+use flagmesh_server::process;
 
 /// A flagmesh regional hub.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "flagmesh-hub", version, about)]
 struct Args {
     #[command(flatten)]
@@ -20,20 +19,19 @@ struct Args {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let common = args.common.merge_config_file()?;
-    let telemetry = common.init_logging("flagmesh-hub");
+    let Args { common, relay } = args;
+    let telemetry = common.init_telemetry("flagmesh-hub");
     let security = common.security()?;
-    let listen = common.listen_addr();
     let config = HubConfig {
-        listen,
+        listen: common.listen_addr(),
         http_listen: common.http_listen,
-        relay: args.relay.relay_config(&common, NodeRole::Hub, "hub")?,
-        drain: args.relay.drain(),
+        relay: relay.relay_config(&common.require_data_dir()?, NodeRole::Hub, "hub")?,
+        drain: common.drain(),
     };
     let hub = start(config, security).await.context("starting the hub")?;
-    serve::print_ready(hub.grpc_addr, hub.http_addr);
+    process::print_ready(hub.grpc_addr, hub.http_addr);
     tracing::info!(grpc = %hub.grpc_addr, "hub serving");
-    serve::signal().await;
+    process::signal().await;
     tracing::info!("shutting down");
     hub.stop().await;
     telemetry.shutdown();
@@ -41,6 +39,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() {
-    let args = Args::parse();
-    serve::run_main("flagmesh-hub", run(args));
+    let args: Args = config::parse();
+    process::run_main("flagmesh-hub", run(args));
 }

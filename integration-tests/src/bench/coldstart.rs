@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use flagmesh_mesh::auth::BearerToken;
+use flagmesh_client::BearerToken;
 use flagmesh_proto::v1::EvaluateRequest;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
 use serde_json::{Value, json};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flagmesh_mesh::auth::BearerToken;
+use flagmesh_client::BearerToken;
 use flagmesh_proto::v1::sync_client::SyncClient;
 use flagmesh_proto::v1::sync_event::Event;
 use flagmesh_proto::v1::{SubscribeRequest, UpdateFlagRequest};

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flagmesh_mesh::auth::BearerToken;
+use flagmesh_client::BearerToken;
 use flagmesh_proto::convert::map_to_struct;
 use flagmesh_proto::v1::EvaluateRequest;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
@@ -29,7 +29,7 @@ pub struct Target {
     /// Flag keys to spread requests over.
     pub keys: Vec<String>,
     /// TLS to the PoP's gRPC listener (`None`: plaintext).
-    pub tls: Option<flagmesh_mesh::tls::ClientTls>,
+    pub tls: Option<flagmesh_client::ClientTls>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -41,12 +41,12 @@ fn histogram() -> Histogram<u64> {
 /// One gRPC client per task.
 async fn grpc_client(
     addr: SocketAddr,
-    tls: Option<&flagmesh_mesh::tls::ClientTls>,
+    tls: Option<&flagmesh_client::ClientTls>,
 ) -> EvaluationClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
 > {
     // a socket address is a valid URI; TLS files were checked by the caller
-    let channel = flagmesh_mesh::tls::endpoint(&addr.to_string(), tls)
+    let channel = flagmesh_client::endpoint(&addr.to_string(), tls)
         .map(|e| e.tcp_nodelay(true).connect_lazy())
         .unwrap_or_else(|e| unreachable!("{e}"));
     EvaluationClient::with_interceptor(

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use flagmesh_mesh::auth::BearerToken;
+use flagmesh_client::BearerToken;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
 use flagmesh_proto::v1::{UpdateFlagRequest, WatchRequest};
 use hdrhistogram::Histogram;

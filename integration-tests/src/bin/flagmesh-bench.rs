@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use flagmesh_client::ClientTls;
 use flagmesh_integration_tests::bench::{self, load, machine, update_section, write_results};
 use flagmesh_integration_tests::certs::Ca;
 use flagmesh_integration_tests::process::NodeProcess;
 use flagmesh_integration_tests::topology::{Mesh, TopologySpec, bin_dir};
-use flagmesh_mesh::tls::ClientTls;
 use flagmesh_proto::v1::ApplyFlagSetRequest;
 use serde_json::{Value, json};
 
@@ -229,7 +229,7 @@ async fn start_tls_pop(
         }),
         ..plain.clone()
     };
-    let endpoint = flagmesh_mesh::tls::endpoint(&pop.grpc.to_string(), target.tls.as_ref())
+    let endpoint = flagmesh_client::endpoint(&pop.grpc.to_string(), target.tls.as_ref())
         .map_err(anyhow::Error::msg)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {

@@ -3,15 +3,14 @@
 //! upstream answers), serves until SIGINT/SIGTERM, drains.
 
 use anyhow::Context as _;
-use clap::Parser;
-use flagmesh_mesh::config::CommonArgs;
-use flagmesh_mesh::node_args::RelayArgs;
-use flagmesh_mesh::serve;
+use flagmesh_mesh::args::RelayArgs;
 use flagmesh_pop::node::{PopConfig, start};
 use flagmesh_proto::v1::NodeRole;
+use flagmesh_server::config::{self, CommonArgs};
+use flagmesh_server::process;
 
 /// A flagmesh edge PoP.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "flagmesh-pop", version, about)]
 struct Args {
     #[command(flatten)]
@@ -28,20 +27,24 @@ struct Args {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let common = args.common.merge_config_file()?;
-    let telemetry = common.init_logging("flagmesh-pop");
+    let Args {
+        common,
+        relay,
+        default_flag_set,
+    } = args;
+    let telemetry = common.init_telemetry("flagmesh-pop");
     let security = common.security()?;
     let config = PopConfig {
         listen: common.listen_addr(),
         http_listen: common.http_listen,
-        relay: args.relay.relay_config(&common, NodeRole::Pop, "pop")?,
-        default_flag_set: args.default_flag_set.clone(),
-        drain: args.relay.drain(),
+        relay: relay.relay_config(&common.require_data_dir()?, NodeRole::Pop, "pop")?,
+        default_flag_set,
+        drain: common.drain(),
     };
     let pop = start(config, security).await.context("starting the PoP")?;
-    serve::print_ready(pop.grpc_addr, pop.http_addr);
+    process::print_ready(pop.grpc_addr, pop.http_addr);
     tracing::info!(grpc = %pop.grpc_addr, "PoP serving");
-    serve::signal().await;
+    process::signal().await;
     tracing::info!("shutting down");
     pop.stop().await;
     telemetry.shutdown();
@@ -49,6 +52,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() {
-    let args = Args::parse();
-    serve::run_main("flagmesh-pop", run(args));
+    let args: Args = config::parse();
+    process::run_main("flagmesh-pop", run(args));
 }

@@ -1,0 +1,74 @@
+//! What a server binary does around its node: the runtime, the malloc
+//! arena cap, the ready line, and waiting for SIGINT or SIGTERM.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Prints the ready line scripts and tests wait for:
+/// `flagmesh ready grpc=ADDR http=ADDR` (`http=-` without an HTTP listener).
+pub fn print_ready(grpc: SocketAddr, http: Option<SocketAddr>) {
+    let http = http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    println!("flagmesh ready grpc={grpc} http={http}");
+}
+
+/// Caps glibc's malloc at two arenas. With the default (eight per core),
+/// memory freed after applying a large change stays spread over many
+/// arenas and resident memory ends up far above what the node holds
+/// (measured: 104 MiB instead of 75 MiB for a PoP with 10,000 flags). Call
+/// first thing in `main`, before any thread starts.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists, so nothing races with it.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Runs a node binary's body on a multi-threaded runtime, after capping
+/// malloc arenas; an error exits non-zero with one line `PROGRAM: error`.
+pub fn run_main<F, E>(program: &str, body: F)
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    limit_malloc_arenas();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(body) {
+        eprintln!("{program}: {e:#}");
+        std::process::exit(1);
+    }
+}
