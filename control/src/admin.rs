@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use flagmesh_client::identity::principal;
 use flagmesh_engine::{FlagDefinition, FlagDocument, Strictness};
-use flagmesh_mesh::Fanout;
 use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::admin_server::Admin;
 use flagmesh_proto::v1::*;
@@ -28,36 +27,29 @@ pub const MAX_FLAG_SET_BYTES: usize = 128;
 /// The Admin service.
 pub struct AdminService<S> {
     store: Arc<S>,
-    fanout: Arc<Fanout>,
     propagation: Arc<Propagation>,
     max_flags_per_set: usize,
 }
 
 impl<S: FlagStore> AdminService<S> {
-    /// The service over a store, publishing to a fan-out; a flag set holds
-    /// at most `max_flags_per_set` flags.
-    pub fn new(
-        store: Arc<S>,
-        fanout: Arc<Fanout>,
-        propagation: Arc<Propagation>,
-        max_flags_per_set: usize,
-    ) -> Self {
+    /// The service over a store (which publishes what it commits); a flag
+    /// set holds at most `max_flags_per_set` flags.
+    pub fn new(store: Arc<S>, propagation: Arc<Propagation>, max_flags_per_set: usize) -> Self {
         Self {
             store,
-            fanout,
             propagation,
             max_flags_per_set,
         }
     }
 
-    /// Commits (in a blocking task: sled flushes) and publishes.
+    /// Commits (in a blocking task: sled flushes); the store publishes the
+    /// delta to the fan-out in commit order.
     async fn commit(
         &self,
         mut plan: impl FnMut(&dyn StateView) -> Result<ChangeRequest, ControlError> + Send + 'static,
         dry_run: bool,
     ) -> Result<CommitOutcome, Status> {
         let store = self.store.clone();
-        let fanout = self.fanout.clone();
         let propagation = self.propagation.clone();
         let span = tracing::info_span!("commit", revision = tracing::field::Empty, dry_run);
         tokio::task::spawn_blocking(move || {
@@ -73,13 +65,74 @@ impl<S: FlagStore> AdminService<S> {
                     changes = outcome.changes.len(),
                     "committed"
                 );
-                fanout.publish(delta.clone());
             }
             Ok::<_, ControlError>(outcome)
         })
         .await
         .map_err(|e| Status::internal(format!("commit task failed: {e}")))?
         .map_err(Status::from)
+    }
+}
+
+/// One flag's write: who, what, and the new definition (`None`: delete).
+struct OneFlag {
+    actor: String,
+    operation: &'static str,
+    comment: String,
+    flag_set: String,
+    key: String,
+    definition: Option<Vec<u8>>,
+}
+
+impl OneFlag {
+    fn new(
+        actor: String,
+        operation: &'static str,
+        comment: String,
+        flag_set: String,
+        key: String,
+        definition: Option<Vec<u8>>,
+    ) -> Self {
+        Self {
+            actor,
+            operation,
+            comment,
+            flag_set,
+            key,
+            definition,
+        }
+    }
+
+    /// The flag, as errors name it.
+    fn what(&self) -> String {
+        format!("flag \"{}\" of flag set \"{}\"", self.key, self.flag_set)
+    }
+}
+
+impl<S: FlagStore> AdminService<S> {
+    /// Commits `write` if `check` passes against the state it would change.
+    async fn write_one(
+        &self,
+        write: OneFlag,
+        check: impl Fn(&dyn StateView, &OneFlag) -> Result<(), ControlError> + Send + 'static,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let outcome = self
+            .commit(
+                move |view| {
+                    check(view, &write)?;
+                    Ok(one_flag(
+                        &write.actor,
+                        write.operation,
+                        &write.comment,
+                        &write.flag_set,
+                        &write.key,
+                        write.definition.clone(),
+                    ))
+                },
+                false,
+            )
+            .await?;
+        Ok(written(&outcome))
     }
 }
 
@@ -286,30 +339,18 @@ impl<S: FlagStore> Admin for AdminService<S> {
         check_key(&r.key)?;
         let def = validate_definition(&r.key, &r.definition_json)?;
         let max = self.max_flags_per_set;
-        let outcome = self
-            .commit(
-                move |view| {
-                    if let Some(f) = view.flag(&r.flag_set, &r.key)? {
-                        return Err(ControlError::AlreadyExists(format!(
-                            "flag \"{}\" exists in flag set \"{}\" (mod_revision {})",
-                            r.key, r.flag_set, f.mod_revision
-                        )));
-                    }
-                    let held = view.flag_set(&r.flag_set)?.map_or(0, |s| s.flag_count);
-                    check_flag_count(&r.flag_set, held as usize + 1, max)?;
-                    Ok(one_flag(
-                        &actor,
-                        "create",
-                        &r.comment,
-                        &r.flag_set,
-                        &r.key,
-                        Some(def.clone()),
-                    ))
-                },
-                false,
-            )
-            .await?;
-        Ok(written(&outcome))
+        let write = OneFlag::new(actor, "create", r.comment, r.flag_set, r.key, Some(def));
+        self.write_one(write, move |view, w| {
+            if let Some(f) = view.flag(&w.flag_set, &w.key)? {
+                return Err(ControlError::AlreadyExists(format!(
+                    "flag \"{}\" exists in flag set \"{}\" (mod_revision {})",
+                    w.key, w.flag_set, f.mod_revision
+                )));
+            }
+            let held = view.flag_set(&w.flag_set)?.map_or(0, |s| s.flag_count);
+            check_flag_count(&w.flag_set, held as usize + 1, max)
+        })
+        .await
     }
 
     async fn update_flag(
@@ -321,25 +362,13 @@ impl<S: FlagStore> Admin for AdminService<S> {
         check_flag_set(&r.flag_set)?;
         check_key(&r.key)?;
         let def = validate_definition(&r.key, &r.definition_json)?;
-        let outcome = self
-            .commit(
-                move |view| {
-                    let current = view.flag(&r.flag_set, &r.key)?.map(|f| f.mod_revision);
-                    let what = format!("flag \"{}\" of flag set \"{}\"", r.key, r.flag_set);
-                    expect_revision(&what, current, r.expected_mod_revision, r.force, true)?;
-                    Ok(one_flag(
-                        &actor,
-                        "update",
-                        &r.comment,
-                        &r.flag_set,
-                        &r.key,
-                        Some(def.clone()),
-                    ))
-                },
-                false,
-            )
-            .await?;
-        Ok(written(&outcome))
+        let (expected, force) = (r.expected_mod_revision, r.force);
+        let write = OneFlag::new(actor, "update", r.comment, r.flag_set, r.key, Some(def));
+        self.write_one(write, move |view, w| {
+            let current = view.flag(&w.flag_set, &w.key)?.map(|f| f.mod_revision);
+            expect_revision(&w.what(), current, expected, force, true)
+        })
+        .await
     }
 
     async fn delete_flag(
@@ -348,25 +377,13 @@ impl<S: FlagStore> Admin for AdminService<S> {
     ) -> Result<Response<WriteResponse>, Status> {
         let actor = actor(&request);
         let r = request.into_inner();
-        let outcome = self
-            .commit(
-                move |view| {
-                    let current = view.flag(&r.flag_set, &r.key)?.map(|f| f.mod_revision);
-                    let what = format!("flag \"{}\" of flag set \"{}\"", r.key, r.flag_set);
-                    expect_revision(&what, current, r.expected_mod_revision, false, false)?;
-                    Ok(one_flag(
-                        &actor,
-                        "delete",
-                        &r.comment,
-                        &r.flag_set,
-                        &r.key,
-                        None,
-                    ))
-                },
-                false,
-            )
-            .await?;
-        Ok(written(&outcome))
+        let expected = r.expected_mod_revision;
+        let write = OneFlag::new(actor, "delete", r.comment, r.flag_set, r.key, None);
+        self.write_one(write, move |view, w| {
+            let current = view.flag(&w.flag_set, &w.key)?.map(|f| f.mod_revision);
+            expect_revision(&w.what(), current, expected, false, false)
+        })
+        .await
     }
 
     async fn list_flag_sets(

@@ -147,6 +147,9 @@ pub async fn start(
         fanout_config,
         node.stop_token(),
     );
+    // commits reach the fan-out in revision order, from inside the store
+    let publish = fanout.clone();
+    store.publish_to(Box::new(move |delta| publish.publish(delta.clone())));
     let propagation = Arc::new(Propagation::default());
     node.readiness().set(true);
     node.metrics().register_collector(Box::new(ControlMetrics {
@@ -161,7 +164,6 @@ pub async fn start(
         .service(
             AdminServer::new(AdminService::new(
                 store.clone(),
-                fanout.clone(),
                 propagation.clone(),
                 config.max_flags_per_set,
             ))

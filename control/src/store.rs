@@ -190,6 +190,9 @@ fn set_entry<'a>(
         .ok_or_else(|| ControlError::Storage("set record".into()))
 }
 
+/// Where committed deltas go, in commit order (the node's fan-out).
+pub type Publisher = Box<dyn Fn(&Delta) + Send + Sync>;
+
 /// The embedded store.
 pub struct SledStore {
     db: sled::Db,
@@ -197,6 +200,7 @@ pub struct SledStore {
     write: Mutex<()>,
     retain: u64,
     durable: bool,
+    publisher: std::sync::OnceLock<Publisher>,
 }
 
 impl SledStore {
@@ -223,7 +227,17 @@ impl SledStore {
             write: Mutex::new(()),
             retain: retain.max(1),
             durable,
+            publisher: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Every later commit's delta goes to `publisher`, called under the
+    /// writer lock once the commit is visible: deltas are published in
+    /// revision order, whatever the concurrency of writers, and a commit
+    /// whose flush fails is published all the same (readers already see
+    /// it). Set once; `false` when a publisher was already set.
+    pub fn publish_to(&self, publisher: Publisher) -> bool {
+        self.publisher.set(publisher).is_ok()
     }
 
     fn decode_flag(bytes: &[u8]) -> Result<Flag, ControlError> {
@@ -544,6 +558,10 @@ impl FlagStore for SledStore {
             batch.insert(META_COMPACTED, &through.to_be_bytes());
         }
         self.tree.apply_batch(batch)?;
+        // visible from here on: published before anything can fail
+        if let Some(publish) = self.publisher.get() {
+            publish(&delta);
+        }
         if self.durable {
             self.db.flush()?;
         }
@@ -635,5 +653,57 @@ impl<S: FlagStore> SyncSource for StoreSource<S> {
         self.0
             .deltas(history_id, from, to)
             .map_err(|e| SourceError(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn concurrent_commits_are_published_in_revision_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open_with(dir.path(), 10_000, false).expect("store"));
+        let published: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+        let seen = published.clone();
+        assert!(store.publish_to(Box::new(move |d| {
+            seen.lock()
+                .expect("lock")
+                .push((d.from_revision, d.to_revision))
+        })));
+        // eight writers, fifty commits each, all at once
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let write = FlagWrite {
+                            flag_set: "race".into(),
+                            key: format!("w{w}"),
+                            definition: Some(
+                                format!(r#"{{"state":"ENABLED","variants":{{"v":{i}}},"defaultVariant":"v"}}"#)
+                                    .into_bytes(),
+                            ),
+                        };
+                        let mut plan = |_: &dyn StateView| {
+                            Ok(ChangeRequest {
+                                flags: vec![write.clone()],
+                                ..Default::default()
+                            })
+                        };
+                        store.commit(&mut plan, false).expect("commit");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().expect("writer");
+        }
+        let published = published.lock().expect("lock").clone();
+        let expected: Vec<(u64, u64)> = (1..=400).map(|r| (r - 1, r)).collect();
+        assert_eq!(published, expected, "every revision once, in order");
+        assert_eq!(store.head().expect("head").revision, 400);
     }
 }

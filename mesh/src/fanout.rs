@@ -146,7 +146,9 @@ impl Fanout {
 
     /// Publishes a committed delta to every subscriber. A delta that does
     /// not continue from the head (or is of another history) restarts the
-    /// ring from it.
+    /// ring from it; one at or below the head of the same history is
+    /// dropped, so the head never moves back whatever the order publishers
+    /// call in (subscribers fill any gap from the source).
     pub fn publish(&self, delta: Delta) {
         self.publish_shared(Arc::new(delta));
     }
@@ -155,29 +157,34 @@ impl Fanout {
     #[tracing::instrument(name = "publish", skip_all, fields(revision = delta.to_revision, from = delta.from_revision))]
     pub fn publish_shared(&self, delta: Arc<Delta>) {
         let event = SharedSyncEvent::from_delta(&delta);
+        // the head is read and moved under the ring's lock: two publishers
+        // never interleave between the check and the move
+        let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
         let head = self.head();
+        let same_history = *head.history_id == delta.history_id;
+        if same_history && delta.to_revision <= head.revision {
+            tracing::debug!(head = head.revision, "delta at or below the head dropped");
+            return;
+        }
+        if !same_history || delta.from_revision != head.revision {
+            ring.entries.clear();
+            ring.bytes = 0;
+        }
+        // the decoded delta is kept too: count it like its encoding
+        ring.bytes += 2 * event.len();
+        ring.entries.push_back(RingEntry {
+            delta: delta.clone(),
+            event,
+        });
+        while ring.entries.len() > self.config.ring_revisions
+            || (ring.bytes > self.config.ring_bytes && ring.entries.len() > 1)
         {
-            let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
-            if *head.history_id != delta.history_id || delta.from_revision != head.revision {
-                ring.entries.clear();
-                ring.bytes = 0;
-            }
-            // the decoded delta is kept too: count it like its encoding
-            ring.bytes += 2 * event.len();
-            ring.entries.push_back(RingEntry {
-                delta: delta.clone(),
-                event,
-            });
-            while ring.entries.len() > self.config.ring_revisions
-                || (ring.bytes > self.config.ring_bytes && ring.entries.len() > 1)
-            {
-                if let Some(old) = ring.entries.pop_front() {
-                    ring.bytes -= 2 * old.event.len();
-                }
+            if let Some(old) = ring.entries.pop_front() {
+                ring.bytes -= 2 * old.event.len();
             }
         }
         self.head.send_modify(|h| {
-            if *h.history_id != delta.history_id {
+            if !same_history {
                 h.history_id = delta.history_id.as_str().into();
             }
             h.revision = delta.to_revision;
@@ -488,5 +495,101 @@ impl Fanout {
                 Err("subscriber accepted nothing before the send deadline: cut off")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source with nothing in it (these tests never read it).
+    struct Empty;
+
+    impl SyncSource for Empty {
+        fn snapshot(&self) -> Result<crate::SourceSnapshot, SourceError> {
+            Ok(crate::SourceSnapshot::default())
+        }
+
+        fn deltas(&self, _: &str, _: u64, _: u64) -> Result<Option<Vec<Delta>>, SourceError> {
+            Ok(None)
+        }
+    }
+
+    fn fanout() -> Arc<Fanout> {
+        Fanout::new(
+            Arc::new(Empty),
+            Head {
+                history_id: "h".into(),
+                revision: 0,
+                upstream_connected: true,
+            },
+            FanoutConfig::default(),
+            CancellationToken::new(),
+        )
+    }
+
+    fn delta(history: &str, to: u64) -> Delta {
+        Delta {
+            history_id: history.into(),
+            from_revision: to - 1,
+            to_revision: to,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_head_never_moves_back_under_concurrent_publishers() {
+        const REVISIONS: u64 = 2_000;
+        for _ in 0..5 {
+            let f = fanout();
+            let mut heads = f.head.subscribe();
+            // four publishers each take every fourth revision, racing
+            let publishers: Vec<_> = (0..4u64)
+                .map(|p| {
+                    let f = f.clone();
+                    std::thread::spawn(move || {
+                        for to in (1..=REVISIONS).filter(|r| r % 4 == p) {
+                            f.publish(delta("h", to));
+                        }
+                    })
+                })
+                .collect();
+            let mut seen = 0;
+            while publishers.iter().any(|p| !p.is_finished()) {
+                let now = heads.borrow_and_update().revision;
+                assert!(now >= seen, "the head moved back from {seen} to {now}");
+                seen = now;
+            }
+            for p in publishers {
+                p.join().expect("publisher");
+            }
+            assert_eq!(f.head().revision, REVISIONS);
+            // what the ring holds is chained and ends at the head
+            let ring = f.ring.read().expect("ring");
+            let revisions: Vec<(u64, u64)> = ring
+                .entries
+                .iter()
+                .map(|e| (e.delta.from_revision, e.delta.to_revision))
+                .collect();
+            assert!(
+                revisions.windows(2).all(|w| w[0].1 == w[1].0),
+                "{revisions:?}"
+            );
+            assert_eq!(revisions.last().map(|r| r.1), Some(REVISIONS));
+        }
+    }
+
+    #[test]
+    fn another_history_restarts_the_ring() {
+        let f = fanout();
+        for to in 1..=5 {
+            f.publish(delta("h", to));
+        }
+        f.publish(delta("h", 3));
+        assert_eq!(f.head().revision, 5, "an old delta is dropped");
+        f.publish(delta("other", 2));
+        assert_eq!(&*f.head().history_id, "other");
+        assert_eq!(f.head().revision, 2);
+        assert_eq!(f.ring_usage().0, 1);
     }
 }
