@@ -205,6 +205,43 @@ fn event_stream<T: Send + 'static>(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// The typed resolvers of a flagd evaluation service (one per value type),
+/// each resolving one flag with [`Flagd::evaluate`] and building its
+/// response from the outcome. A macro inside an `#[async_trait]` impl is
+/// not rewritten by it, so this spells the boxed future those trait
+/// methods return; resolving is synchronous, so the future is ready.
+macro_rules! typed_resolvers {
+    (
+        $pkg:ident, variant: |$vo:ident| $variant:expr;
+        $($method:ident($req:ident) -> $resp:ident, $ty:expr, |$o:ident| $value:expr;)*
+    ) => {$(
+        fn $method<'life0, 'async_trait>(
+            &'life0 self,
+            request: Request<$pkg::$req>,
+        ) -> Pin<Box<dyn std::future::Future<Output = Result<Response<$pkg::$resp>, Status>> + Send + 'async_trait>>
+        where
+            'life0: 'async_trait,
+            Self: 'async_trait,
+        {
+            let answer = self.evaluate(
+                request,
+                |i| (&i.flag_key, i.context.as_ref()),
+                $ty,
+                |$o, _| $pkg::$resp {
+                    value: $value,
+                    reason: reason($o),
+                    variant: {
+                        let $vo = $o;
+                        $variant
+                    },
+                    metadata: metadata($o),
+                },
+            );
+            Box::pin(std::future::ready(answer))
+        }
+    )*};
+}
+
 #[tonic::async_trait]
 impl v1::service_server::Service for Flagd {
     async fn resolve_all(
@@ -257,89 +294,18 @@ impl v1::service_server::Service for Flagd {
         }))
     }
 
-    async fn resolve_boolean(
-        &self,
-        r: Request<v1::ResolveBooleanRequest>,
-    ) -> Result<Response<v1::ResolveBooleanResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::Bool,
-            |o, _| v1::ResolveBooleanResponse {
-                value: o.resolution.bool_value().unwrap_or_default(),
-                reason: reason(o),
-                variant: variant(o),
-                metadata: metadata(o),
-            },
-        )
-    }
-
-    async fn resolve_string(
-        &self,
-        r: Request<v1::ResolveStringRequest>,
-    ) -> Result<Response<v1::ResolveStringResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::String,
-            |o, _| v1::ResolveStringResponse {
-                value: o.resolution.string_value().unwrap_or_default().to_owned(),
-                reason: reason(o),
-                variant: variant(o),
-                metadata: metadata(o),
-            },
-        )
-    }
-
-    async fn resolve_float(
-        &self,
-        r: Request<v1::ResolveFloatRequest>,
-    ) -> Result<Response<v1::ResolveFloatResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::Float,
-            |o, _| v1::ResolveFloatResponse {
-                value: o.resolution.float_value().unwrap_or_default(),
-                reason: reason(o),
-                variant: variant(o),
-                metadata: metadata(o),
-            },
-        )
-    }
-
-    async fn resolve_int(
-        &self,
-        r: Request<v1::ResolveIntRequest>,
-    ) -> Result<Response<v1::ResolveIntResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::Int,
-            |o, _| v1::ResolveIntResponse {
-                value: o.resolution.int_value().unwrap_or_default(),
-                reason: reason(o),
-                variant: variant(o),
-                metadata: metadata(o),
-            },
-        )
-    }
-
-    async fn resolve_object(
-        &self,
-        r: Request<v1::ResolveObjectRequest>,
-    ) -> Result<Response<v1::ResolveObjectResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::Object,
-            |o, _| v1::ResolveObjectResponse {
-                value: object(o),
-                reason: reason(o),
-                variant: variant(o),
-                metadata: metadata(o),
-            },
-        )
+    typed_resolvers! {
+        v1, variant: |o| variant(o);
+        resolve_boolean(ResolveBooleanRequest) -> ResolveBooleanResponse,
+            ValueType::Bool, |o| o.resolution.bool_value().unwrap_or_default();
+        resolve_string(ResolveStringRequest) -> ResolveStringResponse,
+            ValueType::String, |o| o.resolution.string_value().unwrap_or_default().to_owned();
+        resolve_float(ResolveFloatRequest) -> ResolveFloatResponse,
+            ValueType::Float, |o| o.resolution.float_value().unwrap_or_default();
+        resolve_int(ResolveIntRequest) -> ResolveIntResponse,
+            ValueType::Int, |o| o.resolution.int_value().unwrap_or_default();
+        resolve_object(ResolveObjectRequest) -> ResolveObjectResponse,
+            ValueType::Object, |o| object(o);
     }
 
     type EventStreamStream = EventStream<v1::EventStreamResponse>;
@@ -362,89 +328,18 @@ impl v1::service_server::Service for Flagd {
 
 #[tonic::async_trait]
 impl v2::service_server::Service for Flagd {
-    async fn resolve_boolean(
-        &self,
-        r: Request<v2::ResolveBooleanRequest>,
-    ) -> Result<Response<v2::ResolveBooleanResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::Bool,
-            |o, _| v2::ResolveBooleanResponse {
-                value: o.resolution.bool_value(),
-                reason: reason(o),
-                variant: o.resolution.variant.map(str::to_owned),
-                metadata: metadata(o),
-            },
-        )
-    }
-
-    async fn resolve_string(
-        &self,
-        r: Request<v2::ResolveStringRequest>,
-    ) -> Result<Response<v2::ResolveStringResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::String,
-            |o, _| v2::ResolveStringResponse {
-                value: o.resolution.string_value().map(str::to_owned),
-                reason: reason(o),
-                variant: o.resolution.variant.map(str::to_owned),
-                metadata: metadata(o),
-            },
-        )
-    }
-
-    async fn resolve_float(
-        &self,
-        r: Request<v2::ResolveFloatRequest>,
-    ) -> Result<Response<v2::ResolveFloatResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::Float,
-            |o, _| v2::ResolveFloatResponse {
-                value: o.resolution.float_value(),
-                reason: reason(o),
-                variant: o.resolution.variant.map(str::to_owned),
-                metadata: metadata(o),
-            },
-        )
-    }
-
-    async fn resolve_int(
-        &self,
-        r: Request<v2::ResolveIntRequest>,
-    ) -> Result<Response<v2::ResolveIntResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::Int,
-            |o, _| v2::ResolveIntResponse {
-                value: o.resolution.int_value(),
-                reason: reason(o),
-                variant: o.resolution.variant.map(str::to_owned),
-                metadata: metadata(o),
-            },
-        )
-    }
-
-    async fn resolve_object(
-        &self,
-        r: Request<v2::ResolveObjectRequest>,
-    ) -> Result<Response<v2::ResolveObjectResponse>, Status> {
-        self.evaluate(
-            r,
-            |i| (&i.flag_key, i.context.as_ref()),
-            ValueType::Object,
-            |o, _| v2::ResolveObjectResponse {
-                value: object(o),
-                reason: reason(o),
-                variant: o.resolution.variant.map(str::to_owned),
-                metadata: metadata(o),
-            },
-        )
+    typed_resolvers! {
+        v2, variant: |o| o.resolution.variant.map(str::to_owned);
+        resolve_boolean(ResolveBooleanRequest) -> ResolveBooleanResponse,
+            ValueType::Bool, |o| o.resolution.bool_value();
+        resolve_string(ResolveStringRequest) -> ResolveStringResponse,
+            ValueType::String, |o| o.resolution.string_value().map(str::to_owned);
+        resolve_float(ResolveFloatRequest) -> ResolveFloatResponse,
+            ValueType::Float, |o| o.resolution.float_value();
+        resolve_int(ResolveIntRequest) -> ResolveIntResponse,
+            ValueType::Int, |o| o.resolution.int_value();
+        resolve_object(ResolveObjectRequest) -> ResolveObjectResponse,
+            ValueType::Object, |o| object(o);
     }
 
     type EventStreamStream = EventStream<v2::EventStreamResponse>;

@@ -134,11 +134,11 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"1e-6\"} 1"),
+            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"0.000001\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"5e-5\"} 2"),
+            text.contains("flagmesh_evaluation_duration_seconds_bucket{le=\"0.00005\"} 2"),
             "{text}"
         );
         assert!(
