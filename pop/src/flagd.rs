@@ -205,16 +205,38 @@ fn event_stream<T: Send + 'static>(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// The typed resolvers of a flagd evaluation service (one per value type),
-/// each resolving one flag with [`Flagd::evaluate`] and building its
-/// response from the outcome. A macro inside an `#[async_trait]` impl is
-/// not rewritten by it, so this spells the boxed future those trait
-/// methods return; resolving is synchronous, so the future is ready.
-macro_rules! typed_resolvers {
+/// What the flagd evaluation services (v1 and v2) have in common: the
+/// typed resolvers (one per value type), each resolving one flag with
+/// [`Flagd::evaluate`] and building its response from the outcome, and the
+/// event stream. A macro inside an `#[async_trait]` impl is not rewritten
+/// by it, so this spells the boxed future those trait methods return; both
+/// answer synchronously, so the future is ready.
+macro_rules! flagd_evaluation {
     (
         $pkg:ident, variant: |$vo:ident| $variant:expr;
         $($method:ident($req:ident) -> $resp:ident, $ty:expr, |$o:ident| $value:expr;)*
-    ) => {$(
+    ) => {
+        type EventStreamStream = EventStream<$pkg::EventStreamResponse>;
+
+        fn event_stream<'life0, 'async_trait>(
+            &'life0 self,
+            request: Request<$pkg::EventStreamRequest>,
+        ) -> Pin<Box<dyn std::future::Future<Output = Result<Response<Self::EventStreamStream>, Status>> + Send + 'async_trait>>
+        where
+            'life0: 'async_trait,
+            Self: 'async_trait,
+        {
+            let answer = self.selected(&request, "").map(|set| {
+                Response::new(event_stream(self.ctx.clone(), set, |t, data| {
+                    $pkg::EventStreamResponse {
+                        r#type: t.to_owned(),
+                        data,
+                    }
+                }))
+            });
+            Box::pin(std::future::ready(answer))
+        }
+    $(
         fn $method<'life0, 'async_trait>(
             &'life0 self,
             request: Request<$pkg::$req>,
@@ -239,7 +261,8 @@ macro_rules! typed_resolvers {
             );
             Box::pin(std::future::ready(answer))
         }
-    )*};
+    )*
+    };
 }
 
 #[tonic::async_trait]
@@ -294,7 +317,7 @@ impl v1::service_server::Service for Flagd {
         }))
     }
 
-    typed_resolvers! {
+    flagd_evaluation! {
         v1, variant: |o| variant(o);
         resolve_boolean(ResolveBooleanRequest) -> ResolveBooleanResponse,
             ValueType::Bool, |o| o.resolution.bool_value().unwrap_or_default();
@@ -307,28 +330,11 @@ impl v1::service_server::Service for Flagd {
         resolve_object(ResolveObjectRequest) -> ResolveObjectResponse,
             ValueType::Object, |o| object(o);
     }
-
-    type EventStreamStream = EventStream<v1::EventStreamResponse>;
-
-    async fn event_stream(
-        &self,
-        request: Request<v1::EventStreamRequest>,
-    ) -> Result<Response<Self::EventStreamStream>, Status> {
-        let set = self.selected(&request, "")?;
-        Ok(Response::new(event_stream(
-            self.ctx.clone(),
-            set,
-            |t, data| v1::EventStreamResponse {
-                r#type: t.to_owned(),
-                data,
-            },
-        )))
-    }
 }
 
 #[tonic::async_trait]
 impl v2::service_server::Service for Flagd {
-    typed_resolvers! {
+    flagd_evaluation! {
         v2, variant: |o| o.resolution.variant.map(str::to_owned);
         resolve_boolean(ResolveBooleanRequest) -> ResolveBooleanResponse,
             ValueType::Bool, |o| o.resolution.bool_value();
@@ -340,23 +346,6 @@ impl v2::service_server::Service for Flagd {
             ValueType::Int, |o| o.resolution.int_value();
         resolve_object(ResolveObjectRequest) -> ResolveObjectResponse,
             ValueType::Object, |o| object(o);
-    }
-
-    type EventStreamStream = EventStream<v2::EventStreamResponse>;
-
-    async fn event_stream(
-        &self,
-        request: Request<v2::EventStreamRequest>,
-    ) -> Result<Response<Self::EventStreamStream>, Status> {
-        let set = self.selected(&request, "")?;
-        Ok(Response::new(event_stream(
-            self.ctx.clone(),
-            set,
-            |t, data| v2::EventStreamResponse {
-                r#type: t.to_owned(),
-                data,
-            },
-        )))
     }
 }
 
