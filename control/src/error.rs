@@ -26,6 +26,11 @@ pub enum ControlError {
     /// The store failed.
     #[error("storage: {0}")]
     Storage(String),
+    /// The data directory holds no store, and nobody asked for a new mesh.
+    #[error(
+        "{0} holds no flagmesh store: start with --init to create a new mesh (a new history that every hub and PoP will refuse until an operator adopts it), or point --data-dir at the existing store"
+    )]
+    NotInitialised(String),
 }
 
 impl From<sled::Error> for ControlError {
@@ -49,6 +54,7 @@ impl From<ControlError> for Status {
             ControlError::FailedPrecondition(m) => Status::failed_precondition(m),
             ControlError::PermissionDenied(m) => Status::permission_denied(m),
             ControlError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            e @ ControlError::NotInitialised(_) => Status::failed_precondition(e.to_string()),
             ControlError::Storage(m) => {
                 tracing::error!(error = %m, "storage failure");
                 Status::internal("the control plane's store failed; see its logs")

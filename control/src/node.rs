@@ -41,6 +41,10 @@ pub struct ControlConfig {
     pub max_message_bytes: usize,
     /// Flags one flag set may hold.
     pub max_flags_per_set: usize,
+    /// Create a new store (a new history) when `data_dir` holds none.
+    pub init: bool,
+    /// The propagation view forgets nodes silent this long (0: never).
+    pub forget_nodes_after_ms: i64,
 }
 
 impl ControlConfig {
@@ -55,6 +59,8 @@ impl ControlConfig {
             drain: Duration::from_secs(5),
             max_message_bytes: 16 << 20,
             max_flags_per_set: 10_000,
+            init: false,
+            forget_nodes_after_ms: crate::propagation::FORGET_AFTER_MS,
         }
     }
 }
@@ -116,7 +122,7 @@ pub async fn start(
     security: impl Into<Security>,
 ) -> anyhow::Result<RunningControl> {
     let store = Arc::new(
-        SledStore::open(&config.data_dir, config.retain_revisions)
+        SledStore::open(&config.data_dir, config.retain_revisions, config.init)
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
     );
     let head = store.head()?;
@@ -143,6 +149,7 @@ pub async fn start(
             history_id: head.history_id.as_str().into(),
             revision: head.revision,
             upstream_connected: true,
+            digest: Some(head.digest),
         },
         fanout_config,
         node.stop_token(),
@@ -150,7 +157,7 @@ pub async fn start(
     // commits reach the fan-out in revision order, from inside the store
     let publish = fanout.clone();
     store.publish_to(Box::new(move |delta| publish.publish(delta.clone())));
-    let propagation = Arc::new(Propagation::default());
+    let propagation = Arc::new(Propagation::new(config.forget_nodes_after_ms));
     node.readiness().set(true);
     node.metrics().register_collector(Box::new(ControlMetrics {
         store: store.clone(),

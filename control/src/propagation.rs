@@ -31,7 +31,12 @@ pub struct Propagation {
     commits: Mutex<VecDeque<(u64, i64)>>,
     /// Reports dropped because their node id is not a valid id.
     rejected: AtomicU64,
+    /// A node silent this long is forgotten (0: never).
+    forget_after_ms: i64,
 }
+
+/// How long a silent node stays in the view by default: ten minutes.
+pub const FORGET_AFTER_MS: i64 = 600_000;
 
 /// Whether `id` may name a node: 1 to 128 ASCII letters, digits and
 /// `.-_:@/`. Ids arrive in remote reports and become label values and
@@ -44,6 +49,15 @@ pub fn valid_node_id(id: &str) -> bool {
 }
 
 impl Propagation {
+    /// A view that forgets nodes silent for `forget_after_ms` (0: never),
+    /// so dead nodes stop counting as lagging.
+    pub fn new(forget_after_ms: i64) -> Self {
+        Self {
+            forget_after_ms,
+            ..Self::default()
+        }
+    }
+
     /// A revision was committed at `at_ms`.
     pub fn committed(&self, revision: u64, at_ms: i64) {
         let mut c = self.commits.lock().unwrap_or_else(|p| p.into_inner());
@@ -55,7 +69,11 @@ impl Propagation {
 
     /// The view, for `recent` revisions newest first, at `head`.
     pub fn view(&self, head: u64, recent: usize) -> GetPropagationResponse {
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if self.forget_after_ms > 0 {
+            let horizon = now_ms() - self.forget_after_ms;
+            nodes.retain(|_, n| n.last_report_ms >= horizon);
+        }
         let commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = GetPropagationResponse {
             head_revision: head,
@@ -78,6 +96,8 @@ impl Propagation {
                 rejected_revision: n.latest.rejected_revision,
                 rejected_error: n.latest.rejected_error.clone(),
                 via: n.latest.via.clone(),
+                history_id: n.latest.history_id.clone(),
+                conflict_history_id: n.latest.conflict_history_id.clone(),
             });
         }
         out.applied_distribution = distribution.into_iter().collect();
@@ -243,5 +263,24 @@ mod tests {
         assert_eq!(v.nodes.len(), 1);
         assert_eq!(v.nodes[0].node_id, "pop-eu.1:7071");
         assert_eq!(p.rejected_reports(), 5);
+    }
+
+    #[test]
+    fn silent_nodes_are_forgotten() {
+        let p = Propagation::new(50);
+        p.report(NodeReport {
+            node_id: "gone".into(),
+            applied_revision: 1,
+            ..Default::default()
+        });
+        assert_eq!(p.view(1, 1).nodes.len(), 1);
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        p.report(NodeReport {
+            node_id: "alive".into(),
+            applied_revision: 1,
+            ..Default::default()
+        });
+        let ids: Vec<String> = p.view(1, 1).nodes.into_iter().map(|n| n.node_id).collect();
+        assert_eq!(ids, ["alive"]);
     }
 }

@@ -204,22 +204,37 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (creating on first start) the store in `dir`, keeping the
-    /// deltas of the last `retain` revisions.
-    pub fn open(dir: &Path, retain: u64) -> Result<Self, ControlError> {
-        Self::open_with(dir, retain, true)
+    /// Opens the store in `dir`, keeping the deltas of the last `retain`
+    /// revisions. An empty `dir` becomes a new store (a new history) only
+    /// with `init`: a control plane restarted on a lost or wrong data
+    /// directory refuses to start rather than wipe the mesh.
+    pub fn open(dir: &Path, retain: u64, init: bool) -> Result<Self, ControlError> {
+        Self::open_with(dir, retain, true, init)
     }
 
     /// Like [`SledStore::open`]; without `durable` commits are not flushed
     /// before they are acknowledged (for simulations, never for serving).
-    pub fn open_with(dir: &Path, retain: u64, durable: bool) -> Result<Self, ControlError> {
+    pub fn open_with(
+        dir: &Path,
+        retain: u64,
+        durable: bool,
+        init: bool,
+    ) -> Result<Self, ControlError> {
+        let empty = !dir.exists()
+            || std::fs::read_dir(dir).map_or(true, |mut entries| entries.next().is_none());
+        if empty && !init {
+            return Err(ControlError::NotInitialised(dir.display().to_string()));
+        }
         let db = sled::Config::new().path(dir).open()?;
         let tree = db.open_tree("control")?;
         if tree.get(META_HISTORY)?.is_none() {
+            if !init {
+                return Err(ControlError::NotInitialised(dir.display().to_string()));
+            }
             let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
             tree.insert(META_HISTORY, id.as_bytes())?;
             db.flush()?;
-            tracing::info!(history_id = %id, dir = %dir.display(), "created a new control store");
+            tracing::warn!(history_id = %id, dir = %dir.display(), "created a new control store: a new history");
         }
         Ok(Self {
             db,
@@ -537,7 +552,7 @@ impl FlagStore for SledStore {
             });
         }
 
-        delta.digest = digest.0;
+        delta.digest = Some(digest.0);
         let audit = ChangeSet {
             revision,
             committed_at_unix_ms: committed_at,
@@ -665,7 +680,7 @@ mod tests {
     #[test]
     fn concurrent_commits_are_published_in_revision_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(SledStore::open_with(dir.path(), 10_000, false).expect("store"));
+        let store = Arc::new(SledStore::open_with(dir.path(), 10_000, false, true).expect("store"));
         let published: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
         let seen = published.clone();
         assert!(store.publish_to(Box::new(move |d| {
@@ -705,5 +720,28 @@ mod tests {
         let expected: Vec<(u64, u64)> = (1..=400).map(|r| (r - 1, r)).collect();
         assert_eq!(published, expected, "every revision once, in order");
         assert_eq!(store.head().expect("head").revision, 400);
+    }
+
+    #[test]
+    fn an_empty_directory_is_a_new_store_only_when_asked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let refused = SledStore::open(&path, 10, false)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            refused.as_deref().is_some_and(|m| m.contains("--init")),
+            "{refused:?}"
+        );
+        assert!(!path.exists(), "a refused start leaves nothing behind");
+        let history = SledStore::open(&path, 10, true)
+            .and_then(|s| s.head())
+            .expect("initialised")
+            .history_id;
+        // an existing store opens with or without the option, same history
+        for init in [false, true] {
+            let again = SledStore::open(&path, 10, init).and_then(|s| s.head());
+            assert_eq!(again.expect("reopened").history_id, history);
+        }
     }
 }

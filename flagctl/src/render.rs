@@ -123,6 +123,16 @@ pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// A node's history, and the other history it refuses when in conflict.
+fn history_cell(n: &NodeStatus) -> String {
+    let short = |h: &str| h.chars().take(8).collect::<String>();
+    match (n.history_id.as_str(), n.conflict_history_id.as_str()) {
+        ("", _) => "-".into(),
+        (h, "") => short(h),
+        (h, other) => format!("{} CONFLICT: upstream serves {other}", short(h)),
+    }
+}
+
 pub(crate) fn print_status(r: &GetPropagationResponse, json_out: bool) {
     if json_out {
         print_json(&flagmesh_proto::view::view_json(r));
@@ -156,6 +166,7 @@ pub(crate) fn print_status(r: &GetPropagationResponse, json_out: bool) {
                 n.applied_revision.to_string(),
                 n.lag_revisions.to_string(),
                 format_ms(n.last_report_unix_ms),
+                history_cell(n),
             ]
         })
         .collect();
@@ -169,7 +180,8 @@ pub(crate) fn print_status(r: &GetPropagationResponse, json_out: bool) {
                 "UPSTREAM",
                 "APPLIED",
                 "LAG",
-                "LAST REPORT (UTC)"
+                "LAST REPORT (UTC)",
+                "HISTORY"
             ],
             &rows
         )

@@ -56,11 +56,13 @@ impl RunningHub {
 
 /// Opens the replica, binds, and starts following and serving.
 pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::Result<RunningHub> {
-    let replica = Arc::new(
-        ReplicaStore::open(&config.relay.data_dir, config.relay.sync_writes).with_context(
-            || format!("opening the replica in {}", config.relay.data_dir.display()),
-        )?,
-    );
+    let (replica, _) = ReplicaStore::open_scoped(
+        &config.relay.data_dir,
+        config.relay.sync_writes,
+        &config.relay.subscriber.flag_sets,
+    )
+    .with_context(|| format!("opening the replica in {}", config.relay.data_dir.display()))?;
+    let replica = Arc::new(replica);
     let position = replica.position();
     tracing::info!(revision = position.revision, history_id = %position.history_id, "replica opened");
     let mut node = NodeBuilder::bind(
@@ -77,20 +79,16 @@ pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::
         &node.stop_token(),
         node.tasks(),
     )?;
-    // ready once it holds a state
+    // ready once it holds a state; a history conflict shows in /readyz
     let ready = node.readiness();
-    let (mut status, replica) = (relay.status.clone(), relay.replica.clone());
-    ready.set(replica.position().revision > 0);
-    let stop = node.stop_token();
-    node.tasks().spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                changed = status.changed() => if changed.is_err() { return },
-            }
-            ready.set(replica.position().revision > 0);
-        }
-    });
+    relay.watch_readiness(
+        node.tasks(),
+        &node.stop_token(),
+        move |has_state, detail| {
+            ready.set(has_state);
+            ready.set_detail(detail);
+        },
+    );
     node.metrics()
         .register_collector(Box::new(RelayMetrics(relay.view())));
     let node = node

@@ -49,7 +49,7 @@ fn main() -> std::io::Result<()> {
         event: Some(Event::Snapshot(Snapshot {
             history_id: h.clone(),
             revision: 2,
-            digest: digest_of(&state),
+            digest: Some(digest_of(&state)),
             chunk: 0,
             last: true,
             flags: state.flags.clone(),
@@ -64,7 +64,7 @@ fn main() -> std::io::Result<()> {
             history_id: h.clone(),
             from_revision: 2,
             to_revision: 3,
-            digest: digest_of(&state),
+            digest: Some(digest_of(&state)),
             upserts: state.flags.clone(),
             deletes: vec![FlagRef {
                 flag_set: "web".into(),
@@ -79,6 +79,7 @@ fn main() -> std::io::Result<()> {
             head_revision: 5,
             history_id: h.clone(),
             upstream_connected: true,
+            head_digest: None,
         })),
     };
     let gap = SyncEvent {
@@ -91,7 +92,7 @@ fn main() -> std::io::Result<()> {
     };
     let mut wrong = delta.clone();
     if let Some(Event::Delta(d)) = &mut wrong.event {
-        d.digest ^= 1;
+        d.digest = d.digest.map(|x| x ^ 1);
     }
     let dir = std::path::Path::new("fuzz/corpus/sync_events");
     std::fs::create_dir_all(dir)?;

@@ -174,6 +174,11 @@ impl MeshNode {
         self.args.clone()
     }
 
+    /// The arguments of its next start (its listen addresses are added).
+    pub fn set_args(&mut self, args: Vec<String>) {
+        self.args = args;
+    }
+
     /// Whether it runs.
     pub fn is_running(&self) -> bool {
         self.process.is_some()
@@ -244,6 +249,8 @@ impl Mesh {
             .unwrap_or_default();
         node_envs.extend(spec.envs.iter().cloned());
         let mut control_args = vec![
+            // a new mesh on first start; a restart finds its store
+            "--init".into(),
             "--data-dir".into(),
             spec.root.join("control").display().to_string(),
             "--retain-revisions".into(),
@@ -512,7 +519,11 @@ impl Mesh {
             if let Some(Event::Snapshot(s)) = ev.event
                 && s.last
             {
-                return Ok((s.revision, s.digest));
+                // a node's unfiltered snapshot always carries its digest
+                let digest = s
+                    .digest
+                    .ok_or_else(|| tonic::Status::data_loss("a snapshot without a digest"))?;
+                return Ok((s.revision, digest));
             }
         }
         Err(tonic::Status::unavailable("stream ended before a snapshot"))

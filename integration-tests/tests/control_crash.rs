@@ -25,6 +25,7 @@ fn start(dir: &Path) -> NodeProcess {
         "--listen".to_owned(),
         "127.0.0.1:0".to_owned(),
         "--insecure-dev".to_owned(),
+        "--init".to_owned(),
     ];
     NodeProcess::start(
         &flagmesh_integration_tests::topology::bin_dir().join("flagmesh-control"),

@@ -103,7 +103,7 @@ impl Sim {
     fn new() -> Self {
         let root = tempfile::tempdir().unwrap();
         let control =
-            Arc::new(SledStore::open_with(&root.path().join("control"), 4, false).unwrap());
+            Arc::new(SledStore::open_with(&root.path().join("control"), 4, false, true).unwrap());
         let head = control.head().unwrap();
         let shutdown = CancellationToken::new();
         let control_fanout = Fanout::new(
@@ -112,6 +112,7 @@ impl Sim {
                 history_id: head.history_id.as_str().into(),
                 revision: 0,
                 upstream_connected: true,
+                digest: Some(head.digest),
             },
             fanout_config(4),
             shutdown.clone(),
@@ -151,6 +152,7 @@ impl Sim {
                 history_id: p.history_id.as_str().into(),
                 revision: p.revision,
                 upstream_connected: true,
+                digest: Some(p.digest),
             },
             fanout_config(3),
             self.shutdown.clone(),
@@ -306,7 +308,9 @@ impl Sim {
                     self.nodes[i].pending_report = Some(after.revision);
                     if let Some(f) = &self.nodes[i].fanout {
                         match &applied {
-                            Applied::Snapshot(s) => f.reset(&s.history_id, s.revision),
+                            Applied::Snapshot(s) => {
+                                f.reset(&s.history_id, s.revision, Some(s.digest))
+                            }
                             Applied::Delta(d) => f.publish_shared(d.clone()),
                             _ => {}
                         }

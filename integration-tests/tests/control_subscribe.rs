@@ -90,7 +90,7 @@ async fn snapshot_then_resume_within_window_then_live() {
     };
     assert!(snap.last);
     assert_eq!((snap.revision, snap.flags.len()), (3, 3));
-    assert_eq!(snap.digest, head.digest);
+    assert_eq!(snap.digest, Some(head.digest));
     assert_eq!(
         snapshot_digest(&snap),
         head.digest,
@@ -140,7 +140,7 @@ async fn snapshot_then_resume_within_window_then_live() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(live.digest, now.digest);
+    assert_eq!(live.digest, Some(now.digest));
     c.node.stop().await;
 }
 

@@ -56,6 +56,9 @@ fn start(dir: &Path, binary: &str, name: &str, args: Vec<String>) -> NodeProcess
         "--tls-reload-ms".into(),
         "100".into(),
     ];
+    if binary == "flagmesh-control" {
+        all.push("--init".into());
+    }
     all.extend(args);
     let envs = [
         ("FLAGMESH_HEARTBEAT_MS", "200"),

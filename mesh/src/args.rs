@@ -52,6 +52,11 @@ pub struct RelayArgs {
     /// upstream's host).
     #[arg(long = "upstream-tls-name", env = "FLAGMESH_UPSTREAM_TLS_NAME")]
     pub upstream_tls_name: Option<String>,
+    /// Adopt this history: follow an upstream that serves it even though
+    /// this node holds another one (after the control plane was
+    /// re-initialised). Without it a node never leaves its history.
+    #[arg(long = "adopt-history", env = "FLAGMESH_ADOPT_HISTORY")]
+    pub adopt_history: Option<String>,
     /// Heartbeat interval of this node's downstream streams, in milliseconds.
     #[arg(
         long = "heartbeat-ms",
@@ -135,6 +140,7 @@ impl RelayArgs {
             },
             report_interval: heartbeat,
             sync_writes: self.sync_writes,
+            adopt_history: self.adopt_history.clone(),
         })
     }
 

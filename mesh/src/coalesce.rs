@@ -59,14 +59,14 @@ pub fn coalesce<D: Borrow<Delta>>(deltas: &[D]) -> Option<Delta> {
     Some(out)
 }
 
-/// Keeps only the flags and flag sets of `sets`; the digest becomes 0 (a
-/// partial state is not checked against the whole state's digest).
+/// Keeps only the flags and flag sets of `sets`; the digest goes (a partial
+/// state is not checked against the whole state's digest).
 pub fn filter_delta(mut d: Delta, sets: &HashSet<String>) -> Delta {
     d.upserts.retain(|f| sets.contains(&f.flag_set));
     d.deletes.retain(|f| sets.contains(&f.flag_set));
     d.flag_set_upserts.retain(|s| sets.contains(&s.id));
     d.flag_set_deletes.retain(|s| sets.contains(s));
-    d.digest = 0;
+    d.digest = None;
     d
 }
 
@@ -89,7 +89,7 @@ mod tests {
             history_id: "h".into(),
             from_revision: from,
             to_revision: from + 1,
-            digest: from + 100,
+            digest: Some(from + 100),
             upserts,
             deletes: deletes
                 .into_iter()
@@ -110,7 +110,10 @@ mod tests {
             delta(3, vec![flag("s", "b", 4)], vec![]),
         ];
         let c = coalesce(&ds).expect("chains");
-        assert_eq!((c.from_revision, c.to_revision, c.digest), (1, 4, 103));
+        assert_eq!(
+            (c.from_revision, c.to_revision, c.digest),
+            (1, 4, Some(103))
+        );
         assert_eq!(c.upserts, vec![flag("s", "b", 4)]);
         assert_eq!(c.deletes.len(), 1);
         assert_eq!(c.deletes[0].key, "a");

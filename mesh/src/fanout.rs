@@ -42,6 +42,12 @@ pub struct FanoutConfig {
     pub queue: usize,
     /// Target size of one snapshot chunk.
     pub snapshot_chunk_bytes: usize,
+    /// A coalesced catch-up delta larger than this (encoded) is sent as a
+    /// snapshot instead, in chunks.
+    pub max_catch_up_delta_bytes: usize,
+    /// The flag sets this server's state holds (empty: every set). A
+    /// server with a partial state refuses subscribers that ask for more.
+    pub scope: Vec<String>,
 }
 
 impl Default for FanoutConfig {
@@ -53,6 +59,8 @@ impl Default for FanoutConfig {
             send_timeout: Duration::from_secs(10),
             queue: 16,
             snapshot_chunk_bytes: 1 << 20,
+            max_catch_up_delta_bytes: 4 << 20,
+            scope: Vec::new(),
         }
     }
 }
@@ -66,6 +74,9 @@ pub struct Head {
     pub revision: u64,
     /// Whether this server is itself connected upstream (always true at control).
     pub upstream_connected: bool,
+    /// The state digest at `revision` (`None`: not known, as for a
+    /// partial state).
+    pub digest: Option<u64>,
 }
 
 struct RingEntry {
@@ -188,12 +199,13 @@ impl Fanout {
                 h.history_id = delta.history_id.as_str().into();
             }
             h.revision = delta.to_revision;
+            h.digest = delta.digest;
         });
     }
 
     /// The state was replaced (a snapshot applied at a hub): the ring
-    /// restarts empty at `revision` of `history_id`.
-    pub fn reset(&self, history_id: &str, revision: u64) {
+    /// restarts empty at `revision` of `history_id`, with `digest`.
+    pub fn reset(&self, history_id: &str, revision: u64, digest: Option<u64>) {
         {
             let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
             ring.entries.clear();
@@ -202,6 +214,7 @@ impl Fanout {
         self.head.send_modify(|h| {
             h.history_id = history_id.into();
             h.revision = revision;
+            h.digest = digest;
         });
     }
 
@@ -220,6 +233,22 @@ impl Fanout {
         self: &Arc<Self>,
         req: SubscribeRequest,
     ) -> Result<ReceiverStream<Result<SharedSyncEvent, Status>>, Status> {
+        if !self.config.scope.is_empty() {
+            let outside = if req.flag_sets.is_empty() {
+                Some("every flag set".to_owned())
+            } else {
+                req.flag_sets
+                    .iter()
+                    .find(|s| !self.config.scope.contains(s))
+                    .map(|s| format!("flag set \"{s}\""))
+            };
+            if let Some(outside) = outside {
+                return Err(Status::failed_precondition(format!(
+                    "this server holds only flag sets {:?}, not {outside}: subscribe within them, or to another upstream",
+                    self.config.scope
+                )));
+            }
+        }
         let head = self.head();
         if !req.history_id.is_empty()
             && req.history_id == *head.history_id
@@ -303,6 +332,10 @@ impl Fanout {
                             head_revision: head.revision.max(revision),
                             history_id: head.history_id.to_string(),
                             upstream_connected: head.upstream_connected,
+                            // checked only by a whole-state subscriber at the head
+                            head_digest: head
+                                .digest
+                                .filter(|_| filter.is_none() && revision == head.revision),
                         })),
                     };
                     self.send(tx, SharedSyncEvent::new(&progress)).await?;
@@ -426,6 +459,10 @@ impl Fanout {
             Some(sets) => filter_delta(merged, sets),
             None => merged,
         };
+        // a huge catch-up goes as a chunked snapshot, not one message
+        if prost::Message::encoded_len(&merged) > self.config.max_catch_up_delta_bytes {
+            return Ok(None);
+        }
         Ok(Some(SharedSyncEvent::new(&SyncEvent {
             event: Some(Event::Delta(merged)),
         })))
@@ -437,7 +474,11 @@ impl Fanout {
     ) -> Result<(Vec<SharedSyncEvent>, Cursor), SourceError> {
         let snap = self.source.snapshot()?;
         let keep = |set: &str| filter.is_none_or(|f| f.contains(set));
-        let digest = if filter.is_some() { 0 } else { snap.digest };
+        let digest = if filter.is_some() {
+            None
+        } else {
+            Some(snap.digest)
+        };
         let flag_sets: Vec<_> = snap.flag_sets.into_iter().filter(|s| keep(&s.id)).collect();
         let mut events = Vec::new();
         let mut chunk = Snapshot {
@@ -522,6 +563,7 @@ mod tests {
                 history_id: "h".into(),
                 revision: 0,
                 upstream_connected: true,
+                digest: None,
             },
             FanoutConfig::default(),
             CancellationToken::new(),
@@ -591,5 +633,39 @@ mod tests {
         assert_eq!(&*f.head().history_id, "other");
         assert_eq!(f.head().revision, 2);
         assert_eq!(f.ring_usage().0, 1);
+    }
+
+    #[tokio::test]
+    async fn a_partial_server_refuses_subscribers_that_ask_for_more() {
+        let f = Fanout::new(
+            Arc::new(Empty),
+            Head {
+                history_id: "h".into(),
+                revision: 0,
+                upstream_connected: true,
+                digest: None,
+            },
+            FanoutConfig {
+                scope: vec!["a".into(), "b".into()],
+                ..FanoutConfig::default()
+            },
+            CancellationToken::new(),
+        );
+        let ask = |sets: &[&str]| SubscribeRequest {
+            node_id: "n".into(),
+            flag_sets: sets.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        };
+        for refused in [&[][..], &["c"], &["a", "c"]] {
+            let e = f.subscribe(ask(refused)).err();
+            assert_eq!(
+                e.as_ref().map(Status::code),
+                Some(tonic::Code::FailedPrecondition),
+                "{refused:?}"
+            );
+            assert!(e.is_some_and(|s| s.message().contains("holds only flag sets")));
+        }
+        assert!(f.subscribe(ask(&["a"])).is_ok());
+        assert!(f.subscribe(ask(&["b", "a"])).is_ok());
     }
 }

@@ -255,6 +255,32 @@ fn relay(e: &mut DescriptorEncoder<'_>, r: &RelayView) -> fmt::Result {
         "Bytes of deltas received.",
         n(&stats.delta_bytes),
     )?;
+    let conflict = status.history_conflict.as_ref();
+    gauge(
+        e,
+        "flagmesh_history_conflict",
+        "1 while an upstream serves another history than the one held (refused until an operator adopts it).",
+        flag(conflict.is_some()),
+    )?;
+    let labels = conflict.map(|c| {
+        [
+            ("local_history", status.history_id.as_str()),
+            ("upstream_history", c.history_id.as_str()),
+            ("upstream", c.upstream.as_str()),
+        ]
+    });
+    gauges(
+        e,
+        "flagmesh_history_conflict_info",
+        "The history held, and the other one an upstream serves, while in conflict.",
+        labels.iter().map(|l| (&l[..], 1.0)),
+    )?;
+    counter(
+        e,
+        "flagmesh_history_conflicts_total",
+        "Snapshots of another history refused.",
+        n(&stats.history_conflicts),
+    )?;
     gauge(
         e,
         "flagmesh_store_flags",

@@ -32,6 +32,9 @@ pub struct RelayConfig {
     pub report_interval: Duration,
     /// Flush every applied event before serving it.
     pub sync_writes: bool,
+    /// A history an operator adopted: an upstream serving it may replace
+    /// the state held, even of another history.
+    pub adopt_history: Option<String>,
 }
 
 /// A running relay.
@@ -72,7 +75,7 @@ impl ReplicaObserver for RelayObserver {
             extra.applied(applied);
         }
         match applied {
-            Applied::Snapshot(s) => self.fanout.reset(&s.history_id, s.revision),
+            Applied::Snapshot(s) => self.fanout.reset(&s.history_id, s.revision, Some(s.digest)),
             Applied::Delta(d) => self.fanout.publish_shared(d.clone()),
             _ => {}
         }
@@ -97,10 +100,47 @@ fn own_report(config: &SubscriberConfig, replica: &ReplicaStore, s: &SyncStatus)
         rejected_error: s.rejected_error.clone(),
         head_revision: s.head_revision,
         via: String::new(),
+        conflict_history_id: s
+            .history_conflict
+            .as_ref()
+            .map(|c| c.history_id.clone())
+            .unwrap_or_default(),
     }
 }
 
 impl Relay {
+    /// Calls `report(ready, detail)` now and whenever the subscriber's
+    /// status changes, on `tasks` until `stop`: ready once the replica holds
+    /// a state (from sled or an upstream); the detail names a history
+    /// conflict (empty when none).
+    pub fn watch_readiness(
+        &self,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+        report: impl Fn(bool, String) + Send + 'static,
+    ) {
+        let (mut status, replica, stop) = (self.status.clone(), self.replica.clone(), stop.clone());
+        tasks.spawn(async move {
+            loop {
+                let detail = match &status.borrow_and_update().history_conflict {
+                    Some(c) => format!(
+                        "history conflict: this node serves history {}; upstream {} serves history {} (refused until adopted: --adopt-history {})",
+                        replica.position().history_id,
+                        c.upstream,
+                        c.history_id,
+                        c.history_id
+                    ),
+                    None => String::new(),
+                };
+                report(replica.position().revision > 0, detail);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = status.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+
     /// The shareable parts.
     pub fn view(&self) -> RelayView {
         RelayView {
@@ -121,15 +161,22 @@ impl Relay {
         stop: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Self, ApplyError> {
+        replica.adopt_history(config.adopt_history.clone());
         let position = replica.position();
+        // a relay following some flag sets serves only those
+        let fanout_config = FanoutConfig {
+            scope: config.subscriber.flag_sets.clone(),
+            ..config.fanout.clone()
+        };
         let fanout = Fanout::new(
             Arc::new(ReplicaSource(replica.clone())),
             Head {
                 history_id: position.history_id.as_str().into(),
                 revision: position.revision,
                 upstream_connected: false,
+                digest: Some(position.digest),
             },
-            config.fanout.clone(),
+            fanout_config,
             stop.clone(),
         );
         let observer = Arc::new(RelayObserver {

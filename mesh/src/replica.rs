@@ -66,6 +66,17 @@ pub enum ApplyError {
         /// The digest computed here.
         computed: u64,
     },
+    /// A snapshot of another history than the one held: applied only
+    /// once an operator adopts that history.
+    #[error(
+        "the upstream serves history {upstream}; this node holds history {local} and keeps it until an operator adopts the other (--adopt-history {upstream})"
+    )]
+    OtherHistory {
+        /// The history held.
+        local: String,
+        /// The upstream's.
+        upstream: String,
+    },
     /// A delta of another history than the local state.
     #[error("delta of history {got}, local history {local}")]
     WrongHistory {
@@ -104,6 +115,37 @@ struct Inner {
     flag_hashes: HashMap<(String, String), u64>,
     set_hashes: HashMap<String, u64>,
     pending: Vec<Snapshot>,
+    /// The flag sets followed (empty: every set), sorted.
+    scope: Vec<String>,
+    /// The state held lacks sets of `scope` (the scope widened): only a
+    /// snapshot makes it whole.
+    needs_snapshot: bool,
+}
+
+/// Where the scope a replica's state is complete for is kept: a byte (1:
+/// complete, 0: waiting for a snapshot) and the sets, one per line.
+const SCOPE: &[u8] = b"m:scope";
+
+fn encode_scope(complete: bool, scope: &[String]) -> Vec<u8> {
+    let mut v = vec![u8::from(complete)];
+    v.extend_from_slice(scope.join("\n").as_bytes());
+    v
+}
+
+/// (complete, sets); a replica from before scopes were kept: complete, every set.
+fn decode_scope(b: Option<&[u8]>) -> (bool, Vec<String>) {
+    match b {
+        Some([flag, rest @ ..]) => {
+            let sets = String::from_utf8_lossy(rest);
+            let sets = sets
+                .split('\n')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            (*flag == 1, sets)
+        }
+        _ => (true, Vec::new()),
+    }
 }
 
 /// A replica of the mesh state on sled.
@@ -112,6 +154,8 @@ pub struct ReplicaStore {
     tree: sled::Tree,
     inner: Mutex<Inner>,
     sync_writes: bool,
+    /// A history an operator adopted: its snapshot may replace another.
+    adopt: Mutex<Option<String>>,
 }
 
 const META: &[u8] = b"m:position";
@@ -224,14 +268,123 @@ impl ReplicaStore {
                 flag_hashes,
                 set_hashes,
                 pending: Vec::new(),
+                scope: Vec::new(),
+                needs_snapshot: false,
             }),
             sync_writes,
+            adopt: Mutex::new(None),
         };
         Ok((store, state))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets a snapshot of `history` replace the state held even when that
+    /// is of another history (an operator's adoption). Without it, a
+    /// replica that holds a state never leaves its history: an upstream
+    /// on another one (a control plane restarted on an empty store, a hub
+    /// on an older history) is refused with [`ApplyError::OtherHistory`].
+    pub fn adopt_history(&self, history: Option<String>) {
+        *self.adopt.lock().unwrap_or_else(|p| p.into_inner()) = history;
+    }
+
+    fn adopts(&self, history: &str) -> bool {
+        self.adopt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(history)
+    }
+
+    /// [`ReplicaStore::open_with_state`] for a node following `scope` (the
+    /// flag sets it follows; empty: every set): see
+    /// [`ReplicaStore::rescope`]. What it returns is already in scope.
+    pub fn open_scoped(
+        dir: &Path,
+        sync_writes: bool,
+        scope: &[String],
+    ) -> Result<(Self, SourceSnapshot), ApplyError> {
+        let (store, state) = Self::open_with_state(dir, sync_writes)?;
+        if store.rescope(scope)? {
+            let state = store.load()?;
+            return Ok((store, state));
+        }
+        Ok((store, state))
+    }
+
+    /// The flag sets followed are part of the replica's position. When
+    /// they narrow, the sets left out are removed at once (what remains is
+    /// whole for the new scope); when they widen, the sets left out are
+    /// removed too and the replica waits for a snapshot of the new scope
+    /// ([`ReplicaStore::needs_snapshot`]), across restarts, before it is
+    /// whole again. No partial state is ever taken for a whole one.
+    /// `true` when the state held changed.
+    pub fn rescope(&self, scope: &[String]) -> Result<bool, ApplyError> {
+        let mut new = scope.to_vec();
+        new.sort();
+        new.dedup();
+        let mut inner = self.lock();
+        let (complete, held) = decode_scope(self.tree.get(SCOPE)?.as_deref());
+        inner.scope = new.clone();
+        if inner.position.revision == 0 {
+            self.tree.insert(SCOPE, encode_scope(true, &new))?;
+            inner.needs_snapshot = false;
+            return Ok(false);
+        }
+        if complete && held == new {
+            inner.needs_snapshot = false;
+            return Ok(false);
+        }
+        let covered = complete
+            && (held.is_empty() || (!new.is_empty() && new.iter().all(|s| held.contains(s))));
+        let keep = |set: &str| new.is_empty() || new.iter().any(|s| s == set);
+        let mut digest = StateDigest(inner.position.digest);
+        let mut batch = sled::Batch::default();
+        let flags_out: Vec<(String, String)> = inner
+            .flag_hashes
+            .keys()
+            .filter(|(set, _)| !keep(set))
+            .cloned()
+            .collect();
+        for id in &flags_out {
+            if let Some(h) = inner.flag_hashes.remove(id) {
+                digest.remove(h);
+            }
+            batch.remove(keys::flag(&id.0, &id.1));
+        }
+        let sets_out: Vec<String> = inner
+            .set_hashes
+            .keys()
+            .filter(|set| !keep(set))
+            .cloned()
+            .collect();
+        for set in &sets_out {
+            if let Some(h) = inner.set_hashes.remove(set) {
+                digest.remove(h);
+            }
+            batch.remove(keys::flag_set(set));
+        }
+        inner.position.digest = digest.0;
+        batch.insert(META, encode_position(&inner.position));
+        batch.insert(SCOPE, encode_scope(covered, &new));
+        self.persist(batch)?;
+        inner.needs_snapshot = !covered;
+        tracing::info!(
+            from = ?held,
+            to = ?new,
+            removed_flags = flags_out.len(),
+            needs_snapshot = !covered,
+            "the flag sets followed changed"
+        );
+        Ok(!flags_out.is_empty() || !sets_out.is_empty())
+    }
+
+    /// Whether the state lacks sets of the scope followed (it widened): the
+    /// next subscription asks for a snapshot.
+    pub fn needs_snapshot(&self) -> bool {
+        self.lock().needs_snapshot
     }
 
     /// How many flags the replica holds.
@@ -262,11 +415,28 @@ impl ReplicaStore {
     /// delta is kept, not copied).
     pub fn apply(&self, event: SyncEvent) -> Result<Applied, ApplyError> {
         match event.event {
-            Some(Event::Progress(p)) => Ok(Applied::Progress {
-                revision: p.revision,
-                head_revision: p.head_revision,
-                upstream_connected: p.upstream_connected,
-            }),
+            Some(Event::Progress(p)) => {
+                // anti-entropy: at the sender's head, in the same history,
+                // the digests must agree, or this replica diverged
+                let position = self.position();
+                if let Some(expected) = p.head_digest
+                    && p.history_id == position.history_id
+                    && p.revision == p.head_revision
+                    && p.revision == position.revision
+                    && expected != position.digest
+                {
+                    return Err(ApplyError::DigestMismatch {
+                        revision: position.revision,
+                        expected,
+                        computed: position.digest,
+                    });
+                }
+                Ok(Applied::Progress {
+                    revision: p.revision,
+                    head_revision: p.head_revision,
+                    upstream_connected: p.upstream_connected,
+                })
+            }
             Some(Event::Snapshot(s)) => self.apply_snapshot_chunk(s),
             Some(Event::Delta(d)) => self.apply_delta(d),
             None => Err(ApplyError::Malformed("an event with no content".into())),
@@ -275,6 +445,20 @@ impl ReplicaStore {
 
     fn apply_snapshot_chunk(&self, chunk: Snapshot) -> Result<Applied, ApplyError> {
         let mut inner = self.lock();
+        // checked on the first chunk: another history is never buffered
+        let held = &inner.position.history_id;
+        if !held.is_empty()
+            && !chunk.history_id.is_empty()
+            && chunk.history_id != *held
+            && !self.adopts(&chunk.history_id)
+        {
+            let local = held.clone();
+            inner.pending.clear();
+            return Err(ApplyError::OtherHistory {
+                local,
+                upstream: chunk.history_id,
+            });
+        }
         let expected_chunk = inner.pending.len() as u32;
         let consistent = inner
             .pending
@@ -331,10 +515,12 @@ impl ReplicaStore {
             .map(|s| (s.id.clone(), set_hash(s)))
             .collect();
         let digest = StateDigest::of(flag_hashes.values().chain(set_hashes.values()).copied()).0;
-        if chunk.digest != 0 && digest != chunk.digest {
+        if let Some(expected) = chunk.digest
+            && digest != expected
+        {
             return Err(ApplyError::DigestMismatch {
                 revision: chunk.revision,
-                expected: chunk.digest,
+                expected,
                 computed: digest,
             });
         }
@@ -358,7 +544,10 @@ impl ReplicaStore {
             digest,
         };
         batch.insert(META, encode_position(&position));
+        // a snapshot is the whole state of the scope it was asked for
+        batch.insert(SCOPE, encode_scope(true, &inner.scope));
         self.persist(batch)?;
+        inner.needs_snapshot = false;
         inner.position = position.clone();
         inner.flag_hashes = flag_hashes;
         inner.set_hashes = set_hashes;
@@ -424,10 +613,12 @@ impl ReplicaStore {
             batch.insert(keys::flag_set(&s.id), s.encode_to_vec());
             set_changes.push((s.id.clone(), Some(new)));
         }
-        if d.digest != 0 && digest.0 != d.digest {
+        if let Some(expected) = d.digest
+            && digest.0 != expected
+        {
             return Err(ApplyError::DigestMismatch {
                 revision: d.to_revision,
-                expected: d.digest,
+                expected,
                 computed: digest.0,
             });
         }
@@ -528,7 +719,7 @@ mod tests {
             event: Some(Event::Snapshot(Snapshot {
                 history_id: "h".into(),
                 revision: rev,
-                digest: digest_of(&flags),
+                digest: Some(digest_of(&flags)),
                 chunk: 0,
                 last: true,
                 flags,
@@ -543,7 +734,7 @@ mod tests {
                 history_id: "h".into(),
                 from_revision: from,
                 to_revision: from + 1,
-                digest: digest_of(after),
+                digest: Some(digest_of(after)),
                 upserts,
                 deletes: deletes
                     .iter()
@@ -582,7 +773,7 @@ mod tests {
             std::slice::from_ref(&b2),
         );
         if let Some(Event::Delta(d)) = &mut bad.event {
-            d.digest ^= 1;
+            d.digest = d.digest.map(|x| x ^ 1);
         }
         assert!(matches!(
             r.apply(bad),
@@ -605,7 +796,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let r = ReplicaStore::open(dir.path(), false).expect("open");
         let flags = vec![flag("a", "1", 1), flag("b", "1", 1)];
-        let digest = digest_of(&flags);
+        let digest = Some(digest_of(&flags));
         let chunk = |i: u32, last: bool, f: Vec<Flag>| SyncEvent {
             event: Some(Event::Snapshot(Snapshot {
                 history_id: "h".into(),
@@ -629,5 +820,131 @@ mod tests {
         assert_eq!(r.position().revision, 4);
         // out-of-order chunks are refused
         assert!(r.apply(chunk(3, true, vec![])).is_err());
+    }
+
+    fn in_history(history: &str, mut event: SyncEvent) -> SyncEvent {
+        match &mut event.event {
+            Some(Event::Snapshot(s)) => s.history_id = history.into(),
+            Some(Event::Delta(d)) => d.history_id = history.into(),
+            _ => {}
+        }
+        event
+    }
+
+    #[test]
+    fn another_history_is_refused_until_adopted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = ReplicaStore::open(dir.path(), false).expect("open");
+        // a replica without state takes any history
+        let a1 = flag("a", "1", 1);
+        assert!(r.apply(snapshot(3, vec![a1.clone()])).is_ok());
+        // a wiped control plane's empty state: refused, nothing changes
+        let empty = in_history("new", snapshot(0, vec![]));
+        assert_eq!(
+            r.apply(empty.clone()).err(),
+            Some(ApplyError::OtherHistory {
+                local: "h".into(),
+                upstream: "new".into()
+            })
+        );
+        let held = r.position();
+        assert_eq!((held.history_id.as_str(), held.revision), ("h", 3));
+        assert_eq!(r.flag_count(), 1);
+        // also when it arrives in chunks: the first one is refused
+        let mut first = in_history("new", snapshot(0, vec![]));
+        if let Some(Event::Snapshot(s)) = &mut first.event {
+            s.last = false;
+        }
+        assert!(matches!(
+            r.apply(first),
+            Err(ApplyError::OtherHistory { .. })
+        ));
+        // adopted by an operator: applied, and the old one is refused from then on
+        r.adopt_history(Some("new".into()));
+        assert!(matches!(r.apply(empty), Ok(Applied::Snapshot(_))));
+        assert_eq!(r.position().history_id, "new");
+        assert!(matches!(
+            r.apply(snapshot(4, vec![a1])),
+            Err(ApplyError::OtherHistory { .. })
+        ));
+    }
+
+    #[test]
+    fn an_idle_replica_at_the_head_with_another_digest_is_caught() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = ReplicaStore::open(dir.path(), false).expect("open");
+        let a1 = flag("a", "1", 1);
+        assert!(r.apply(snapshot(3, vec![a1.clone()])).is_ok());
+        let progress = |revision: u64, head: u64, digest: Option<u64>| SyncEvent {
+            event: Some(Event::Progress(flagmesh_proto::v1::Progress {
+                revision,
+                head_revision: head,
+                history_id: "h".into(),
+                upstream_connected: true,
+                head_digest: digest,
+            })),
+        };
+        let good = digest_of(&[a1]);
+        assert!(matches!(
+            r.apply(progress(3, 3, Some(good))),
+            Ok(Applied::Progress { .. })
+        ));
+        // not checked: no digest, or not at the head
+        assert!(r.apply(progress(3, 3, None)).is_ok());
+        assert!(r.apply(progress(3, 5, Some(good ^ 1))).is_ok());
+        // the empty state's digest (0) is a digest like any other
+        assert!(matches!(
+            r.apply(progress(3, 3, Some(0))),
+            Err(ApplyError::DigestMismatch {
+                revision: 3,
+                expected: 0,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_scope_is_part_of_the_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r");
+        let in_set = |set: &str| Flag {
+            flag_set: set.into(),
+            ..flag("f", "1", 1)
+        };
+        let (a, b) = (in_set("a"), in_set("b"));
+        {
+            let (r, _) = ReplicaStore::open_scoped(&path, false, &[]).expect("open");
+            assert!(r.apply(snapshot(3, vec![a.clone(), b.clone()])).is_ok());
+        }
+        // narrowed: the other set is gone at once, no snapshot needed
+        let narrow = ["a".to_owned()];
+        let (r, state) = ReplicaStore::open_scoped(&path, false, &narrow).expect("open");
+        let sets: Vec<&str> = state.flags.iter().map(|f| f.flag_set.as_str()).collect();
+        assert_eq!(sets, ["a"]);
+        assert_eq!(r.position().digest, digest_of(std::slice::from_ref(&a)));
+        assert_eq!(r.position().revision, 3, "still at its revision");
+        assert!(!r.needs_snapshot());
+        drop(r);
+        // widened again: not whole until a snapshot, even across restarts
+        let wide = ["a".to_owned(), "b".to_owned()];
+        let (r, state) = ReplicaStore::open_scoped(&path, false, &wide).expect("open");
+        assert_eq!(state.flags.len(), 1);
+        assert!(r.needs_snapshot());
+        drop(r);
+        let (r, _) = ReplicaStore::open_scoped(&path, false, &wide).expect("open");
+        assert!(
+            r.needs_snapshot(),
+            "a restart does not forget the missing sets"
+        );
+        assert!(r.apply(snapshot(4, vec![a.clone(), b.clone()])).is_ok());
+        assert!(!r.needs_snapshot());
+        drop(r);
+        let (r, state) = ReplicaStore::open_scoped(&path, false, &wide).expect("open");
+        assert!(!r.needs_snapshot());
+        assert_eq!(state.flags.len(), 2);
+        drop(r);
+        // from some sets to every set: a snapshot of everything is needed
+        let (r, _) = ReplicaStore::open_scoped(&path, false, &[]).expect("open");
+        assert!(r.needs_snapshot());
     }
 }

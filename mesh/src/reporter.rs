@@ -68,10 +68,7 @@ impl Reporter {
         stop: CancellationToken,
     ) {
         loop {
-            let upstream = {
-                let s = status.borrow_and_update();
-                s.connected.then(|| s.upstream.clone())
-            };
+            let upstream = report_target(&status.borrow_and_update());
             let Some(upstream) = upstream else {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -118,8 +115,7 @@ impl Reporter {
                         if r.is_err() {
                             break 'stream;
                         }
-                        let s = status.borrow();
-                        if !s.connected || s.upstream != upstream {
+                        if report_target(&status.borrow()).as_ref() != Some(&upstream) {
                             break 'stream;
                         }
                     }
@@ -134,6 +130,17 @@ impl Reporter {
                 return;
             }
         }
+    }
+}
+
+/// Where reports go: the upstream followed; while in a history conflict,
+/// the conflicting upstream, which still hears of it (that is where an
+/// operator looks).
+fn report_target(s: &SyncStatus) -> Option<String> {
+    if s.connected {
+        Some(s.upstream.clone())
+    } else {
+        s.history_conflict.as_ref().map(|c| c.upstream.clone())
     }
 }
 

@@ -98,6 +98,21 @@ pub struct SyncStatus {
     pub rejected_revision: u64,
     /// Why it was refused.
     pub rejected_error: String,
+    /// The history of the state held ("" before the first sync).
+    pub history_id: String,
+    /// An upstream on another history, refused (the node keeps its state
+    /// until an operator adopts the other history); `None` once an
+    /// upstream of its own history delivers again.
+    pub history_conflict: Option<HistoryConflict>,
+}
+
+/// An upstream found serving another history than the one held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryConflict {
+    /// The upstream.
+    pub upstream: String,
+    /// The history it serves.
+    pub history_id: String,
 }
 
 impl SyncStatus {
@@ -125,6 +140,8 @@ pub struct SubscriberStats {
     pub snapshot_bytes: AtomicU64,
     /// Delta bytes received.
     pub delta_bytes: AtomicU64,
+    /// Snapshots of another history refused.
+    pub history_conflicts: AtomicU64,
 }
 
 /// Orders upstreams for `node_id` by rendezvous hashing, best first.
@@ -150,7 +167,13 @@ pub struct Subscriber {
     observer: Arc<dyn ReplicaObserver>,
     status: watch::Sender<SyncStatus>,
     stats: Arc<SubscriberStats>,
+    /// Digest mismatches in a row, without a good apply between them.
+    mismatches: std::sync::atomic::AtomicU32,
 }
+
+/// Digest mismatches in a row after which an upstream is avoided for a
+/// while (another one may serve a sound state).
+const MISMATCHES_BEFORE_AVOIDING: u32 = 3;
 
 enum Ended {
     /// The stream ended after it delivered messages.
@@ -160,6 +183,9 @@ enum Ended {
     CutOff(String),
     /// Nothing was delivered.
     WithoutProgress(String),
+    /// What the upstream sent was refused (a digest mismatch, another
+    /// history): try the others, and back off before asking it again.
+    Refused(String),
     /// Shutdown.
     Shutdown,
 }
@@ -174,6 +200,7 @@ impl Subscriber {
         let position = replica.position();
         let (status, _) = watch::channel(SyncStatus {
             applied_revision: position.revision,
+            history_id: position.history_id,
             ..Default::default()
         });
         Self {
@@ -182,6 +209,7 @@ impl Subscriber {
             observer,
             status,
             stats: Arc::new(SubscriberStats::default()),
+            mismatches: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -241,6 +269,13 @@ impl Subscriber {
                     Ended::WithoutProgress(reason) => {
                         tracing::debug!(upstream = %upstream, reason, "upstream unavailable; trying the next");
                     }
+                    Ended::Refused(reason) => {
+                        tracing::info!(upstream = %upstream, reason, "upstream's events refused; trying the next");
+                        if self.mismatches.load(Ordering::Relaxed) >= MISMATCHES_BEFORE_AVOIDING {
+                            avoid
+                                .insert(upstream.clone(), Instant::now() + self.config.backoff_max);
+                        }
+                    }
                 }
             }
             if progressed {
@@ -284,6 +319,10 @@ impl Subscriber {
         let mut client =
             SyncClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
         let position = self.replica.position();
+        // a widened scope is made whole by a snapshot only
+        if self.replica.needs_snapshot() {
+            *force_snapshot = true;
+        }
         let (history_id, resume_revision) = if *force_snapshot {
             (String::new(), 0)
         } else {
@@ -404,7 +443,22 @@ impl Subscriber {
                     tracing::debug!(revision, upstream, "applied");
                     self.observer.applied(&applied);
                     let now = crate::now_ms();
+                    self.mismatches.store(0, Ordering::Relaxed);
+                    let history = match &applied {
+                        Applied::Snapshot(snap) => Some(snap.history_id.clone()),
+                        _ => None,
+                    };
                     self.status.send_modify(|s| {
+                        if let Some(h) = history.filter(|h| *h != s.history_id) {
+                            // a new (adopted) history: what was seen of the
+                            // old one says nothing about this one
+                            s.history_id = h;
+                            s.head_revision = revision;
+                            s.behind_since_unix_ms = None;
+                            s.rejected_revision = 0;
+                            s.rejected_error.clear();
+                        }
+                        s.history_conflict = None;
                         s.applied_revision = revision;
                         s.head_revision = s.head_revision.max(revision);
                         s.applied_at_unix_ms = now;
@@ -421,13 +475,41 @@ impl Subscriber {
                         "{e}; resubscribing from the local revision"
                     ));
                 }
+                Err(ApplyError::OtherHistory {
+                    local,
+                    upstream: theirs,
+                }) => {
+                    self.stats.history_conflicts.fetch_add(1, Ordering::Relaxed);
+                    let conflict = HistoryConflict {
+                        upstream: upstream.to_owned(),
+                        history_id: theirs.clone(),
+                    };
+                    let new = self.status.borrow().history_conflict.as_ref() != Some(&conflict);
+                    if new {
+                        tracing::error!(
+                            local_history = %local,
+                            upstream_history = %theirs,
+                            upstream,
+                            "HISTORY CONFLICT: the upstream serves another history; this node keeps serving the state it holds until an operator adopts the other history (--adopt-history {theirs})"
+                        );
+                    }
+                    self.status
+                        .send_modify(|s| s.history_conflict = Some(conflict));
+                    // resume from what is held, never from scratch
+                    *force_snapshot = false;
+                    return Ended::Refused(format!(
+                        "history conflict: upstream serves {theirs}, this node holds {local}"
+                    ));
+                }
                 Err(
                     e @ (ApplyError::DigestMismatch { .. }
                     | ApplyError::WrongHistory { .. }
                     | ApplyError::Malformed(_)),
                 ) => {
-                    if matches!(e, ApplyError::DigestMismatch { .. }) {
+                    let mismatch = matches!(e, ApplyError::DigestMismatch { .. });
+                    if mismatch {
                         self.stats.digest_mismatches.fetch_add(1, Ordering::Relaxed);
+                        self.mismatches.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::warn!(error = %e, upstream, "refused an event; resyncing from a snapshot");
                     let rejected = match &e {
@@ -439,6 +521,11 @@ impl Subscriber {
                         s.rejected_error = e.to_string();
                     });
                     *force_snapshot = true;
+                    if mismatch {
+                        // asked again at once it would likely send the same:
+                        // back off, and after repeated ones try the others first
+                        return Ended::Refused(e.to_string());
+                    }
                     return Ended::AfterProgress(e.to_string());
                 }
                 Err(e @ ApplyError::Storage(_)) => {

@@ -79,11 +79,12 @@ impl RunningPop {
 
 /// Loads the replica, binds, serves at once, and starts following.
 pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::Result<RunningPop> {
-    let (replica, loaded) =
-        ReplicaStore::open_with_state(&config.relay.data_dir, config.relay.sync_writes)
-            .with_context(|| {
-                format!("opening the replica in {}", config.relay.data_dir.display())
-            })?;
+    let (replica, loaded) = ReplicaStore::open_scoped(
+        &config.relay.data_dir,
+        config.relay.sync_writes,
+        &config.relay.subscriber.flag_sets,
+    )
+    .with_context(|| format!("opening the replica in {}", config.relay.data_dir.display()))?;
     let replica = Arc::new(replica);
     let state = Arc::new(ArcSwap::from_pointee(PopState::from_snapshot(&loaded)));
     tracing::info!(
@@ -120,19 +121,16 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
         stats: Arc::new(crate::stats::EvalStats::default()),
     };
 
-    // ready once it holds a state (from sled or an upstream)
+    // ready once it holds a state; a history conflict shows in /readyz
     let ready = node.readiness();
-    ready.set(state.load().revision > 0);
-    let (mut changes, state2, stop) = (eval.changes.clone(), state.clone(), node.stop_token());
-    node.tasks().spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                changed = changes.changed() => if changed.is_err() { return },
-            }
-            ready.set(state2.load().revision > 0);
-        }
-    });
+    relay.watch_readiness(
+        node.tasks(),
+        &node.stop_token(),
+        move |has_state, detail| {
+            ready.set(has_state);
+            ready.set_detail(detail);
+        },
+    );
     node.metrics()
         .register_collector(Box::new(RelayMetrics(relay.view())));
     node.metrics()

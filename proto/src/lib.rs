@@ -164,6 +164,7 @@ mod tests {
                 head_revision: 9,
                 history_id: "h".into(),
                 upstream_connected: true,
+                head_digest: Some(0),
             })),
         };
         let shared = crate::shared::SharedSyncEvent::new(&event);

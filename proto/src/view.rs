@@ -26,6 +26,7 @@ pub fn view_json(r: &GetPropagationResponse) -> serde_json::Value {
             "applied_revision": n.applied_revision, "lag_revisions": n.lag_revisions,
             "last_report_unix_ms": n.last_report_unix_ms, "rejected_revision": n.rejected_revision,
             "rejected_error": n.rejected_error, "via": n.via,
+            "history_id": n.history_id, "conflict_history_id": n.conflict_history_id,
         })).collect::<Vec<_>>(),
         "revisions": r.revisions.iter().map(|p| json!({
             "revision": p.revision, "committed_at_unix_ms": p.committed_at_unix_ms,

@@ -72,7 +72,9 @@ impl LocalClient {
     /// Loads any persisted state (usable at once) and starts following.
     pub fn start(config: LocalConfig) -> Result<Self, LocalError> {
         let (replica, loaded) = match &config.data_dir {
-            Some(dir) => ReplicaStore::open_with_state(dir, true),
+            Some(dir) => {
+                ReplicaStore::open_scoped(dir, true, std::slice::from_ref(&config.flag_set))
+            }
             None => ReplicaStore::open_temporary().map(|store| (store, Default::default())),
         }
         .map_err(|e| LocalError(e.to_string()))?;

@@ -42,11 +42,12 @@ pub enum NodeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Whether a node is ready to serve (`/readyz`), and if not, why.
+/// Whether a node is ready to serve (`/readyz`), and a detail an operator
+/// should see either way (a history conflict, say).
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
     ready: Arc<AtomicBool>,
-    reason: Arc<std::sync::Mutex<String>>,
+    detail: Arc<std::sync::Mutex<String>>,
 }
 
 impl Readiness {
@@ -55,10 +56,9 @@ impl Readiness {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Marks the node not ready, saying why (shown by `/readyz`).
-    pub fn not_ready(&self, reason: impl Into<String>) {
-        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.into();
-        self.set(false);
+    /// Sets the detail `/readyz` shows (empty: none).
+    pub fn set_detail(&self, detail: String) {
+        *self.detail.lock().unwrap_or_else(|p| p.into_inner()) = detail;
     }
 
     /// Whether the node is ready.
@@ -66,11 +66,23 @@ impl Readiness {
         self.ready.load(Ordering::Relaxed)
     }
 
-    fn reason(&self) -> String {
-        self.reason
+    /// What `/readyz` answers: its status and body.
+    fn answer(&self) -> (StatusCode, String) {
+        let detail = self
+            .detail
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        let (status, word) = if self.get() {
+            (StatusCode::OK, "ready")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+        };
+        if detail.is_empty() {
+            (status, format!("{word}\n"))
+        } else {
+            (status, format!("{word}; {detail}\n"))
+        }
     }
 }
 
@@ -374,7 +386,7 @@ async fn serve_grpc(
 }
 
 /// The HTTP routes every node has: `/healthz` (alive) and `/readyz` (ready,
-/// or 503 with the reason).
+/// or 503; with the node's detail, if any).
 fn base_routes(ready: Readiness) -> axum::Router {
     axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
@@ -382,19 +394,7 @@ fn base_routes(ready: Readiness) -> axum::Router {
             "/readyz",
             axum::routing::get(move || {
                 let ready = ready.clone();
-                async move {
-                    if ready.get() {
-                        (StatusCode::OK, "ready\n".to_owned())
-                    } else {
-                        let reason = ready.reason();
-                        let reason = if reason.is_empty() {
-                            "not ready".to_owned()
-                        } else {
-                            reason
-                        };
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
-                    }
-                }
+                async move { ready.answer() }
             }),
         )
 }

@@ -50,6 +50,18 @@ struct Args {
         default_value_t = 16 << 20
     )]
     max_message_bytes: usize,
+    /// Create a new mesh (a new store and history) if `--data-dir` holds
+    /// none; without it, an empty data directory is refused.
+    #[arg(long, env = "FLAGMESH_INIT")]
+    init: bool,
+    /// The propagation view forgets nodes that have not reported for this
+    /// long, in milliseconds (0: never), so dead nodes stop counting as lagging.
+    #[arg(
+        long = "forget-nodes-after-ms",
+        env = "FLAGMESH_FORGET_NODES_AFTER_MS",
+        default_value_t = 600_000
+    )]
+    forget_nodes_after_ms: i64,
     /// Flags one flag set may hold.
     #[arg(
         long = "max-flags-per-set",
@@ -83,6 +95,8 @@ impl Args {
             drain: self.common.drain(),
             max_message_bytes: self.max_message_bytes,
             max_flags_per_set: self.max_flags_per_set,
+            init: self.init,
+            forget_nodes_after_ms: self.forget_nodes_after_ms.max(0),
             ..ControlConfig::new(
                 self.common.listen_addr(),
                 self.common.http_listen,

@@ -53,6 +53,7 @@ pub async fn control_in(dir: tempfile::TempDir, retain: u64, secured: bool) -> C
             ..FanoutConfig::default()
         },
         drain: Duration::from_secs(1),
+        init: true,
         ..ControlConfig::new(
             "127.0.0.1:0".parse().unwrap(),
             None,

@@ -38,6 +38,7 @@ pub async fn control(dir: &Path, auth: Arc<Authenticator>) -> RunningControl {
                 ..FanoutConfig::default()
             },
             drain: Duration::from_millis(500),
+            init: true,
             ..ControlConfig::new("127.0.0.1:0".parse().unwrap(), None, dir.join("control"))
         },
         auth,
@@ -68,6 +69,7 @@ pub fn relay(
         },
         report_interval: HEARTBEAT,
         sync_writes: true,
+        adopt_history: None,
     }
 }
 
