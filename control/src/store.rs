@@ -190,6 +190,9 @@ fn set_entry<'a>(
         .ok_or_else(|| ControlError::Storage("set record".into()))
 }
 
+/// Reads of a snapshot tried without the writer lock before one takes it.
+const SNAPSHOT_ATTEMPTS: usize = 16;
+
 /// Where committed deltas go, in commit order (the node's fan-out).
 pub type Publisher = Box<dyn Fn(&Delta) + Send + Sync>;
 
@@ -244,6 +247,25 @@ impl SledStore {
             durable,
             publisher: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Every flag and flag set, labelled with `head` (consistent only if no
+    /// commit happened while reading: the caller checks).
+    fn read_state(&self, head: StoreHead) -> Result<(StoreHead, SourceSnapshot), ControlError> {
+        let flags = self
+            .tree
+            .scan_prefix(keys::FLAGS)
+            .map(|kv| Self::decode_flag(&kv?.1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let flag_sets = self.list_flag_sets()?;
+        let state = SourceSnapshot {
+            history_id: head.history_id.clone(),
+            revision: head.revision,
+            digest: head.digest,
+            flags,
+            flag_sets,
+        };
+        Ok((head, state))
     }
 
     /// Every later commit's delta goes to `publisher`, called under the
@@ -613,21 +635,20 @@ impl FlagStore for SledStore {
     }
 
     fn snapshot(&self) -> Result<SourceSnapshot, ControlError> {
+        // without the writer lock: commits go on while a snapshot is read.
+        // A commit is one atomic batch that also moves the head, so a read
+        // that finds the same head before and after saw no commit between
+        for _ in 0..SNAPSHOT_ATTEMPTS {
+            let before = self.read_head()?;
+            let state = self.read_state(before)?;
+            if self.read_head()? == state.0 {
+                return Ok(state.1);
+            }
+        }
+        // writes never paused long enough: read under the lock this once
         let _guard = self.lock();
         let head = self.read_head()?;
-        let flags = self
-            .tree
-            .scan_prefix(keys::FLAGS)
-            .map(|kv| Self::decode_flag(&kv?.1))
-            .collect::<Result<Vec<_>, _>>()?;
-        let flag_sets = self.list_flag_sets()?;
-        Ok(SourceSnapshot {
-            history_id: head.history_id,
-            revision: head.revision,
-            digest: head.digest,
-            flags,
-            flag_sets,
-        })
+        Ok(self.read_state(head)?.1)
     }
 
     fn deltas(
@@ -743,5 +764,51 @@ mod tests {
             let again = SledStore::open(&path, 10, init).and_then(|s| s.head());
             assert_eq!(again.expect("reopened").history_id, history);
         }
+    }
+
+    #[test]
+    fn snapshots_read_alongside_commits_are_consistent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open_with(dir.path(), 10_000, false, true).expect("store"));
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..400 {
+                    let write = FlagWrite {
+                        flag_set: "s".into(),
+                        key: format!("f{}", i % 37),
+                        definition: Some(
+                            format!(r#"{{"state":"ENABLED","variants":{{"v":{i}}},"defaultVariant":"v"}}"#)
+                                .into_bytes(),
+                        ),
+                    };
+                    let mut plan = |_: &dyn StateView| {
+                        Ok(ChangeRequest {
+                            flags: vec![write.clone()],
+                            ..Default::default()
+                        })
+                    };
+                    store.commit(&mut plan, false).expect("commit");
+                }
+            })
+        };
+        let mut revisions = Vec::new();
+        while !writer.is_finished() {
+            let snap = store.snapshot().expect("snapshot");
+            let digest = flagmesh_engine::StateDigest::of(
+                snap.flags
+                    .iter()
+                    .map(|f| flagmesh_engine::flag_hash(&f.flag_set, &f.key, &f.definition_json))
+                    .chain(snap.flag_sets.iter().map(flagmesh_mesh::replica::set_hash)),
+            );
+            assert_eq!(
+                digest.0, snap.digest,
+                "snapshot at revision {}",
+                snap.revision
+            );
+            revisions.push(snap.revision);
+        }
+        writer.join().expect("writer");
+        assert!(revisions.windows(2).all(|w| w[0] <= w[1]));
     }
 }

@@ -253,7 +253,8 @@ impl Sim {
             };
             let (upstream, cursor) = (s.upstream, s.cursor.clone());
             let fanout = self.upstream_fanout(upstream);
-            let (events, next) = fanout.catch_up(&cursor, None).unwrap();
+            let (catch_up, next) = fanout.catch_up(&cursor, None).unwrap();
+            let events = catch_up.into_events();
             let s = self.nodes[i].session.as_mut().unwrap();
             for e in events {
                 s.queue

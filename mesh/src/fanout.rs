@@ -8,23 +8,24 @@
 //! heartbeat when idle. Each subscriber has a small bounded queue: one that
 //! accepts nothing for `send_timeout` is cut off (it resumes from its own
 //! store), so a slow subscriber never slows the others and memory stays
-//! bounded by the ring plus a few events per subscriber.
+//! bounded by the ring plus a few events per subscriber. Snapshots are
+//! encoded chunk by chunk as the subscriber takes them, from one read of
+//! the state that subscribers reconnecting together share
+//! ([`crate::snapshot_stream`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use flagmesh_proto::shared::SharedSyncEvent;
-use flagmesh_proto::v1::{
-    Delta, Progress, Snapshot, SubscribeRequest, SyncEvent, sync_event::Event,
-};
+use flagmesh_proto::v1::{Delta, Progress, SubscribeRequest, SyncEvent, sync_event::Event};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::coalesce::{coalesce, filter_delta};
-use crate::source::{SourceError, SyncSource};
+use crate::snapshot_stream::{Outgoing, SnapshotChunks, SubscribeStream};
+use crate::source::{SourceError, SourceSnapshot, SyncSource};
 use tokio_util::sync::CancellationToken;
 
 /// Tuning of a fan-out.
@@ -107,6 +108,25 @@ pub struct FanoutStats {
     pub bytes_sent: AtomicU64,
 }
 
+/// What brings a subscriber to the head.
+pub enum CatchUp {
+    /// Events, in order (none when it is there already).
+    Events(Vec<SharedSyncEvent>),
+    /// A snapshot, encoded chunk by chunk as the subscriber takes it.
+    Snapshot(SnapshotChunks),
+}
+
+impl CatchUp {
+    /// Every event, a snapshot's chunks encoded at once (for callers that
+    /// are not a stream).
+    pub fn into_events(self) -> Vec<SharedSyncEvent> {
+        match self {
+            Self::Events(events) => events,
+            Self::Snapshot(chunks) => chunks.collect(),
+        }
+    }
+}
+
 /// Where a subscriber stands: its history and revision (`None`: no state).
 pub type Cursor = Option<(Arc<str>, u64)>;
 
@@ -117,7 +137,10 @@ pub struct Fanout {
     source: Arc<dyn SyncSource>,
     config: FanoutConfig,
     stop: CancellationToken,
-    stats: FanoutStats,
+    stats: Arc<FanoutStats>,
+    /// The state read for the snapshots being sent now, shared by them and
+    /// dropped with the last one.
+    snapshot: Mutex<Weak<SourceSnapshot>>,
 }
 
 impl Fanout {
@@ -135,7 +158,8 @@ impl Fanout {
             source,
             config,
             stop,
-            stats: FanoutStats::default(),
+            stats: Arc::default(),
+            snapshot: Mutex::new(Weak::new()),
         })
     }
 
@@ -229,10 +253,7 @@ impl Fanout {
 
     /// Opens a subscription. Fails with `UNAVAILABLE` when the subscriber
     /// is ahead of this server in the same history.
-    pub fn subscribe(
-        self: &Arc<Self>,
-        req: SubscribeRequest,
-    ) -> Result<ReceiverStream<Result<SharedSyncEvent, Status>>, Status> {
+    pub fn subscribe(self: &Arc<Self>, req: SubscribeRequest) -> Result<SubscribeStream, Status> {
         if !self.config.scope.is_empty() {
             let outside = if req.flag_sets.is_empty() {
                 Some("every flag set".to_owned())
@@ -271,13 +292,13 @@ impl Fanout {
                 Err(reason) => tracing::info!(node = %node, reason, "subscriber stream ended"),
             }
         });
-        Ok(ReceiverStream::new(rx))
+        Ok(SubscribeStream::new(rx, self.stats.clone()))
     }
 
     async fn session(
         self: &Arc<Self>,
         req: SubscribeRequest,
-        tx: &mpsc::Sender<Result<SharedSyncEvent, Status>>,
+        tx: &mpsc::Sender<Result<Outgoing, Status>>,
     ) -> Result<(), &'static str> {
         let filter: Option<Arc<HashSet<String>>> =
             (!req.flag_sets.is_empty()).then(|| Arc::new(req.flag_sets.iter().cloned().collect()));
@@ -294,15 +315,19 @@ impl Fanout {
                 None => {
                     let fanout = self.clone();
                     let (from, sets) = (cursor.clone(), filter.clone());
-                    tokio::task::spawn_blocking(move || fanout.catch_up(&from, sets.as_deref()))
-                        .await
+                    tokio::task::spawn_blocking(move || fanout.catch_up(&from, sets.as_ref())).await
                 }
             };
             match caught_up {
-                Ok(Ok((events, next))) => {
+                Ok(Ok((CatchUp::Events(events), next))) => {
                     for e in events {
-                        self.send(tx, e).await?;
+                        self.send(tx, Outgoing::Event(e)).await?;
                     }
+                    cursor = next;
+                }
+                Ok(Ok((CatchUp::Snapshot(chunks), next))) => {
+                    self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+                    self.send(tx, Outgoing::Snapshot(chunks)).await?;
                     cursor = next;
                 }
                 Ok(Err(e)) => {
@@ -338,7 +363,8 @@ impl Fanout {
                                 .filter(|_| filter.is_none() && revision == head.revision),
                         })),
                     };
-                    self.send(tx, SharedSyncEvent::new(&progress)).await?;
+                    self.send(tx, Outgoing::Event(SharedSyncEvent::new(&progress)))
+                        .await?;
                 }
                 _ = tx.closed() => return Ok(()),
             }
@@ -347,18 +373,14 @@ impl Fanout {
 
     /// [`Fanout::catch_up`] when the ring alone answers it: nothing to
     /// send, or one shared entry. `None` when the source may be needed.
-    fn catch_up_from_ring(
-        &self,
-        cursor: &Cursor,
-        filtered: bool,
-    ) -> Option<(Vec<SharedSyncEvent>, Cursor)> {
+    fn catch_up_from_ring(&self, cursor: &Cursor, filtered: bool) -> Option<(CatchUp, Cursor)> {
         let head = self.head();
         let (history, rev) = cursor.as_ref()?;
         if head.history_id.is_empty() || *history != head.history_id {
             return None;
         }
         if *rev >= head.revision {
-            return Some((Vec::new(), cursor.clone()));
+            return Some((CatchUp::Events(Vec::new()), cursor.clone()));
         }
         if filtered {
             return None;
@@ -373,7 +395,7 @@ impl Fanout {
         }
         self.stats.shared_sends.fetch_add(1, Ordering::Relaxed);
         Some((
-            vec![entry.event.clone()],
+            CatchUp::Events(vec![entry.event.clone()]),
             Some((history.clone(), head.revision)),
         ))
     }
@@ -388,25 +410,58 @@ impl Fanout {
     pub fn catch_up(
         &self,
         cursor: &Cursor,
-        filter: Option<&HashSet<String>>,
-    ) -> Result<(Vec<SharedSyncEvent>, Cursor), SourceError> {
+        filter: Option<&Arc<HashSet<String>>>,
+    ) -> Result<(CatchUp, Cursor), SourceError> {
         let head = self.head();
         if head.history_id.is_empty() {
             // nothing to serve until this server has state
-            return Ok((Vec::new(), cursor.clone()));
+            return Ok((CatchUp::Events(Vec::new()), cursor.clone()));
         }
         match cursor {
             Some((history, rev)) if *history == head.history_id && *rev >= head.revision => {
-                Ok((Vec::new(), cursor.clone()))
+                Ok((CatchUp::Events(Vec::new()), cursor.clone()))
             }
             Some((history, rev)) if *history == head.history_id => {
-                match self.deltas_between(history, *rev, head.revision, filter)? {
-                    Some(event) => Ok((vec![event], Some((history.clone(), head.revision)))),
-                    None => self.snapshot_events(filter),
+                match self.deltas_between(history, *rev, head.revision, filter.map(|f| &**f))? {
+                    Some(event) => Ok((
+                        CatchUp::Events(vec![event]),
+                        Some((history.clone(), head.revision)),
+                    )),
+                    None => self.snapshot_chunks(filter),
                 }
             }
-            _ => self.snapshot_events(filter),
+            _ => self.snapshot_chunks(filter),
         }
+    }
+
+    /// The state for a snapshot: the one snapshots being sent now already
+    /// read, if it is still the head, else one new consistent read of the
+    /// source (subscribers asking together wait for it and share it).
+    fn shared_state(&self) -> Result<Arc<SourceSnapshot>, SourceError> {
+        let mut shared = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let head = self.head();
+        if let Some(state) = shared.upgrade()
+            && *state.history_id == *head.history_id
+            && state.revision >= head.revision
+        {
+            return Ok(state);
+        }
+        let state = Arc::new(self.source.snapshot()?);
+        *shared = Arc::downgrade(&state);
+        Ok(state)
+    }
+
+    fn snapshot_chunks(
+        &self,
+        filter: Option<&Arc<HashSet<String>>>,
+    ) -> Result<(CatchUp, Cursor), SourceError> {
+        let chunks = SnapshotChunks::new(
+            self.shared_state()?,
+            filter.cloned(),
+            self.config.snapshot_chunk_bytes,
+        );
+        let cursor = chunks.cursor();
+        Ok((CatchUp::Snapshot(chunks), cursor))
     }
 
     fn deltas_between(
@@ -468,66 +523,22 @@ impl Fanout {
         })))
     }
 
-    fn snapshot_events(
-        &self,
-        filter: Option<&HashSet<String>>,
-    ) -> Result<(Vec<SharedSyncEvent>, Cursor), SourceError> {
-        let snap = self.source.snapshot()?;
-        let keep = |set: &str| filter.is_none_or(|f| f.contains(set));
-        let digest = if filter.is_some() {
-            None
-        } else {
-            Some(snap.digest)
-        };
-        let flag_sets: Vec<_> = snap.flag_sets.into_iter().filter(|s| keep(&s.id)).collect();
-        let mut events = Vec::new();
-        let mut chunk = Snapshot {
-            history_id: snap.history_id.clone(),
-            revision: snap.revision,
-            digest,
-            flag_sets,
-            ..Default::default()
-        };
-        let mut chunk_bytes = 0usize;
-        for flag in snap.flags.into_iter().filter(|f| keep(&f.flag_set)) {
-            chunk_bytes += flag.definition_json.len() + flag.key.len() + flag.flag_set.len() + 16;
-            chunk.flags.push(flag);
-            if chunk_bytes >= self.config.snapshot_chunk_bytes {
-                let next = Snapshot {
-                    history_id: chunk.history_id.clone(),
-                    revision: chunk.revision,
-                    digest,
-                    chunk: chunk.chunk + 1,
-                    ..Default::default()
-                };
-                let full = std::mem::replace(&mut chunk, next);
-                events.push(SharedSyncEvent::new(&SyncEvent {
-                    event: Some(Event::Snapshot(full)),
-                }));
-                chunk_bytes = 0;
-            }
-        }
-        chunk.last = true;
-        events.push(SharedSyncEvent::new(&SyncEvent {
-            event: Some(Event::Snapshot(chunk)),
-        }));
-        self.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
-        Ok((
-            events,
-            Some((snap.history_id.as_str().into(), snap.revision)),
-        ))
-    }
-
     async fn send(
         &self,
-        tx: &mpsc::Sender<Result<SharedSyncEvent, Status>>,
-        event: SharedSyncEvent,
+        tx: &mpsc::Sender<Result<Outgoing, Status>>,
+        item: Outgoing,
     ) -> Result<(), &'static str> {
-        let len = event.len() as u64;
-        match tokio::time::timeout(self.config.send_timeout, tx.send(Ok(event))).await {
+        // a snapshot's chunks are counted as the stream encodes them
+        let len = match &item {
+            Outgoing::Event(e) => Some(e.len() as u64),
+            Outgoing::Snapshot(_) => None,
+        };
+        match tokio::time::timeout(self.config.send_timeout, tx.send(Ok(item))).await {
             Ok(Ok(())) => {
-                self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
-                self.stats.deltas_sent.fetch_add(1, Ordering::Relaxed);
+                if let Some(len) = len {
+                    self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
+                    self.stats.deltas_sent.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(())
             }
             Ok(Err(_)) => Err("subscriber went away"),

@@ -4,6 +4,8 @@
 //!   deltas, per-subscriber cursors, catch-up, heartbeats, cut-off of slow
 //!   subscribers), over a [`source::SyncSource`].
 //! - [`coalesce`]: merging deltas and filtering them by flag set.
+//! - [`snapshot_stream`]: the Subscribe stream, snapshots encoded chunk by
+//!   chunk as the subscriber takes them.
 //! - [`sync_service`]: the `flagmesh.v1.Sync` gRPC service.
 //! - [`subscriber`], [`replica`], [`compiled`]: following upstreams into a
 //!   sled replica with atomic apply, and the compiled in-memory state.
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod relay;
 pub mod replica;
 pub mod reporter;
+pub mod snapshot_stream;
 pub mod source;
 pub mod subscriber;
 pub mod sync_service;

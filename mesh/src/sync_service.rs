@@ -2,10 +2,8 @@
 
 use std::sync::Arc;
 
-use flagmesh_proto::shared::SharedSyncEvent;
 use flagmesh_proto::shared::sync_server::{Sync, SyncServer};
 use flagmesh_proto::v1::{NodeReport, ReportAck, SubscribeRequest};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::fanout::Fanout;
@@ -28,7 +26,7 @@ impl SyncService {
 
 #[tonic::async_trait]
 impl Sync for SyncService {
-    type SubscribeStream = ReceiverStream<Result<SharedSyncEvent, Status>>;
+    type SubscribeStream = crate::snapshot_stream::SubscribeStream;
 
     #[tracing::instrument(skip_all, fields(node = %request.get_ref().node_id, resume = request.get_ref().resume_revision))]
     async fn subscribe(
