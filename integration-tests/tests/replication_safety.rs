@@ -351,3 +351,47 @@ async fn scope_changes_converge_to_exactly_the_in_scope_flags() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_crashed_without_flushes_restarts_at_a_state_control_had() {
+    use flagmesh_integration_tests::relay::LinkMode;
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(TopologySpec::test(root.path(), 1, 1))
+        .await
+        .unwrap();
+    // the PoP flushes in the background only (--sync-writes false)
+    assert!(mesh.stop(NodeRef::Pop(0)));
+    let mut args = mesh.node(NodeRef::Pop(0)).args_for_restart();
+    args.extend(["--sync-writes".into(), "false".into()]);
+    mesh.node(NodeRef::Pop(0)).set_args(args);
+    mesh.restart(NodeRef::Pop(0)).unwrap();
+
+    // every state control had: (revision, digest)
+    let mut had = std::collections::HashSet::new();
+    had.insert(mesh.control_head().await.unwrap());
+    for crash in 0..3 {
+        for i in 0..40 {
+            set(&mesh, &format!("k{}", i % 7), &format!("c{crash}-{i}")).await;
+            had.insert(mesh.control_head().await.unwrap());
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // SIGKILL while changes arrive, then restart cut off from its hub
+        mesh.kill(NodeRef::Pop(0));
+        for link in &mesh.pop_links[0] {
+            link.set(LinkMode::Cut);
+        }
+        mesh.restart(NodeRef::Pop(0)).unwrap();
+        let served = mesh.served_state(NodeRef::Pop(0)).await.unwrap();
+        assert!(
+            had.contains(&served),
+            "crash {crash}: the PoP serves {served:?}, a state control never had"
+        );
+        for link in &mesh.pop_links[0] {
+            link.set(LinkMode::Pass);
+        }
+        mesh.converged(CONVERGE).await.unwrap();
+    }
+}

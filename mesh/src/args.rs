@@ -88,6 +88,14 @@ pub struct RelayArgs {
         default_value_t = 10_000
     )]
     pub send_timeout_ms: u64,
+    /// A coalesced catch-up delta larger than this many bytes is sent to a
+    /// downstream subscriber as a snapshot, in chunks.
+    #[arg(
+        long = "max-catch-up-delta-bytes",
+        env = "FLAGMESH_MAX_CATCH_UP_DELTA_BYTES",
+        default_value_t = 4 << 20
+    )]
+    pub max_catch_up_delta_bytes: usize,
     /// Flag sets to follow (comma-separated; default: all).
     #[arg(long = "flag-sets", env = "FLAGMESH_FLAG_SETS", value_delimiter = ',')]
     pub flag_sets: Vec<String>,
@@ -136,6 +144,7 @@ impl RelayArgs {
                 heartbeat,
                 ring_revisions: self.ring_revisions.max(1),
                 send_timeout: Duration::from_millis(self.send_timeout_ms.max(100)),
+                max_catch_up_delta_bytes: self.max_catch_up_delta_bytes.max(1 << 10),
                 ..FanoutConfig::default()
             },
             report_interval: heartbeat,

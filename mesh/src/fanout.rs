@@ -679,4 +679,43 @@ mod tests {
         assert!(f.subscribe(ask(&["a"])).is_ok());
         assert!(f.subscribe(ask(&["b", "a"])).is_ok());
     }
+
+    #[test]
+    fn a_catch_up_over_the_cap_becomes_a_snapshot() {
+        for (cap, expect_snapshot) in [(512, true), (1 << 20, false)] {
+            let f = Fanout::new(
+                Arc::new(Empty),
+                Head {
+                    history_id: "h".into(),
+                    revision: 1,
+                    upstream_connected: true,
+                    digest: None,
+                },
+                FanoutConfig {
+                    max_catch_up_delta_bytes: cap,
+                    ..FanoutConfig::default()
+                },
+                CancellationToken::new(),
+            );
+            for to in 2..=3 {
+                let mut d = delta("h", to);
+                d.upserts.push(flagmesh_proto::v1::Flag {
+                    flag_set: "s".into(),
+                    key: format!("k{to}"),
+                    definition_json: vec![b'x'; 400],
+                    ..Default::default()
+                });
+                f.publish(d);
+            }
+            let (catch_up, cursor) = f.catch_up(&Some(("h".into(), 1)), None).expect("catch up");
+            assert_eq!(
+                matches!(catch_up, CatchUp::Snapshot(_)),
+                expect_snapshot,
+                "cap {cap}"
+            );
+            if !expect_snapshot {
+                assert_eq!(cursor.map(|c| c.1), Some(3));
+            }
+        }
+    }
 }

@@ -29,6 +29,14 @@ struct Args {
         default_value_t = 2_000
     )]
     heartbeat_ms: u64,
+    /// A coalesced catch-up delta larger than this many bytes is sent as a
+    /// snapshot, in chunks.
+    #[arg(
+        long = "max-catch-up-delta-bytes",
+        env = "FLAGMESH_MAX_CATCH_UP_DELTA_BYTES",
+        default_value_t = 4 << 20
+    )]
+    max_catch_up_delta_bytes: usize,
     /// Admin calls per second per credential (sustained); 0: no limit.
     #[arg(
         long = "admin-rate",
@@ -90,6 +98,7 @@ impl Args {
             retain_revisions: self.retain_revisions,
             fanout: FanoutConfig {
                 heartbeat: Duration::from_millis(self.heartbeat_ms.max(50)),
+                max_catch_up_delta_bytes: self.max_catch_up_delta_bytes.max(1 << 10),
                 ..FanoutConfig::default()
             },
             drain: self.common.drain(),
