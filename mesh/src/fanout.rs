@@ -59,7 +59,7 @@ impl Default for FanoutConfig {
             heartbeat: Duration::from_secs(2),
             send_timeout: Duration::from_secs(10),
             queue: 16,
-            snapshot_chunk_bytes: 1 << 20,
+            snapshot_chunk_bytes: 64 << 10,
             max_catch_up_delta_bytes: 4 << 20,
             scope: Vec::new(),
         }
