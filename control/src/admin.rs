@@ -1,12 +1,13 @@
-//! The `flagmesh.v1.Admin` service: every definition is validated by the
-//! engine's compiler before it is stored; writes check expected revisions
-//! under the store's commit lock; each committed change is published to the
-//! fan-out and recorded for the propagation view.
+//! The `flagmesh.v1.Admin` service: every definition is validated (see
+//! [`crate::validate`]) before it is stored; writes check expected
+//! revisions under the store's commit lock; the store publishes each
+//! committed change to the fan-out, and it is recorded for the propagation
+//! view.
 
 use std::sync::Arc;
 
 use flagmesh_client::identity::principal;
-use flagmesh_engine::{FlagDefinition, FlagDocument, Strictness};
+use flagmesh_engine::{FlagDocument, Strictness};
 use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::admin_server::Admin;
 use flagmesh_proto::v1::*;
@@ -16,13 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::error::ControlError;
 use crate::propagation::Propagation;
 use crate::store::{ChangeRequest, CommitOutcome, FlagStore, FlagWrite, SetWrite, StateView};
-
-/// Largest flag definition accepted, in bytes.
-pub const MAX_DEFINITION_BYTES: usize = 256 << 10;
-/// Largest flag key, in bytes.
-pub const MAX_KEY_BYTES: usize = 256;
-/// Largest flag-set id, in bytes.
-pub const MAX_FLAG_SET_BYTES: usize = 128;
+use crate::validate::*;
 
 /// The Admin service.
 pub struct AdminService<S> {
@@ -140,96 +135,6 @@ fn actor<T>(req: &Request<T>) -> String {
     principal(req)
         .map(|p| p.name.clone())
         .unwrap_or_else(|| "anonymous".into())
-}
-
-/// Refuses a flag set that would hold more than `max` flags.
-fn check_flag_count(flag_set: &str, count: usize, max: usize) -> Result<(), ControlError> {
-    if count > max {
-        return Err(ControlError::ResourceExhausted(format!(
-            "flag set \"{flag_set}\" would hold {count} flags; the limit is {max} (--max-flags-per-set)"
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a flag-set id: 1..=128 bytes of letters, digits, `.`, `_`, `-`, `:`.
-pub fn check_flag_set(id: &str) -> Result<(), ControlError> {
-    if id.is_empty() {
-        return Err(ControlError::InvalidArgument(
-            "flag_set: must not be empty".into(),
-        ));
-    }
-    if id.len() > MAX_FLAG_SET_BYTES
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c))
-    {
-        return Err(ControlError::InvalidArgument(format!(
-            "flag_set \"{}\": use at most {MAX_FLAG_SET_BYTES} letters, digits, '.', '_', '-' or ':'",
-            id.chars().take(40).collect::<String>()
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a flag key: 1..=256 bytes without control characters.
-pub fn check_key(key: &str) -> Result<(), ControlError> {
-    if key.is_empty() {
-        return Err(ControlError::InvalidArgument(
-            "key: must not be empty".into(),
-        ));
-    }
-    if key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control) {
-        return Err(ControlError::InvalidArgument(format!(
-            "key \"{}\": use at most {MAX_KEY_BYTES} bytes and no control characters",
-            key.chars()
-                .filter(|c| !c.is_control())
-                .take(40)
-                .collect::<String>()
-        )));
-    }
-    Ok(())
-}
-
-/// Parses and validates one flag definition; returns its canonical bytes.
-pub fn validate_definition(key: &str, json: &str) -> Result<Vec<u8>, ControlError> {
-    if json.len() > MAX_DEFINITION_BYTES {
-        return Err(ControlError::InvalidArgument(format!(
-            "flag \"{key}\": definition_json: larger than {MAX_DEFINITION_BYTES} bytes"
-        )));
-    }
-    let value: Value = serde_json::from_str(json).map_err(|e| {
-        ControlError::InvalidArgument(format!(
-            "flag \"{key}\": definition_json: not valid JSON: {e}"
-        ))
-    })?;
-    let def = FlagDefinition::from_json(key, &value, &Map::new(), Strictness::Strict)
-        .map_err(|e| ControlError::InvalidArgument(e.to_string()))?;
-    Ok(def.to_canonical_json())
-}
-
-fn expect_revision(
-    what: &str,
-    current: Option<u64>,
-    expected: u64,
-    force: bool,
-    creating: bool,
-) -> Result<(), ControlError> {
-    if force {
-        return Ok(());
-    }
-    match (current, expected) {
-        (None, 0) if creating => Ok(()),
-        (Some(cur), 0) if creating => Err(ControlError::FailedPrecondition(format!(
-            "{what} exists (mod_revision {cur}); pass expected_mod_revision {cur} to replace it"
-        ))),
-        (None, _) => Err(ControlError::NotFound(format!("{what} not found"))),
-        (Some(_), 0) => Ok(()),
-        (Some(cur), exp) if cur == exp => Ok(()),
-        (Some(cur), exp) => Err(ControlError::FailedPrecondition(format!(
-            "{what} changed: its mod_revision is {cur}, not the expected {exp}; read it again"
-        ))),
-    }
 }
 
 /// A change set writing one flag (`None` deletes it).

@@ -5,6 +5,7 @@
 //!   by default ([`store::SledStore`]).
 //! - [`admin`]: the `flagmesh.v1.Admin` gRPC API (validation, optimistic
 //!   concurrency, dry-run diffs).
+//! - [`validate`]: what the Admin API checks before writing.
 //! - [`propagation`]: which node has applied which revision.
 //! - [`node`]: assembling and running a control node.
 
@@ -13,5 +14,6 @@ pub mod error;
 pub mod node;
 pub mod propagation;
 pub mod store;
+pub mod validate;
 
 pub use error::ControlError;
