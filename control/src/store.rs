@@ -204,6 +204,8 @@ pub struct SledStore {
     retain: u64,
     durable: bool,
     publisher: std::sync::OnceLock<Publisher>,
+    /// A commit could not be flushed: nothing more is served.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl SledStore {
@@ -246,6 +248,7 @@ impl SledStore {
             retain: retain.max(1),
             durable,
             publisher: std::sync::OnceLock::new(),
+            failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -269,10 +272,10 @@ impl SledStore {
     }
 
     /// Every later commit's delta goes to `publisher`, called under the
-    /// writer lock once the commit is visible: deltas are published in
-    /// revision order, whatever the concurrency of writers, and a commit
-    /// whose flush fails is published all the same (readers already see
-    /// it). Set once; `false` when a publisher was already set.
+    /// writer lock once the commit is durable: deltas are published in
+    /// revision order, whatever the concurrency of writers, and never one
+    /// a crash could take back (a commit whose flush fails stops the
+    /// store). Set once; `false` when a publisher was already set.
     pub fn publish_to(&self, publisher: Publisher) -> bool {
         self.publisher.set(publisher).is_ok()
     }
@@ -282,6 +285,11 @@ impl SledStore {
     }
 
     fn read_head(&self) -> Result<StoreHead, ControlError> {
+        if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ControlError::Storage(
+                "a commit could not be flushed to disk; this control plane serves nothing from its store until it is restarted".into(),
+            ));
+        }
         let history_id = self
             .tree
             .get(META_HISTORY)?
@@ -595,12 +603,19 @@ impl FlagStore for SledStore {
             batch.insert(META_COMPACTED, &through.to_be_bytes());
         }
         self.tree.apply_batch(batch)?;
-        // visible from here on: published before anything can fail
+        // published only once durable: no reader ever sees a revision a
+        // crash could take back. A commit that cannot be flushed stops the
+        // store: nothing more is read or written until a restart recovers
+        // what is on disk, so the revision is either durable or never seen
+        if self.durable
+            && let Err(e) = self.db.flush()
+        {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(error = %e, revision, "a commit could not be flushed; the store stops serving until a restart");
+            return Err(e.into());
+        }
         if let Some(publish) = self.publisher.get() {
             publish(&delta);
-        }
-        if self.durable {
-            self.db.flush()?;
         }
         Ok(CommitOutcome {
             revision,
