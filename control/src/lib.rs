@@ -3,6 +3,7 @@
 //! - [`store`]: flag sets and flags, the global revision and history id,
 //!   the change log and the audit trail, behind [`store::FlagStore`]; sled
 //!   by default ([`store::SledStore`]).
+//! - [`change`]: turning a change request into a commit, for every store.
 //! - [`admin`]: the `flagmesh.v1.Admin` gRPC API (validation, optimistic
 //!   concurrency, dry-run diffs).
 //! - [`validate`]: what the Admin API checks before writing.
@@ -10,6 +11,7 @@
 //! - [`node`]: assembling and running a control node.
 
 pub mod admin;
+pub mod change;
 pub mod error;
 pub mod node;
 pub mod propagation;
