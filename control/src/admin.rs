@@ -20,13 +20,13 @@ use crate::store::{ChangeRequest, CommitOutcome, FlagStore, FlagWrite, SetWrite,
 use crate::validate::*;
 
 /// The Admin service.
-pub struct AdminService<S> {
+pub struct AdminService<S: ?Sized> {
     store: Arc<S>,
     propagation: Arc<Propagation>,
     max_flags_per_set: usize,
 }
 
-impl<S: FlagStore> AdminService<S> {
+impl<S: FlagStore + ?Sized> AdminService<S> {
     /// The service over a store (which publishes what it commits); a flag
     /// set holds at most `max_flags_per_set` flags.
     pub fn new(store: Arc<S>, propagation: Arc<Propagation>, max_flags_per_set: usize) -> Self {
@@ -104,7 +104,7 @@ impl OneFlag {
     }
 }
 
-impl<S: FlagStore> AdminService<S> {
+impl<S: FlagStore + ?Sized> AdminService<S> {
     /// Commits `write` if `check` passes against the state it would change.
     async fn write_one(
         &self,
@@ -175,7 +175,7 @@ fn page_size(requested: u32, default: usize) -> usize {
 }
 
 #[tonic::async_trait]
-impl<S: FlagStore> Admin for AdminService<S> {
+impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
     async fn get_flag(
         &self,
         request: Request<GetFlagRequest>,

@@ -26,6 +26,9 @@ pub enum ControlError {
     /// The store failed.
     #[error("storage: {0}")]
     Storage(String),
+    /// The database cannot be reached; the write did not happen.
+    #[error("{0}")]
+    Unavailable(String),
     /// The data directory holds no store, and nobody asked for a new mesh.
     #[error(
         "{0} holds no flagmesh store: start with --init to create a new mesh (a new history that every hub and PoP will refuse until an operator adopts it), or point --data-dir at the existing store"
@@ -55,6 +58,7 @@ impl From<ControlError> for Status {
             ControlError::PermissionDenied(m) => Status::permission_denied(m),
             ControlError::ResourceExhausted(m) => Status::resource_exhausted(m),
             e @ ControlError::NotInitialised(_) => Status::failed_precondition(e.to_string()),
+            ControlError::Unavailable(m) => Status::unavailable(m),
             ControlError::Storage(m) => {
                 tracing::error!(error = %m, "storage failure");
                 Status::internal("the control plane's store failed; see its logs")

@@ -7,6 +7,7 @@
 //! - [`admin`]: the `flagmesh.v1.Admin` gRPC API (validation, optimistic
 //!   concurrency, dry-run diffs).
 //! - [`validate`]: what the Admin API checks before writing.
+//! - [`postgres`]: the store on PostgreSQL, for several active instances.
 //! - [`propagation`]: which node has applied which revision.
 //! - [`node`]: assembling and running a control node.
 
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod change;
 pub mod error;
 pub mod node;
+pub mod postgres;
 pub mod propagation;
 pub mod store;
 pub mod validate;

@@ -19,6 +19,7 @@ use flagmesh_server::{
 use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::admin::AdminService;
+use crate::postgres::PgStore;
 use crate::propagation::Propagation;
 use crate::store::{FlagStore, SledStore, StoreSource};
 
@@ -41,8 +42,12 @@ pub struct ControlConfig {
     pub max_message_bytes: usize,
     /// Flags one flag set may hold.
     pub max_flags_per_set: usize,
-    /// Create a new store (a new history) when `data_dir` holds none.
+    /// Create a new store (a new history) when `data_dir` (or the
+    /// database) holds none.
     pub init: bool,
+    /// Keep the state in this PostgreSQL database (several instances may
+    /// share it) instead of sled in `data_dir`.
+    pub database_url: Option<String>,
     /// The propagation view forgets nodes silent this long (0: never).
     pub forget_nodes_after_ms: i64,
 }
@@ -60,6 +65,7 @@ impl ControlConfig {
             max_message_bytes: 16 << 20,
             max_flags_per_set: 10_000,
             init: false,
+            database_url: None,
             forget_nodes_after_ms: crate::propagation::FORGET_AFTER_MS,
         }
     }
@@ -104,7 +110,7 @@ pub struct RunningControl {
     /// The bound HTTP address.
     pub http_addr: Option<SocketAddr>,
     /// The store.
-    pub store: Arc<SledStore>,
+    pub store: Arc<dyn FlagStore>,
     node: RunningNode,
 }
 
@@ -121,10 +127,16 @@ pub async fn start(
     config: ControlConfig,
     security: impl Into<Security>,
 ) -> anyhow::Result<RunningControl> {
-    let store = Arc::new(
-        SledStore::open(&config.data_dir, config.retain_revisions, config.init)
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
-    );
+    let store: Arc<dyn FlagStore> = match &config.database_url {
+        Some(url) => Arc::new(
+            PgStore::open(url, config.retain_revisions, config.init)
+                .context("opening the store in PostgreSQL")?,
+        ),
+        None => Arc::new(
+            SledStore::open(&config.data_dir, config.retain_revisions, config.init)
+                .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+        ),
+    };
     let head = store.head()?;
     tracing::info!(revision = head.revision, history_id = %head.history_id, "store opened");
     let mut node = NodeBuilder::bind(
@@ -154,9 +166,13 @@ pub async fn start(
         fanout_config,
         node.stop_token(),
     );
-    // commits reach the fan-out in revision order, from inside the store
+    // commits reach the fan-out in revision order: from inside the store
+    // (sled), or from the database's change log (PostgreSQL)
     let publish = fanout.clone();
-    store.publish_to(Box::new(move |delta| publish.publish(delta.clone())));
+    store.publish_to(
+        Box::new(move |delta| publish.publish(delta.clone())),
+        &node.stop_token(),
+    )?;
     let propagation = Arc::new(Propagation::new(config.forget_nodes_after_ms));
     node.readiness().set(true);
     node.metrics().register_collector(Box::new(ControlMetrics {
@@ -191,7 +207,7 @@ pub async fn start(
 /// The control plane's own metrics: its head, its change log's window and
 /// the propagation view.
 struct ControlMetrics {
-    store: Arc<SledStore>,
+    store: Arc<dyn FlagStore>,
     propagation: Arc<Propagation>,
 }
 
@@ -233,7 +249,7 @@ const STATUS_PAGE: &str = include_str!("status_page.html");
 /// Control's own HTTP routes: the status page at `/`, and its data at
 /// `/api/propagation` (the node adds `/healthz`, `/readyz`, `/metrics`).
 fn http_routes(
-    store: Arc<SledStore>,
+    store: Arc<dyn FlagStore>,
     propagation: Arc<Propagation>,
     security: &Security,
 ) -> axum::Router {

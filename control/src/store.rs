@@ -137,6 +137,13 @@ pub trait FlagStore: Send + Sync + 'static {
         from: u64,
         to: u64,
     ) -> Result<Option<Vec<Delta>>, ControlError>;
+    /// Sends every later commit's delta to `publisher`, in revision order
+    /// (until `stop`, where publication runs on its own).
+    fn publish_to(
+        &self,
+        publisher: Publisher,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), ControlError>;
 }
 
 const META_HISTORY: &[u8] = b"m:history";
@@ -319,6 +326,18 @@ impl StateView for SledStore {
 }
 
 impl FlagStore for SledStore {
+    fn publish_to(
+        &self,
+        publisher: Publisher,
+        _stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), ControlError> {
+        if SledStore::publish_to(self, publisher) {
+            Ok(())
+        } else {
+            Err(ControlError::Storage("the store publishes already".into()))
+        }
+    }
+
     fn head(&self) -> Result<StoreHead, ControlError> {
         self.read_head()
     }
@@ -486,9 +505,9 @@ impl FlagStore for SledStore {
 }
 
 /// Serves snapshots and retained deltas to the fan-out.
-pub struct StoreSource<S>(pub std::sync::Arc<S>);
+pub struct StoreSource<S: ?Sized>(pub std::sync::Arc<S>);
 
-impl<S: FlagStore> SyncSource for StoreSource<S> {
+impl<S: FlagStore + ?Sized> SyncSource for StoreSource<S> {
     fn snapshot(&self) -> Result<SourceSnapshot, SourceError> {
         self.0.snapshot().map_err(|e| SourceError(e.to_string()))
     }

@@ -10,6 +10,7 @@ pub use flagmesh_test_support::flagd_kit;
 pub mod certs;
 pub mod fuzzing;
 pub mod inproc;
+pub mod postgres;
 pub mod process;
 pub mod relay;
 pub mod tools;

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flagmesh_control::node::{ControlConfig, RunningControl};
-use flagmesh_control::store::FlagStore as _;
 use flagmesh_hub::RunningHub;
 use flagmesh_integration_tests::inproc::mesh::*;
 use flagmesh_mesh::FanoutConfig;

@@ -62,6 +62,15 @@ struct Args {
     /// none; without it, an empty data directory is refused.
     #[arg(long, env = "FLAGMESH_INIT")]
     init: bool,
+    /// Keep the state in PostgreSQL instead of sled (several control
+    /// instances may share one database), e.g.
+    /// `postgres://flagmesh@db.internal/flagmesh`.
+    #[arg(
+        long = "database-url",
+        env = "FLAGMESH_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     /// The propagation view forgets nodes that have not reported for this
     /// long, in milliseconds (0: never), so dead nodes stop counting as lagging.
     #[arg(
@@ -105,11 +114,16 @@ impl Args {
             max_message_bytes: self.max_message_bytes,
             max_flags_per_set: self.max_flags_per_set,
             init: self.init,
+            database_url: self.database_url.clone(),
             forget_nodes_after_ms: self.forget_nodes_after_ms.max(0),
             ..ControlConfig::new(
                 self.common.listen_addr(),
                 self.common.http_listen,
-                self.common.require_data_dir()?,
+                match &self.database_url {
+                    // the database holds everything
+                    Some(_) => self.common.data_dir.clone().unwrap_or_default(),
+                    None => self.common.require_data_dir()?,
+                },
             )
         })
     }
