@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::change::Write;
 use crate::error::ControlError;
-use crate::store::{CommitOutcome, FlagStore, Plan, Publisher, StateView, StoreHead, now_ms};
+use crate::store::{
+    CommitOutcome, FlagStore, Plan, Publisher, StateView, StoreExport, StoreHead, now_ms,
+};
 
 type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
@@ -102,7 +104,9 @@ fn decode<M: prost::Message + Default>(bytes: &[u8]) -> Result<M, ControlError> 
 
 /// The store.
 pub struct PgStore {
-    pool: Pool,
+    /// Always `Some` but while dropping (the pool's connections close on
+    /// a blocking section).
+    pool: Option<Pool>,
     url: String,
     retain: u64,
 }
@@ -115,19 +119,7 @@ impl PgStore {
     }
 
     fn open_now(url: &str, retain: u64, init: bool) -> Result<Self, ControlError> {
-        let config: postgres::Config = url
-            .parse()
-            .map_err(|e| ControlError::InvalidArgument(format!("--database-url: {e}")))?;
-        let pool = r2d2::Pool::builder()
-            .max_size(8)
-            .connection_timeout(Duration::from_secs(5))
-            .build(PostgresConnectionManager::new(config, NoTls))
-            .map_err(pool_error)?;
-        let store = Self {
-            pool,
-            url: url.to_owned(),
-            retain: retain.max(1),
-        };
+        let store = Self::connect(url, retain)?;
         store.migrate()?;
         let mut conn = store.conn()?;
         let exists = conn
@@ -152,10 +144,98 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Moves a mesh into an empty database: every flag and flag set, the
+    /// revision, digest and history id, the retained change log and the
+    /// audit trail, in one transaction. Subscribers resume on the database
+    /// exactly where they stood (by delta). A database that already holds
+    /// a mesh is refused.
+    pub fn import(url: &str, retain: u64, export: &StoreExport) -> Result<(), ControlError> {
+        blocking(|| Self::import_now(url, retain, export).map(drop))
+    }
+
+    fn import_now(url: &str, retain: u64, export: &StoreExport) -> Result<Self, ControlError> {
+        let store = Self::connect(url, retain)?;
+        store.migrate()?;
+        let mut conn = store.conn()?;
+        let mut tx = conn.transaction().map_err(db_error)?;
+        tx.execute("LOCK TABLE flagmesh_meta IN EXCLUSIVE MODE", &[])
+            .map_err(db_error)?;
+        if tx
+            .query_opt("SELECT history_id FROM flagmesh_meta WHERE id = 1", &[])
+            .map_err(db_error)?
+            .is_some()
+        {
+            return Err(ControlError::FailedPrecondition(
+                "the database holds a mesh already: import only into an empty one".into(),
+            ));
+        }
+        let h = &export.head;
+        tx.execute(
+            "INSERT INTO flagmesh_meta VALUES (1, $1, $2, $3, $4)",
+            &[
+                &h.history_id,
+                &to_db(h.revision),
+                &to_db(h.digest),
+                &to_db(h.compacted_through),
+            ],
+        )
+        .map_err(db_error)?;
+        for f in &export.flags {
+            tx.execute(
+                "INSERT INTO flagmesh_flags VALUES ($1, $2, $3)",
+                &[&f.flag_set, &f.key, &f.encode_to_vec()],
+            )
+            .map_err(db_error)?;
+        }
+        for s in &export.flag_sets {
+            tx.execute(
+                "INSERT INTO flagmesh_flag_sets VALUES ($1, $2)",
+                &[&s.id, &s.encode_to_vec()],
+            )
+            .map_err(db_error)?;
+        }
+        for d in &export.change_log {
+            tx.execute(
+                "INSERT INTO flagmesh_change_log VALUES ($1, $2)",
+                &[&to_db(d.to_revision), &d.encode_to_vec()],
+            )
+            .map_err(db_error)?;
+        }
+        for c in &export.audit {
+            tx.execute(
+                "INSERT INTO flagmesh_audit VALUES ($1, $2)",
+                &[&to_db(c.revision), &c.encode_to_vec()],
+            )
+            .map_err(db_error)?;
+        }
+        tx.commit().map_err(db_error)?;
+        Ok(store)
+    }
+
+    fn connect(url: &str, retain: u64) -> Result<Self, ControlError> {
+        let config: postgres::Config = url
+            .parse()
+            .map_err(|e| ControlError::InvalidArgument(format!("--database-url: {e}")))?;
+        let pool = r2d2::Pool::builder()
+            .max_size(8)
+            .connection_timeout(Duration::from_secs(5))
+            .build(PostgresConnectionManager::new(config, NoTls))
+            .map_err(pool_error)?;
+        Ok(Self {
+            pool: Some(pool),
+            url: url.to_owned(),
+            retain: retain.max(1),
+        })
+    }
+
     fn conn(
         &self,
     ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, ControlError> {
-        self.pool.get().map_err(pool_error)
+        self.pool
+            .as_ref()
+            .ok_or_else(|| ControlError::Unavailable("the store is closing".into()))?
+            .get()
+            .map_err(pool_error)
     }
 
     /// Applies the migrations not applied yet, one instance at a time.
@@ -543,6 +623,15 @@ impl PgStore {
         let after = self.head_now()?.revision;
         self.tail(after, publisher, stop.clone());
         Ok(())
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // closing a connection blocks: not on an async worker
+        if let Some(pool) = self.pool.take() {
+            blocking(move || drop(pool));
+        }
     }
 }
 

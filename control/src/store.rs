@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 use crate::error::ControlError;
 
 /// The head of the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreHead {
     /// The history id (random, made when the store was created).
     pub history_id: String,
@@ -183,6 +183,21 @@ pub fn metadata_bytes(m: &Map<String, Value>) -> Vec<u8> {
     serde_json::to_vec(m).unwrap_or_default()
 }
 
+/// Everything a store holds, for moving a mesh to another store.
+#[derive(Debug, Clone, Default)]
+pub struct StoreExport {
+    /// Its head (history, revision, digest, compaction point).
+    pub head: StoreHead,
+    /// Every flag.
+    pub flags: Vec<Flag>,
+    /// Every flag set's record.
+    pub flag_sets: Vec<FlagSet>,
+    /// The retained change log, oldest first.
+    pub change_log: Vec<Delta>,
+    /// The audit trail, oldest first.
+    pub audit: Vec<ChangeSet>,
+}
+
 /// Reads of a snapshot tried without the writer lock before one takes it.
 const SNAPSHOT_ATTEMPTS: usize = 16;
 
@@ -242,6 +257,28 @@ impl SledStore {
             durable,
             publisher: std::sync::OnceLock::new(),
             failed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Everything the store holds, read under the writer lock.
+    pub fn export(&self) -> Result<StoreExport, ControlError> {
+        let _guard = self.lock();
+        let head = self.read_head()?;
+        let (_, state) = self.read_state(head.clone())?;
+        let mut change_log = Vec::new();
+        for kv in self.tree.scan_prefix(b"l:") {
+            change_log.push(Delta::decode(kv?.1.as_ref())?);
+        }
+        let mut audit = Vec::new();
+        for kv in self.tree.scan_prefix(b"a:") {
+            audit.push(ChangeSet::decode(kv?.1.as_ref())?);
+        }
+        Ok(StoreExport {
+            head,
+            flags: state.flags,
+            flag_sets: state.flag_sets,
+            change_log,
+            audit,
         })
     }
 

@@ -29,8 +29,6 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 fn start(dir: &Path, binary: &str, name: &str, args: &[String]) -> NodeProcess {
     let mut all: Vec<String> = [
         "--insecure-dev",
-        "--listen",
-        "127.0.0.1:0",
         "--http-listen",
         "127.0.0.1:0",
         "--heartbeat-ms",
@@ -39,6 +37,9 @@ fn start(dir: &Path, binary: &str, name: &str, args: &[String]) -> NodeProcess {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
+    if !args.iter().any(|a| a == "--listen") {
+        all.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    }
     all.extend(args.iter().cloned());
     NodeProcess::start(
         &bin_dir().join(binary),
@@ -383,4 +384,173 @@ async fn a_database_outage_fails_writes_clearly_and_loses_nothing() {
         .chain([flag("after")])
         .collect();
     assert_eq!(values, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_mesh_moves_into_postgres_and_hubs_resume_by_delta() {
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let pg = PgCluster::start().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store = root.path().join("sled-control");
+    let sled_args = vec![
+        "--init".to_owned(),
+        "--data-dir".into(),
+        store.display().to_string(),
+    ];
+    let mut sled = start(root.path(), "flagmesh-control", "sled", &sled_args);
+    let address = sled.grpc;
+    let hub = relay(root.path(), "flagmesh-hub", "hub", &[address]);
+    let pop = relay(root.path(), "flagmesh-pop", "pop", &[hub.grpc]);
+    for i in 0..10 {
+        admin(address)
+            .await
+            .update_flag(update(&format!("k{i}"), "sled", 0))
+            .await
+            .unwrap();
+    }
+    let before = head(address).await;
+    let history = admin(address)
+        .await
+        .get_revision(GetRevisionRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .history_id;
+    eventually("the PoP syncs", 20, || async {
+        served(pop.grpc).await == Some(before)
+    })
+    .await;
+    assert!(sled.terminate(Duration::from_secs(10)));
+
+    // one command moves the store
+    let out = tokio::process::Command::new(bin_dir().join("flagmesh-control"))
+        .args([
+            "--import-sled",
+            &store.display().to_string(),
+            "--database-url",
+            &pg.url(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("imported history {history} at revision 10")),
+        "{stdout}"
+    );
+    // a second import into the same database is refused
+    let again = std::process::Command::new(bin_dir().join("flagmesh-control"))
+        .args([
+            "--import-sled",
+            &store.display().to_string(),
+            "--database-url",
+            &pg.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("holds a mesh already"));
+
+    // a PostgreSQL instance on the same address: same history, revision,
+    // digest and audit trail; the hub resumes without a snapshot
+    let pg_control = start(
+        root.path(),
+        "flagmesh-control",
+        "pg-control",
+        &[
+            "--database-url".into(),
+            pg.url(),
+            "--listen".into(),
+            address.to_string(),
+        ],
+    );
+    assert_eq!(pg_control.grpc, address);
+    assert_eq!(head(address).await, before);
+    assert_eq!(audit(address).await.len(), 10);
+    admin(address)
+        .await
+        .update_flag(update("k0", "postgres", 0))
+        .await
+        .unwrap();
+    let after = head(address).await;
+    eventually("the PoP follows the moved mesh", 30, || async {
+        served(pop.grpc).await == Some(after)
+    })
+    .await;
+    let hub_http = hub.http.unwrap();
+    assert_eq!(
+        metric(hub_http, "flagmesh_snapshots_applied_total").await,
+        1.0
+    );
+    assert_eq!(metric(hub_http, "flagmesh_history_conflict").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_lagging_past_compaction_gets_a_snapshot_then_deltas() {
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let pg = PgCluster::start().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let control = start(
+        root.path(),
+        "flagmesh-control",
+        "control",
+        &[
+            "--init".into(),
+            "--database-url".into(),
+            pg.url(),
+            "--retain-revisions".into(),
+            "5".into(),
+        ],
+    );
+    let mut hub = relay(root.path(), "flagmesh-hub", "hub", &[control.grpc]);
+    for i in 0..3 {
+        admin(control.grpc)
+            .await
+            .update_flag(update("k", &format!("v{i}"), 0))
+            .await
+            .unwrap();
+    }
+    eventually("the hub syncs", 20, || async {
+        served(hub.grpc).await.map(|s| s.0) == Some(3)
+    })
+    .await;
+    assert!(hub.terminate(Duration::from_secs(10)));
+    for i in 3..23 {
+        admin(control.grpc)
+            .await
+            .update_flag(update("k", &format!("v{i}"), 0))
+            .await
+            .unwrap();
+    }
+    // revision 3 is long compacted: the restarted hub needs a snapshot
+    let hub = relay(root.path(), "flagmesh-hub", "hub", &[control.grpc]);
+    let hub_http = hub.http.unwrap();
+    eventually("the hub catches up", 20, || async {
+        served(hub.grpc).await.map(|s| s.0) == Some(23)
+    })
+    .await;
+    assert_eq!(
+        metric(hub_http, "flagmesh_snapshots_applied_total").await,
+        1.0
+    );
+    admin(control.grpc)
+        .await
+        .update_flag(update("k", "v23", 0))
+        .await
+        .unwrap();
+    let now = head(control.grpc).await;
+    eventually("then deltas", 20, || async {
+        served(hub.grpc).await == Some(now)
+    })
+    .await;
+    assert!(metric(hub_http, "flagmesh_deltas_applied_total").await >= 1.0);
+    assert_eq!(
+        metric(hub_http, "flagmesh_snapshots_applied_total").await,
+        1.0
+    );
 }

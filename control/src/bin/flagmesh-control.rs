@@ -71,6 +71,12 @@ struct Args {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// With `--database-url`: move the sled store in this folder (flags,
+    /// revisions, audit trail, history id) into the empty database, then
+    /// exit. Stop the sled control plane first; hubs and PoPs then resume
+    /// on the database's instances by delta.
+    #[arg(long = "import-sled", requires = "database_url")]
+    import_sled: Option<std::path::PathBuf>,
     /// The propagation view forgets nodes that have not reported for this
     /// long, in milliseconds (0: never), so dead nodes stop counting as lagging.
     #[arg(
@@ -129,8 +135,32 @@ impl Args {
     }
 }
 
+/// `--import-sled`: one sled store into an empty database.
+fn import(args: &Args, dir: &std::path::Path, url: &str) -> anyhow::Result<()> {
+    let sled = flagmesh_control::store::SledStore::open(dir, args.retain_revisions, false)
+        .with_context(|| format!("opening the sled store in {}", dir.display()))?;
+    let export = sled.export()?;
+    flagmesh_control::postgres::PgStore::import(url, args.retain_revisions, &export)
+        .context("importing into the database")?;
+    println!(
+        "imported history {} at revision {}: {} flags, {} flag sets, {} change-log entries, {} audit entries",
+        export.head.history_id,
+        export.head.revision,
+        export.flags.len(),
+        export.flag_sets.len(),
+        export.change_log.len(),
+        export.audit.len()
+    );
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let telemetry = args.common.init_telemetry("flagmesh-control");
+    if let (Some(dir), Some(url)) = (&args.import_sled, &args.database_url) {
+        let result = import(&args, dir, url);
+        telemetry.shutdown();
+        return result;
+    }
     let mut security = args.common.security()?;
     let (rate, burst) = config::rate_limit("admin", args.admin_rate, args.admin_burst)?;
     security.limits.rate_per_sec = rate;
