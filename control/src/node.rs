@@ -174,7 +174,30 @@ pub async fn start(
         &node.stop_token(),
     )?;
     let propagation = Arc::new(Propagation::new(config.forget_nodes_after_ms));
-    node.readiness().set(true);
+    // ready while the store can serve writes; /readyz says what is wrong
+    let (ready, watched, stop) = (node.readiness(), store.clone(), node.stop_token());
+    ready.set(true);
+    node.tasks().spawn(async move {
+        loop {
+            let store = watched.clone();
+            let health = tokio::task::spawn_blocking(move || store.health()).await;
+            match health {
+                Ok(Ok(())) => {
+                    ready.set(true);
+                    ready.set_detail(String::new());
+                }
+                Ok(Err(e)) => {
+                    ready.set(false);
+                    ready.set_detail(format!("{e}; fan-out and reads from memory go on"));
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
     node.metrics().register_collector(Box::new(ControlMetrics {
         store: store.clone(),
         propagation: propagation.clone(),

@@ -137,6 +137,10 @@ pub trait FlagStore: Send + Sync + 'static {
         from: u64,
         to: u64,
     ) -> Result<Option<Vec<Delta>>, ControlError>;
+    /// Whether the store can serve writes now; the error says why not.
+    fn health(&self) -> Result<(), ControlError> {
+        self.head().map(drop)
+    }
     /// Sends every later commit's delta to `publisher`, in revision order
     /// (until `stop`, where publication runs on its own).
     fn publish_to(

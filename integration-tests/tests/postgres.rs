@@ -353,6 +353,19 @@ async fn a_database_outage_fails_writes_clearly_and_loses_nothing() {
         "{}",
         refused.message()
     );
+    let control_http = a.http.unwrap();
+    eventually("/readyz says what is wrong", 20, || async {
+        let r = flagmesh_integration_tests::topology::http_request(
+            control_http,
+            "GET",
+            "/readyz",
+            "",
+            &[],
+        )
+        .await;
+        r.is_ok_and(|(status, _, body)| status == 503 && body.contains("database is unavailable"))
+    })
+    .await;
     // the fan-out goes on: the hub still serves what it has
     assert_eq!(served(hub.grpc).await.map(|s| s.0), Some(5));
     pg.resume().unwrap();
@@ -369,6 +382,12 @@ async fn a_database_outage_fails_writes_clearly_and_loses_nothing() {
         Some(6),
         "the refused write never happened; the next is revision 6"
     );
+    eventually("ready again", 20, || async {
+        http_get(control_http, "/readyz")
+            .await
+            .is_ok_and(|b| b.starts_with("ready"))
+    })
+    .await;
     let (revision, digest) = head(a.grpc).await;
     eventually("the hub converges", 30, || async {
         served(hub.grpc).await == Some((revision, digest))
