@@ -73,6 +73,9 @@ pub struct TopologySpec {
     pub hub_ring_revisions: Option<usize>,
     /// Environment variables for every node process.
     pub envs: Vec<(String, String)>,
+    /// Keep control's state in this PostgreSQL database and run a second
+    /// control instance on it; hubs follow both (None: sled).
+    pub database_url: Option<String>,
 }
 
 impl TopologySpec {
@@ -94,6 +97,7 @@ impl TopologySpec {
             default_flag_set: "demo".into(),
             hub_ring_revisions: None,
             envs: Vec::new(),
+            database_url: None,
         }
     }
 }
@@ -169,6 +173,20 @@ impl MeshNode {
         Ok(())
     }
 
+    /// A node like this one, not started.
+    fn clone_spec(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            binary: self.binary.clone(),
+            args: self.args.clone(),
+            envs: self.envs.clone(),
+            process: None,
+            grpc: self.grpc,
+            http: self.http,
+            log: self.log.clone(),
+        }
+    }
+
     /// The arguments it was started with (without its listen addresses).
     pub fn args_for_restart(&self) -> Vec<String> {
         self.args.clone()
@@ -191,6 +209,8 @@ pub struct Mesh {
     pub spec: TopologySpec,
     /// The control plane.
     pub control: MeshNode,
+    /// A second control instance on the same database (PostgreSQL only).
+    pub control_b: Option<MeshNode>,
     /// The hubs.
     pub hubs: Vec<MeshNode>,
     /// The PoPs.
@@ -248,11 +268,16 @@ impl Mesh {
             .map(|n| vec![("TOKIO_WORKER_THREADS".to_owned(), n.to_string())])
             .unwrap_or_default();
         node_envs.extend(spec.envs.iter().cloned());
+        let store_args: Vec<String> = match &spec.database_url {
+            Some(url) => vec!["--database-url".into(), url.clone()],
+            None => vec![
+                "--data-dir".into(),
+                spec.root.join("control").display().to_string(),
+            ],
+        };
         let mut control_args = vec![
             // a new mesh on first start; a restart finds its store
             "--init".into(),
-            "--data-dir".into(),
-            spec.root.join("control").display().to_string(),
             "--retain-revisions".into(),
             spec.retain_revisions.to_string(),
             "--heartbeat-ms".into(),
@@ -261,6 +286,7 @@ impl Mesh {
             "1000".into(),
         ];
         control_args.extend(token_args(&spec, &tokens_file, false));
+        control_args.extend(store_args);
         let mut control = MeshNode {
             name: "control".into(),
             binary: spec.bin_dir.join("flagmesh-control"),
@@ -275,6 +301,21 @@ impl Mesh {
             control.http = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         }
         control.launch()?;
+        let control_b = match &spec.database_url {
+            Some(_) => {
+                let mut b = MeshNode {
+                    name: "control-b".into(),
+                    log: spec.root.join("control-b.log"),
+                    grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    http: None,
+                    process: None,
+                    ..control.clone_spec()
+                };
+                b.launch()?;
+                Some(b)
+            }
+            None => None,
+        };
 
         let relay_args = |upstreams: Vec<String>, name: &str, data: &Path| -> Vec<String> {
             let mut a = vec![
@@ -314,7 +355,11 @@ impl Mesh {
                 target
             };
             let name = format!("hub-{i}");
-            let mut args = relay_args(vec![upstream.to_string()], &name, &spec.root.join(&name));
+            let mut upstreams = vec![upstream.to_string()];
+            if let Some(b) = control_b.as_ref().filter(|_| !(spec.chained && i > 0)) {
+                upstreams.push(b.grpc.to_string());
+            }
+            let mut args = relay_args(upstreams, &name, &spec.root.join(&name));
             args.extend(["--region".into(), format!("region-{i}")]);
             if let Some(ring) = spec.hub_ring_revisions {
                 args.extend(["--ring-revisions".into(), ring.to_string()]);
@@ -399,6 +444,7 @@ impl Mesh {
         Ok(Self {
             spec,
             control,
+            control_b,
             hubs,
             pops: started,
             hub_links,
@@ -447,6 +493,9 @@ impl Mesh {
         }
         for i in 0..self.hubs.len() {
             self.stop(NodeRef::Hub(i));
+        }
+        if let Some(mut p) = self.control_b.as_mut().and_then(|b| b.process.take()) {
+            p.terminate(Duration::from_secs(10));
         }
         self.stop(NodeRef::Control);
     }
@@ -605,6 +654,9 @@ impl Drop for Mesh {
         // NodeProcess kills on drop; relays close on drop
         for p in self.pops.iter_mut().chain(self.hubs.iter_mut()) {
             p.process.take();
+        }
+        if let Some(b) = self.control_b.as_mut() {
+            b.process.take();
         }
         self.control.process.take();
     }

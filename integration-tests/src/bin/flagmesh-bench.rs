@@ -96,6 +96,7 @@ fn spec(root: PathBuf, hubs: usize, pops_per_hub: usize) -> TopologySpec {
             ("FLAGMESH_MAX_STREAMS_PER_CLIENT".into(), "0".into()),
             ("FLAGMESH_ADMIN_RATE".into(), "0".into()),
         ],
+        database_url: None,
     }
 }
 

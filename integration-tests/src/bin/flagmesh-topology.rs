@@ -2,13 +2,16 @@
 //! hubs, PoPs) with data under one folder, loads the example flag sets,
 //! prints how to query and change them, and stops everything cleanly on
 //! Ctrl-C. A second run reuses the data. `--hubs 3 --pops-per-hub 100`
-//! (scale mode) runs hundreds of PoPs on one machine.
+//! (scale mode) runs hundreds of PoPs on one machine. `--postgres` keeps
+//! control's state in a private PostgreSQL cluster (started here, removed
+//! on exit) and runs two control instances on it; the hubs follow both.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use flagmesh_integration_tests::postgres::PgCluster;
 use flagmesh_integration_tests::topology::{Mesh, TopologySpec, bin_dir};
 use flagmesh_proto::v1::ApplyFlagSetRequest;
 
@@ -40,6 +43,10 @@ struct Args {
     /// Start, load, print, and exit (stopping the mesh) instead of waiting for Ctrl-C.
     #[arg(long)]
     check: bool,
+    /// Two control instances on a private PostgreSQL cluster (Debian's
+    /// server) instead of one on sled; the data starts fresh in `DATA-postgres`.
+    #[arg(long)]
+    postgres: bool,
 }
 
 fn documents(path: &PathBuf) -> anyhow::Result<Vec<PathBuf>> {
@@ -74,8 +81,17 @@ async fn main() -> anyhow::Result<()> {
     } else {
         0
     };
+    let (root, cluster) = if args.postgres {
+        let root = PathBuf::from(format!("{}-postgres", args.data.display()));
+        // the cluster lives as long as this run: so does the mesh's data
+        let _ = std::fs::remove_dir_all(&root);
+        let cluster = PgCluster::start().context("starting a private PostgreSQL cluster")?;
+        (root, Some(cluster))
+    } else {
+        (args.data.clone(), None)
+    };
     let spec = TopologySpec {
-        root: args.data.clone(),
+        root: root.clone(),
         bin_dir: bin_dir(),
         hubs: args.hubs,
         pops_per_hub: args.pops_per_hub,
@@ -93,12 +109,18 @@ async fn main() -> anyhow::Result<()> {
         // address: the per-client stream limit would count a whole tier
         // of PoPs as one client
         envs: vec![("FLAGMESH_MAX_STREAMS_PER_CLIENT".into(), "0".into())],
+        database_url: cluster.as_ref().map(PgCluster::url),
     };
     eprintln!(
-        "starting 1 control, {} hubs, {} PoPs (data in {})",
+        "starting {} control, {} hubs, {} PoPs (data in {})",
+        if cluster.is_some() {
+            "2 instances of"
+        } else {
+            "1"
+        },
         args.hubs,
         args.hubs * args.pops_per_hub,
-        args.data.display()
+        root.display()
     );
     let mut mesh = Mesh::start(spec)
         .await
@@ -146,6 +168,9 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("flagmesh is running: every PoP is at revision {revision}.");
     println!("  control  {control}");
+    if let (Some(b), Some(c)) = (&mesh.control_b, &cluster) {
+        println!("  control-b {}  (the same PostgreSQL: {})", b.grpc, c.url());
+    }
     for h in &mesh.hubs {
         println!("  {:<8} {}", h.name, h.grpc);
     }
