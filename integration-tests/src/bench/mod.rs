@@ -10,6 +10,7 @@ pub mod load;
 pub mod memory;
 pub mod propagation;
 pub mod reconnect;
+pub mod writes;
 
 use std::path::Path;
 

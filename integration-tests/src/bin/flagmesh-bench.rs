@@ -49,7 +49,12 @@ enum What {
         /// Run the PoPs and hubs with `--sync-writes false`.
         #[arg(long = "no-sync-writes")]
         no_sync_writes: bool,
+        /// Two control instances on a private PostgreSQL cluster.
+        #[arg(long)]
+        postgres: bool,
     },
+    /// Commit latency and write throughput, on sled and on PostgreSQL.
+    Writes,
     /// PoP memory with 1,000, 10,000 and 100,000 flags; then cold start.
     Memory {
         /// Only this many flags (default: all three sizes).
@@ -325,6 +330,47 @@ async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
     Ok(result)
 }
 
+async fn run_writes(args: &Args) -> anyhow::Result<Value> {
+    let mut rows = Vec::new();
+    for postgres in [false, true] {
+        let mut s = spec(args.data.join("writes"), 1, 1);
+        let cluster = postgres
+            .then(flagmesh_integration_tests::postgres::PgCluster::start)
+            .transpose()?;
+        s.database_url = cluster.as_ref().map(|c| c.url());
+        let mesh = Mesh::start(s).await?;
+        let r = bench::writes::run(&mesh, 500, 8, args.seconds)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "writes ({}): {r}",
+            if postgres { "postgres" } else { "sled" }
+        );
+        rows.push(json!({"store": if postgres { "postgresql" } else { "sled" }, "writes": r}));
+        drop(mesh);
+        drop(cluster);
+    }
+    let result = json!({"machine": machine(), "writes": rows});
+    write_results("writes", &result);
+    let mut t = String::from(
+        "| store | commit latency p50 | p99 | p99.9 | writes/s, 8 concurrent writers |\n|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        let w = &r["writes"];
+        let l = &w["commit_latency_us"];
+        t.push_str(&format!(
+            "| {} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} |\n",
+            r["store"].as_str().unwrap_or(""),
+            l["p50_us"].as_f64().unwrap_or(0.0),
+            l["p99_us"].as_f64().unwrap_or(0.0),
+            l["p999_us"].as_f64().unwrap_or(0.0),
+            w["writes_per_second"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    update_section("writes", &t);
+    Ok(result)
+}
+
 async fn run_reconnect(args: &Args, flags: usize, subscribers: usize) -> anyhow::Result<Value> {
     let spec = spec(args.data.join("reconnect"), 1, 0);
     let mesh = Mesh::start(spec).await?;
@@ -387,14 +433,20 @@ async fn run_propagation(
     pops_per_hub: usize,
     changes: usize,
     sync_writes: bool,
+    postgres: bool,
 ) -> anyhow::Result<Value> {
     eprintln!(
-        "starting 1 control, {hubs} hubs, {} PoPs (sync writes: {sync_writes})",
+        "starting {} control, {hubs} hubs, {} PoPs (sync writes: {sync_writes})",
+        if postgres { "2 PostgreSQL" } else { "1 sled" },
         hubs * pops_per_hub
     );
     let mut s = spec(args.data.join("propagation"), hubs, pops_per_hub);
     s.envs
         .push(("FLAGMESH_SYNC_WRITES".into(), sync_writes.to_string()));
+    let cluster = postgres
+        .then(flagmesh_integration_tests::postgres::PgCluster::start)
+        .transpose()?;
+    s.database_url = cluster.as_ref().map(|c| c.url());
     let mesh = Mesh::start(s).await?;
     let mut admin = mesh.admin().await?;
     admin
@@ -410,10 +462,10 @@ async fn run_propagation(
         .await
         .map_err(anyhow::Error::msg)?;
     let result = json!({"machine": machine(), "sync_writes": sync_writes, "propagation": r});
-    let name = if sync_writes {
-        "propagation"
-    } else {
-        "propagation-no-sync"
+    let name = match (postgres, sync_writes) {
+        (true, _) => "propagation-postgres",
+        (false, true) => "propagation",
+        (false, false) => "propagation-no-sync",
     };
     write_results(name, &result);
     let p = &result["propagation"];
@@ -472,8 +524,20 @@ async fn main() -> anyhow::Result<()> {
             pops_per_hub,
             changes,
             no_sync_writes,
+            postgres,
         } => {
-            run_propagation(&args, *hubs, *pops_per_hub, *changes, !*no_sync_writes).await?;
+            run_propagation(
+                &args,
+                *hubs,
+                *pops_per_hub,
+                *changes,
+                !*no_sync_writes,
+                *postgres,
+            )
+            .await?;
+        }
+        What::Writes => {
+            run_writes(&args).await?;
         }
         What::Memory { flags } => {
             run_memory(&args, *flags).await?;
@@ -489,8 +553,10 @@ async fn main() -> anyhow::Result<()> {
             run_fanout(&args, 1000).await?;
             run_reconnect(&args, 100_000, 1000).await?;
             run_memory(&args, None).await?;
-            run_propagation(&args, 3, 100, 30, true).await?;
-            run_propagation(&args, 3, 100, 30, false).await?;
+            run_writes(&args).await?;
+            run_propagation(&args, 3, 100, 30, true, false).await?;
+            run_propagation(&args, 3, 100, 30, false, false).await?;
+            run_propagation(&args, 3, 100, 30, true, true).await?;
         }
     }
     let _ = std::fs::remove_dir_all(&args.data);
