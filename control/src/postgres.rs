@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use flagmesh_mesh::SourceSnapshot;
 use flagmesh_proto::v1::{ChangeSet, Delta, Flag, FlagSet};
-use postgres::{Client, NoTls};
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, NoTls};
 use prost::Message as _;
 use r2d2_postgres::PostgresConnectionManager;
 use tokio_util::sync::CancellationToken;
@@ -336,41 +337,48 @@ struct TxView<'a>(RefCell<postgres::Transaction<'a>>);
 
 impl StateView for TxView<'_> {
     fn flag(&self, flag_set: &str, key: &str) -> Result<Option<Flag>, ControlError> {
-        self.0
-            .borrow_mut()
-            .query_opt(
-                "SELECT record FROM flagmesh_flags WHERE flag_set = $1 AND key = $2",
-                &[&flag_set, &key],
-            )
-            .map_err(db_error)?
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .transpose()
+        one(&mut *self.0.borrow_mut(), FLAG, &[&flag_set, &key])
     }
 
     fn flags_of(&self, flag_set: &str) -> Result<Vec<Flag>, ControlError> {
-        self.0
-            .borrow_mut()
-            .query(
-                "SELECT record FROM flagmesh_flags WHERE flag_set = $1 ORDER BY key",
-                &[&flag_set],
-            )
-            .map_err(db_error)?
-            .iter()
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .collect()
+        all(&mut *self.0.borrow_mut(), FLAGS_OF, &[&flag_set])
     }
 
     fn flag_set(&self, flag_set: &str) -> Result<Option<FlagSet>, ControlError> {
-        self.0
-            .borrow_mut()
-            .query_opt(
-                "SELECT record FROM flagmesh_flag_sets WHERE id = $1",
-                &[&flag_set],
-            )
-            .map_err(db_error)?
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .transpose()
+        one(&mut *self.0.borrow_mut(), FLAG_SET, &[&flag_set])
     }
+}
+
+const FLAG: &str = "SELECT record FROM flagmesh_flags WHERE flag_set = $1 AND key = $2";
+const FLAGS_OF: &str = "SELECT record FROM flagmesh_flags WHERE flag_set = $1 ORDER BY key";
+const FLAG_SET: &str = "SELECT record FROM flagmesh_flag_sets WHERE id = $1";
+const FLAG_SETS: &str = "SELECT record FROM flagmesh_flag_sets ORDER BY id";
+
+/// The record (a protobuf message) of the one row `sql` finds, if any.
+fn one<M: prost::Message + Default>(
+    client: &mut impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<M>, ControlError> {
+    client
+        .query_opt(sql, params)
+        .map_err(db_error)?
+        .map(|r| decode(r.get::<_, &[u8]>(0)))
+        .transpose()
+}
+
+/// The records of every row `sql` finds.
+fn all<M: prost::Message + Default>(
+    client: &mut impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<M>, ControlError> {
+    client
+        .query(sql, params)
+        .map_err(db_error)?
+        .iter()
+        .map(|r| decode(r.get::<_, &[u8]>(0)))
+        .collect()
 }
 
 fn head_of(row: &postgres::Row) -> StoreHead {
@@ -392,14 +400,7 @@ impl PgStore {
     }
 
     fn get_flag_now(&self, flag_set: &str, key: &str) -> Result<Option<Flag>, ControlError> {
-        self.conn()?
-            .query_opt(
-                "SELECT record FROM flagmesh_flags WHERE flag_set = $1 AND key = $2",
-                &[&flag_set, &key],
-            )
-            .map_err(db_error)?
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .transpose()
+        one(&mut *self.conn()?, FLAG, &[&flag_set, &key])
     }
 
     fn list_flags_now(
@@ -410,37 +411,21 @@ impl PgStore {
     ) -> Result<Vec<Flag>, ControlError> {
         let (after_set, after_key) = after.unwrap_or(("", ""));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.conn()?
-            .query(
-                "SELECT record FROM flagmesh_flags
-                 WHERE ($1::text IS NULL OR flag_set = $1) AND (flag_set, key) > ($2, $3)
-                 ORDER BY flag_set, key LIMIT $4",
-                &[&flag_set, &after_set, &after_key, &limit],
-            )
-            .map_err(db_error)?
-            .iter()
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .collect()
+        all(
+            &mut *self.conn()?,
+            "SELECT record FROM flagmesh_flags
+             WHERE ($1::text IS NULL OR flag_set = $1) AND (flag_set, key) > ($2, $3)
+             ORDER BY flag_set, key LIMIT $4",
+            &[&flag_set, &after_set, &after_key, &limit],
+        )
     }
 
     fn list_flag_sets_now(&self) -> Result<Vec<FlagSet>, ControlError> {
-        self.conn()?
-            .query("SELECT record FROM flagmesh_flag_sets ORDER BY id", &[])
-            .map_err(db_error)?
-            .iter()
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .collect()
+        all(&mut *self.conn()?, FLAG_SETS, &[])
     }
 
     fn get_flag_set_now(&self, flag_set: &str) -> Result<Option<FlagSet>, ControlError> {
-        self.conn()?
-            .query_opt(
-                "SELECT record FROM flagmesh_flag_sets WHERE id = $1",
-                &[&flag_set],
-            )
-            .map_err(db_error)?
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .transpose()
+        one(&mut *self.conn()?, FLAG_SET, &[&flag_set])
     }
 
     fn commit_now(&self, plan: Plan<'_>, dry_run: bool) -> Result<CommitOutcome, ControlError> {
@@ -567,21 +552,12 @@ impl PgStore {
             .start()
             .map_err(db_error)?;
         let head = head_of(&tx.query_one(HEAD, &[]).map_err(db_error)?);
-        let flags = tx
-            .query(
-                "SELECT record FROM flagmesh_flags ORDER BY flag_set, key",
-                &[],
-            )
-            .map_err(db_error)?
-            .iter()
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .collect::<Result<Vec<Flag>, _>>()?;
-        let flag_sets = tx
-            .query("SELECT record FROM flagmesh_flag_sets ORDER BY id", &[])
-            .map_err(db_error)?
-            .iter()
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .collect::<Result<Vec<FlagSet>, _>>()?;
+        let flags: Vec<Flag> = all(
+            &mut tx,
+            "SELECT record FROM flagmesh_flags ORDER BY flag_set, key",
+            &[],
+        )?;
+        let flag_sets: Vec<FlagSet> = all(&mut tx, FLAG_SETS, &[])?;
         tx.commit().map_err(db_error)?;
         Ok(SourceSnapshot {
             history_id: head.history_id,
@@ -603,15 +579,11 @@ impl PgStore {
         if head.history_id != history_id || from < head.compacted_through || to > head.revision {
             return Ok(None);
         }
-        let deltas = conn
-            .query(
-                "SELECT delta FROM flagmesh_change_log WHERE revision > $1 AND revision <= $2 ORDER BY revision",
-                &[&to_db(from), &to_db(to)],
-            )
-            .map_err(db_error)?
-            .iter()
-            .map(|r| decode(r.get::<_, &[u8]>(0)))
-            .collect::<Result<Vec<Delta>, _>>()?;
+        let deltas: Vec<Delta> = all(
+            &mut *conn,
+            "SELECT delta FROM flagmesh_change_log WHERE revision > $1 AND revision <= $2 ORDER BY revision",
+            &[&to_db(from), &to_db(to)],
+        )?;
         Ok((deltas.len() as u64 == to - from).then_some(deltas))
     }
 
