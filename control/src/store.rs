@@ -242,7 +242,7 @@ impl SledStore {
         if empty && !init {
             return Err(ControlError::NotInitialised(dir.display().to_string()));
         }
-        let db = sled::Config::new().path(dir).open()?;
+        let db = keys::open_db(&sled::Config::new().path(dir), keys::LOCK_WAIT)?;
         let tree = db.open_tree("control")?;
         if tree.get(META_HISTORY)?.is_none() {
             if !init {

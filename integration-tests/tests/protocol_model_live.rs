@@ -304,6 +304,16 @@ impl World {
         self.start_pop(1).await;
     }
 
+    /// Whether every node's state is whole for the sets it follows.
+    fn whole(&self) -> bool {
+        let relays = self
+            .hub
+            .iter()
+            .map(|h| &h.relay)
+            .chain(self.pops.iter().flatten().map(|p| &p.relay));
+        relays.into_iter().all(|r| !r.replica.needs_snapshot())
+    }
+
     fn positions(&self) -> Vec<(&'static str, flagmesh_mesh::replica::Position)> {
         let mut out = Vec::new();
         if let Some(h) = &self.hub {
@@ -358,7 +368,9 @@ impl World {
                     && p.revision == head.revision
                     && (*name == "pop-1" || p.digest == head.digest)
             });
-            if done {
+            // a widened scope is whole once its snapshot came, whatever
+            // the revision says
+            if done && self.whole() {
                 break;
             }
             assert!(
@@ -432,5 +444,48 @@ proptest! {
             world.converge().await;
             world.stop().await;
         });
+    }
+}
+
+fn run_ops(ops: &[Op]) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let mut world = World::new(root.path()).await;
+        for op in ops {
+            world.run(op).await;
+        }
+        world.converge().await;
+        world.stop().await;
+    });
+}
+
+/// A sequence CI found: a scope widened then moved to a set created while
+/// the PoP followed others.
+#[test]
+fn a_scope_moved_to_a_set_created_meanwhile_is_filled_by_a_snapshot() {
+    for _ in 0..8 {
+        run_ops(&[
+            Op::Write {
+                set: 0,
+                key: 0,
+                delete: false,
+            },
+            Op::Rescope { sets: vec![1, 0] },
+            Op::RestartHub,
+            Op::SetMetadata { set: 0 },
+            Op::Write {
+                set: 1,
+                key: 3,
+                delete: false,
+            },
+            Op::RestartHub,
+            Op::Concurrent { writers: 4 },
+            Op::Rescope { sets: vec![2, 2] },
+        ]);
     }
 }

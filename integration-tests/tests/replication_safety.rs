@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use flagmesh_integration_tests::topology::{Mesh, NodeRef, TopologySpec, eventually, http_get};
+use flagmesh_integration_tests::topology::{
+    Mesh, NodeRef, TopologySpec, eventually, http_get, http_request,
+};
 use flagmesh_proto::v1::*;
 use prost_types::value::Kind;
 
@@ -350,6 +352,64 @@ async fn scope_changes_converge_to_exactly_the_in_scope_flags() {
             .await;
         }
     }
+
+    // widened while its upstream is away: the PoP serves what it holds
+    // but is not ready (and says why) until the snapshot of the new
+    // scope comes
+    for (scope, hub_up) in [(vec!["a"], true), (vec!["a", "c"], false)] {
+        assert!(mesh.stop(NodeRef::Pop(0)));
+        if !hub_up {
+            assert!(mesh.stop(NodeRef::Hub(0)));
+        }
+        let mut args = base.clone();
+        args.extend(["--flag-sets".into(), scope.join(",")]);
+        mesh.node(NodeRef::Pop(0)).set_args(args);
+        mesh.restart(NodeRef::Pop(0)).unwrap();
+        if hub_up {
+            let expected = control_flags(&mesh, "a").await;
+            eventually("narrowed to a", 20, || async {
+                pop_flags(&mesh, "a").await == expected
+            })
+            .await;
+        }
+    }
+    let http = mesh.pops[0].http.unwrap();
+    eventually(
+        "the widened PoP says it waits for a snapshot",
+        20,
+        || async {
+            let (status, _, body) = http_request(http, "GET", "/readyz", "", &[])
+                .await
+                .unwrap_or_default();
+            status == 503 && body.contains("waiting for their snapshot")
+        },
+    )
+    .await;
+    assert_eq!(
+        mesh.metric(NodeRef::Pop(0), "flagmesh_scope_incomplete")
+            .await,
+        1.0
+    );
+    assert_eq!(pop_flags(&mesh, "c").await, Vec::new());
+    assert_eq!(pop_flags(&mesh, "a").await, control_flags(&mesh, "a").await);
+    mesh.restart(NodeRef::Hub(0)).unwrap();
+    let expected = control_flags(&mesh, "c").await;
+    eventually("the widened scope filled", 20, || async {
+        pop_flags(&mesh, "c").await == expected
+    })
+    .await;
+    eventually("ready once whole", 20, || async {
+        let (status, _, _) = http_request(http, "GET", "/readyz", "", &[])
+            .await
+            .unwrap_or_default();
+        status == 200
+    })
+    .await;
+    assert_eq!(
+        mesh.metric(NodeRef::Pop(0), "flagmesh_scope_incomplete")
+            .await,
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

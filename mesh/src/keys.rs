@@ -1,7 +1,10 @@
 //! The sled key layout of every flagmesh flag store (the control plane's
 //! store and the replicas of hubs, PoPs and SDKs), defined once:
 //! `f:SET\0KEY` holds a flag, `s:SET` a flag set's record. A flag set's
-//! flags are contiguous, and `f:SET\0` is their common prefix.
+//! flags are contiguous, and `f:SET\0` is their common prefix. Every store
+//! is opened through [`open_db`].
+
+use std::time::{Duration, Instant};
 
 /// The prefix of every flag.
 pub const FLAGS: &[u8] = b"f:";
@@ -29,9 +32,53 @@ pub fn flag_set(set: &str) -> Vec<u8> {
     [FLAG_SETS, set.as_bytes()].concat()
 }
 
+/// How long [`open_db`] waits for a store another holder is letting go of.
+pub const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens a sled store, waiting up to `wait` while another holder still has
+/// it locked. sled lets go of its lock file only once its background
+/// writes end, a moment after the last handle is dropped, so a node
+/// restarted at once (in the same process, or a process started while the
+/// previous one still exits) would otherwise fail to open its own store.
+/// A store still locked after `wait` is an error: two nodes never share a
+/// directory.
+pub fn open_db(config: &sled::Config, wait: Duration) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match config.open() {
+            // sled reports a held lock only in its message
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_let_go_of_is_opened_and_one_held_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = sled::Config::new().path(dir.path());
+        let held = open_db(&config, Duration::ZERO).expect("open");
+        // held: refused after the wait, with sled's lock error
+        let err = open_db(&config, Duration::from_millis(100)).expect_err("locked");
+        assert!(err.to_string().contains("lock"), "{err}");
+        // let go of a little later: the wait covers it
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        let db = open_db(&config, Duration::from_secs(5)).expect("opened once let go of");
+        drop(db);
+        release.join().expect("join");
+    }
 
     #[test]
     fn a_sets_flags_share_its_prefix_and_no_other_sets() {

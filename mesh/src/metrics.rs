@@ -283,6 +283,12 @@ fn relay(e: &mut DescriptorEncoder<'_>, r: &RelayView) -> fmt::Result {
     )?;
     gauge(
         e,
+        "flagmesh_scope_incomplete",
+        "1 while the flag sets followed widened and the replica waits for their snapshot (not ready meanwhile).",
+        flag(r.replica.needs_snapshot()),
+    )?;
+    gauge(
+        e,
         "flagmesh_store_flags",
         "Flags held in the replica store.",
         r.replica.flag_count() as f64,

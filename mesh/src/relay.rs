@@ -111,8 +111,10 @@ fn own_report(config: &SubscriberConfig, replica: &ReplicaStore, s: &SyncStatus)
 impl Relay {
     /// Calls `report(ready, detail)` now and whenever the subscriber's
     /// status changes, on `tasks` until `stop`: ready once the replica holds
-    /// a state (from sled or an upstream); the detail names a history
-    /// conflict (empty when none).
+    /// a state (from sled or an upstream) that is whole for the flag sets
+    /// followed (after the scope widened, only once their snapshot came);
+    /// the detail names a history conflict or the snapshot awaited (empty
+    /// when none).
     pub fn watch_readiness(
         &self,
         tasks: &TaskTracker,
@@ -122,6 +124,7 @@ impl Relay {
         let (mut status, replica, stop) = (self.status.clone(), self.replica.clone(), stop.clone());
         tasks.spawn(async move {
             loop {
+                let incomplete = replica.needs_snapshot();
                 let detail = match &status.borrow_and_update().history_conflict {
                     Some(c) => format!(
                         "history conflict: this node serves history {}; upstream {} serves history {} (refused until adopted: --adopt-history {})",
@@ -130,9 +133,13 @@ impl Relay {
                         c.history_id,
                         c.history_id
                     ),
+                    None if incomplete => format!(
+                        "the flag sets followed ({}) widened: waiting for their snapshot",
+                        replica.scope().join(", ")
+                    ),
                     None => String::new(),
                 };
-                report(replica.position().revision > 0, detail);
+                report(replica.position().revision > 0 && !incomplete, detail);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     changed = status.changed() => if changed.is_err() { return },

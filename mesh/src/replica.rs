@@ -225,10 +225,10 @@ impl ReplicaStore {
         sync_writes: bool,
     ) -> Result<(Self, SourceSnapshot), ApplyError> {
         // the state is also held in memory: sled's page cache need not be big
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(2 << 20)
-            .open()?;
+        let db = keys::open_db(
+            &sled::Config::new().path(dir).cache_capacity(2 << 20),
+            keys::LOCK_WAIT,
+        )?;
         Self::from_db(db, sync_writes)
     }
 
@@ -385,6 +385,11 @@ impl ReplicaStore {
     /// next subscription asks for a snapshot.
     pub fn needs_snapshot(&self) -> bool {
         self.lock().needs_snapshot
+    }
+
+    /// The flag sets followed (empty: every set), sorted.
+    pub fn scope(&self) -> Vec<String> {
+        self.lock().scope.clone()
     }
 
     /// How many flags the replica holds.
