@@ -1,7 +1,9 @@
 //! Checks an evaluation context once per request, before any flag is
 //! resolved with it (so `EvaluateAll` pays for the check once, not once per
-//! flag): it must be a JSON object, `targetingKey` (when present) a string,
-//! and it must stay within the size and nesting limits.
+//! flag): it must be a JSON object and stay within the size and nesting
+//! limits. `targetingKey` may be any JSON value, as flagd's evaluators take
+//! it (callers with numeric user ids send numbers); rules see it as sent,
+//! and fractional bucketing uses its text (see [`targeting_key_text`]).
 
 use serde_json::Value;
 
@@ -20,17 +22,25 @@ pub fn validate_context(context: &Value) -> Result<(), ResolutionError> {
         code: ErrorCode::InvalidContext,
         message: message.into(),
     };
-    let Value::Object(map) = context else {
+    let Value::Object(_) = context else {
         return Err(invalid(
             "the evaluation context must be a JSON object".into(),
         ));
     };
-    match map.get("targetingKey") {
-        None | Some(Value::String(_)) | Some(Value::Null) => {}
-        Some(_) => return Err(invalid("targetingKey must be a string".into())),
-    }
     let mut count = 0usize;
     check_shape(context, 0, &mut count).map_err(invalid)
+}
+
+/// The text a targeting key is bucketed by: a string as it is, a number
+/// or boolean in its JSON form (`42`, `true`); nothing for null, arrays and
+/// objects (fractional bucketing then has no key).
+pub fn targeting_key_text(key: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match key {
+        Value::String(s) => Some(std::borrow::Cow::Borrowed(s)),
+        Value::Number(n) => Some(std::borrow::Cow::Owned(n.to_string())),
+        Value::Bool(b) => Some(std::borrow::Cow::Owned(b.to_string())),
+        _ => None,
+    }
 }
 
 fn check_shape(v: &Value, depth: usize, count: &mut usize) -> Result<(), String> {
@@ -60,6 +70,18 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_targeting_key_may_be_any_value_and_buckets_by_its_text() {
+        for key in [json!(42), json!(4.5), json!(true), json!("u")] {
+            assert!(validate_context(&json!({ "targetingKey": key })).is_ok());
+        }
+        assert_eq!(targeting_key_text(&json!(42)).as_deref(), Some("42"));
+        assert_eq!(targeting_key_text(&json!("42")).as_deref(), Some("42"));
+        assert_eq!(targeting_key_text(&json!(true)).as_deref(), Some("true"));
+        assert_eq!(targeting_key_text(&json!(null)), None);
+        assert_eq!(targeting_key_text(&json!({"id": 1})), None);
+    }
+
+    #[test]
     fn accepts_ordinary_contexts() {
         assert!(validate_context(&json!({"targetingKey": "u", "a": {"b": [1, 2]}})).is_ok());
         assert!(validate_context(&json!({})).is_ok());
@@ -67,7 +89,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_contexts() {
-        for bad in [json!([1]), json!("x"), json!({"targetingKey": 5})] {
+        for bad in [json!([1]), json!("x")] {
             let e = validate_context(&bad).err();
             assert_eq!(e.map(|e| e.code), Some(ErrorCode::InvalidContext), "{bad}");
         }

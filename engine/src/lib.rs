@@ -40,7 +40,7 @@ pub mod ops;
 pub mod resolution;
 pub mod rule;
 
-pub use context::validate_context;
+pub use context::{targeting_key_text, validate_context};
 pub use definition::{FlagDefinition, FlagState, FlagType};
 pub use digest::{StateDigest, flag_hash, flag_set_hash};
 pub use document::FlagDocument;

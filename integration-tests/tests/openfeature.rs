@@ -253,11 +253,17 @@ async fn ofrep_single_bulk_etag_and_errors() {
         (400, Some("INVALID_CONTEXT")),
         "{body}"
     );
-    let bad = json!({"context": {"targetingKey": 7}}).to_string();
-    let (code, _, _) = http_post(http, "/ofrep/v1/evaluate/flags/string-flag", &bad, &[])
+    // a numeric targeting key resolves like a string one (as flagd does)
+    let numeric = json!({"context": {"targetingKey": 7}}).to_string();
+    let (code, _, body) = http_post(http, "/ofrep/v1/evaluate/flags/string-flag", &numeric, &[])
         .await
         .unwrap();
-    assert_eq!(code, 400);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["value"].is_string() && v.get("errorCode").is_none(),
+        "{body}"
+    );
 
     let (code, headers, body) = http_post(http, "/ofrep/v1/evaluate/flags", &ctx, &[])
         .await
@@ -306,4 +312,134 @@ async fn ofrep_single_bulk_etag_and_errors() {
 
     let (code, _, body) = http_post(http, "/readyz", "", &[]).await.unwrap();
     assert!(code == 405 || code == 200, "{code} {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ofrep_for_browsers_cors_and_version_headers() {
+    use flagmesh_integration_tests::topology::{EVAL_TOKEN, http_request};
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut spec = TopologySpec::test(root.path(), 1, 1);
+    spec.relays = false;
+    spec.default_flag_set = "compat".into();
+    spec.envs.push((
+        "FLAGMESH_CORS_ALLOWED_ORIGINS".into(),
+        "https://app.example,https://admin.example".into(),
+    ));
+    let mesh = Mesh::start(spec).await.unwrap();
+    let mut a = mesh.admin().await.unwrap();
+    a.apply_flag_set(ApplyFlagSetRequest {
+        document: DOC.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (revision, _) = mesh.converged(Duration::from_secs(30)).await.unwrap();
+    let http = mesh.pops[0].http.unwrap();
+    let path = "/ofrep/v1/evaluate/flags/string-flag";
+
+    // the preflight a browser sends before a POST with a bearer token
+    let (code, h, _) = http_request(
+        http,
+        "OPTIONS",
+        path,
+        "",
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization,content-type",
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        (200..300).contains(&code),
+        "preflight answered: {code} {h:?}"
+    );
+    assert_eq!(
+        h.get("access-control-allow-origin").map(String::as_str),
+        Some("https://app.example")
+    );
+    let allowed = h
+        .get("access-control-allow-headers")
+        .cloned()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    assert!(
+        h.get("vary")
+            .is_some_and(|v| v.to_lowercase().contains("origin")),
+        "{h:?}"
+    );
+
+    // the request itself: CORS headers, and which PoP answered at which revision
+    let bearer = format!("Bearer {EVAL_TOKEN}");
+    let ctx = json!({"context": {"targetingKey": "user-1"}}).to_string();
+    let (code, h, body) = http_post(
+        http,
+        path,
+        &ctx,
+        &[
+            ("Origin", "https://app.example"),
+            ("Authorization", &bearer),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        h.get("access-control-allow-origin").map(String::as_str),
+        Some("https://app.example")
+    );
+    let exposed = h
+        .get("access-control-expose-headers")
+        .cloned()
+        .unwrap_or_default()
+        .to_lowercase();
+    for header in [
+        "etag",
+        "x-flagmesh-pop",
+        "x-flagmesh-revision",
+        "x-flagmesh-mod-revision",
+    ] {
+        assert!(exposed.contains(header), "{header} not exposed: {exposed}");
+    }
+    assert_eq!(
+        h.get("x-flagmesh-pop").map(String::as_str),
+        Some(mesh.pops[0].name.as_str())
+    );
+    assert_eq!(h.get("x-flagmesh-revision"), Some(&revision.to_string()));
+    assert!(
+        h.get("x-flagmesh-mod-revision")
+            .is_some_and(|r| r.parse::<u64>().is_ok_and(|r| r >= 1))
+    );
+    let (_, h, _) = http_post(
+        http,
+        "/ofrep/v1/evaluate/flags",
+        &ctx,
+        &[("Authorization", &bearer)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(h.get("x-flagmesh-revision"), Some(&revision.to_string()));
+
+    // another origin is not allowed
+    let (_, h, _) = http_post(
+        http,
+        path,
+        &ctx,
+        &[
+            ("Origin", "https://evil.example"),
+            ("Authorization", &bearer),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
 }

@@ -278,7 +278,7 @@ async fn evaluation_errors_are_answered_in_band() {
     let state = p.state.clone();
     eventually("the PoP syncs", 10, || state.load().revision == 2).await;
     let mut e = eval(p.grpc_addr, None).await;
-    let cases = [
+    let cases: [(&str, &str, ValueType, Option<serde_json::Value>, ErrorCode); 4] = [
         (
             "web",
             "missing",
@@ -307,14 +307,22 @@ async fn evaluation_errors_are_answered_in_band() {
             None,
             ErrorCode::TypeMismatch,
         ),
-        (
-            "web",
-            "targeted",
-            ValueType::String,
-            Some(serde_json::json!({"targetingKey": 42})),
-            ErrorCode::InvalidContext,
-        ),
     ];
+    // a numeric targeting key (JavaScript callers with numeric user ids)
+    // is a targeting key like any other, as in flagd's evaluators
+    let numeric = e
+        .evaluate(EvaluateRequest {
+            flag_set: "web".into(),
+            flag_key: "targeted".into(),
+            expected_type: ValueType::String as i32,
+            context: serde_json::json!({"targetingKey": 42})
+                .as_object()
+                .map(map_to_struct),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(numeric.reason, Reason::Error as i32, "{numeric:?}");
     for (set, key, ty, ctx, want) in cases {
         let req = EvaluateRequest {
             flag_set: set.into(),

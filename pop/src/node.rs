@@ -35,6 +35,8 @@ pub struct PopConfig {
     pub relay: RelayConfig,
     /// The flag set of requests that name none.
     pub default_flag_set: String,
+    /// Origins whose browser pages may call OFREP (`*`: any; empty: none).
+    pub cors_allowed_origins: Vec<String>,
     /// How long shutdown waits for connections.
     pub drain: Duration,
 }
@@ -136,6 +138,11 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
     node.metrics()
         .register_collector(Box::new(eval.stats.clone()));
     let ofrep = crate::ofrep::router(eval.clone(), node.security().auth.clone());
+    let ofrep =
+        match crate::ofrep::cors(&config.cors_allowed_origins).map_err(anyhow::Error::msg)? {
+            Some(cors) => ofrep.layer(cors),
+            None => ofrep,
+        };
     let flagd = Flagd::new(eval.clone());
     let [evaluation, sync, flagd_v1, flagd_v2, flagd_sync] = policies();
     let node = node

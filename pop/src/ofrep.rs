@@ -6,6 +6,15 @@
 //! or the PoP's default. Errors carry `errorCode` and `errorDetails`:
 //! `FLAG_NOT_FOUND` is 404, context, parse and type errors are 400, bad or
 //! missing credentials 401 and 403.
+//!
+//! Every answer says which PoP answered and at which state revision
+//! (`x-flagmesh-pop`, `x-flagmesh-revision`; a single flag also its
+//! `x-flagmesh-mod-revision`), as gRPC `Evaluate` does: when two requests of
+//! one user disagree, they tell propagation delay from a targeting change.
+//! With `--cors-allowed-origins`, browser pages on those origins may call
+//! it ([`cors`]): preflights are answered, `Authorization` and
+//! `Content-Type` accepted, `ETag` and these headers exposed; nothing is
+//! allowed by default.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +30,54 @@ use flagmesh_server::policy::Requirement;
 use serde_json::{Map, Value, json};
 
 use crate::evaluation::{EvalContext, Outcome, resolve, resolve_flag};
+
+/// The PoP that answered.
+pub const POP_HEADER: &str = "x-flagmesh-pop";
+/// The state revision it answered at.
+pub const REVISION_HEADER: &str = "x-flagmesh-revision";
+/// The flag's `mod_revision` (single-flag answers).
+pub const MOD_REVISION_HEADER: &str = "x-flagmesh-mod-revision";
+
+/// CORS for the OFREP routes, for browser pages on `origins` (`*`: any);
+/// `None` when no origin is allowed (the default), or an error naming a
+/// value that is not an origin.
+pub fn cors(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, String> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o.trim_end_matches('/'))
+                    .map_err(|_| format!("--cors-allowed-origins: \"{o}\" is not an origin"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_NONE_MATCH,
+                HeaderName::from_static("flagd-selector"),
+            ])
+            .expose_headers([
+                header::ETAG,
+                HeaderName::from_static(POP_HEADER),
+                HeaderName::from_static(REVISION_HEADER),
+                HeaderName::from_static(MOD_REVISION_HEADER),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    ))
+}
 
 #[derive(Clone)]
 struct Ofrep {
@@ -159,7 +216,14 @@ async fn single(
     let o = resolve(&state, &set, &key, &context, None, ValueType::Any);
     s.ctx.stats.record(o.resolution.reason, started.elapsed());
     let (code, body) = flag_json(&key, &o);
-    (code, axum::Json(body)).into_response()
+    let mut response = (code, axum::Json(body)).into_response();
+    versions(&mut response, &s.ctx.pop_id, state.revision);
+    if o.mod_revision > 0 {
+        response
+            .headers_mut()
+            .insert(MOD_REVISION_HEADER, o.mod_revision.into());
+    }
+    response
 }
 
 async fn bulk(
@@ -183,7 +247,9 @@ async fn bulk(
         .and_then(|v| v.to_str().ok())
         == Some(tag.as_str())
     {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
+        let mut response = (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
+        versions(&mut response, &s.ctx.pop_id, state.revision);
+        return response;
     }
     let mut flags = Vec::new();
     let metadata = match state.sets.get(&set) {
@@ -200,10 +266,35 @@ async fn bulk(
         }
         None => Map::new(),
     };
-    (
+    let mut response = (
         StatusCode::OK,
         [(header::ETAG, tag)],
         axum::Json(json!({"flags": flags, "metadata": metadata})),
     )
-        .into_response()
+        .into_response();
+    versions(&mut response, &s.ctx.pop_id, state.revision);
+    response
+}
+
+/// Which PoP answered, at which state revision.
+fn versions(response: &mut Response, pop_id: &str, revision: u64) {
+    let headers = response.headers_mut();
+    if let Ok(pop) = axum::http::HeaderValue::from_str(pop_id) {
+        headers.insert(POP_HEADER, pop);
+    }
+    headers.insert(REVISION_HEADER, revision.into());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cors_is_off_by_default_and_refuses_values_that_are_not_origins() {
+        assert!(cors(&[]).is_ok_and(|c| c.is_none()));
+        assert!(cors(&["*".into()]).is_ok_and(|c| c.is_some()));
+        assert!(cors(&["https://app.example".into()]).is_ok_and(|c| c.is_some()));
+        let e = cors(&["https://bad\norigin".into()]).err();
+        assert!(e.is_some_and(|m| m.contains("--cors-allowed-origins")));
+    }
 }

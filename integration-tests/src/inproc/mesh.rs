@@ -98,6 +98,7 @@ pub async fn pop(relay: RelayConfig, default_set: &str, auth: Arc<Authenticator>
             http_listen: None,
             relay,
             default_flag_set: default_set.into(),
+            cors_allowed_origins: Vec::new(),
             drain: Duration::from_millis(500),
         },
         auth,

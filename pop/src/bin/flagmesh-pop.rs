@@ -24,6 +24,14 @@ struct Args {
         default_value = ""
     )]
     default_flag_set: String,
+    /// Origins whose browser pages may call OFREP (comma-separated, `*`
+    /// for any); none by default.
+    #[arg(
+        long = "cors-allowed-origins",
+        env = "FLAGMESH_CORS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_allowed_origins: Vec<String>,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -31,6 +39,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         common,
         relay,
         default_flag_set,
+        cors_allowed_origins,
     } = args;
     let telemetry = common.init_telemetry("flagmesh-pop");
     let security = common.security()?;
@@ -39,6 +48,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         http_listen: common.http_listen,
         relay: relay.relay_config(&common.require_data_dir()?, NodeRole::Pop, "pop")?,
         default_flag_set,
+        cors_allowed_origins,
         drain: common.drain(),
     };
     let pop = start(config, security).await.context("starting the PoP")?;
