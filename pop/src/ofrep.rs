@@ -247,6 +247,7 @@ async fn bulk(
         .and_then(|v| v.to_str().ok())
         == Some(tag.as_str())
     {
+        s.ctx.stats.record_bulk(true);
         let mut response = (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
         versions(&mut response, &s.ctx.pop_id, state.revision);
         return response;
@@ -266,6 +267,7 @@ async fn bulk(
         }
         None => Map::new(),
     };
+    s.ctx.stats.record_bulk(false);
     let mut response = (
         StatusCode::OK,
         [(header::ETAG, tag)],

@@ -41,6 +41,9 @@ pub struct EvalStats {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_nanos: AtomicU64,
+    /// OFREP bulk answers with the flags, and `304 Not Modified` ones.
+    bulk_full: AtomicU64,
+    bulk_not_modified: AtomicU64,
 }
 
 fn reason_index(r: Reason) -> usize {
@@ -67,6 +70,18 @@ impl EvalStats {
     }
 }
 
+impl EvalStats {
+    /// Records one OFREP bulk answer: the flags, or `304 Not Modified`.
+    pub fn record_bulk(&self, not_modified: bool) {
+        let n = if not_modified {
+            &self.bulk_not_modified
+        } else {
+            &self.bulk_full
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl prometheus_client::collector::Collector for EvalStats {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
         let by_reason: Vec<(&[(&str, &str)], u64)> = REASONS
@@ -90,6 +105,21 @@ impl prometheus_client::collector::Collector for EvalStats {
             "flagmesh_evaluations_total",
             "Flag evaluations served, by reason.",
             by_reason,
+        )?;
+        metrics::counters(
+            &mut e,
+            "flagmesh_ofrep_bulk_answers_total",
+            "OFREP bulk evaluations answered, with the flags (full) or 304 Not Modified.",
+            [
+                (
+                    &[("answer", "full")][..],
+                    self.bulk_full.load(Ordering::Relaxed),
+                ),
+                (
+                    &[("answer", "not_modified")][..],
+                    self.bulk_not_modified.load(Ordering::Relaxed),
+                ),
+            ],
         )?;
         let count = self.count.load(Ordering::Relaxed);
         let mut buckets: Vec<(f64, u64)> = BUCKETS
@@ -125,12 +155,23 @@ mod tests {
         s.record(Reason::Static, Duration::from_nanos(500));
         s.record(Reason::Error, Duration::from_micros(30));
         s.record(Reason::Static, Duration::from_secs(1));
+        s.record_bulk(true);
+        s.record_bulk(true);
+        s.record_bulk(false);
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(s));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
         assert!(
             text.contains("flagmesh_evaluations_total{reason=\"STATIC\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flagmesh_ofrep_bulk_answers_total{answer=\"not_modified\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flagmesh_ofrep_bulk_answers_total{answer=\"full\"} 1"),
             "{text}"
         );
         assert!(

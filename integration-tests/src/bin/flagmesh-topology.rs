@@ -47,6 +47,13 @@ struct Args {
     /// server) instead of one on sled; the data starts fresh in `DATA-postgres`.
     #[arg(long)]
     postgres: bool,
+    /// Origins whose pages may call the PoPs' OFREP (the bootstrap
+    /// example's, by default).
+    #[arg(
+        long = "cors-allowed-origins",
+        default_value = "http://127.0.0.1:8090,http://localhost:8090"
+    )]
+    cors_allowed_origins: String,
 }
 
 fn documents(path: &PathBuf) -> anyhow::Result<Vec<PathBuf>> {
@@ -108,7 +115,14 @@ async fn main() -> anyhow::Result<()> {
         // every node runs as the same development credential on the same
         // address: the per-client stream limit would count a whole tier
         // of PoPs as one client
-        envs: vec![("FLAGMESH_MAX_STREAMS_PER_CLIENT".into(), "0".into())],
+        envs: vec![
+            ("FLAGMESH_MAX_STREAMS_PER_CLIENT".into(), "0".into()),
+            // read by the PoPs only
+            (
+                "FLAGMESH_CORS_ALLOWED_ORIGINS".into(),
+                args.cors_allowed_origins.clone(),
+            ),
+        ],
         database_url: cluster.as_ref().map(PgCluster::url),
     };
     eprintln!(
@@ -203,6 +217,11 @@ async fn main() -> anyhow::Result<()> {
     println!("Metrics and health of a PoP:");
     println!("  curl -s http://{pop_http}/metrics | grep ^flagmesh_");
     println!("  curl -s http://{pop_http}/readyz");
+    println!("A web page bootstrapped from a PoP, then following it over OFREP:");
+    println!(
+        "  make web-example && cargo run -p flagmesh-example-bootstrap -- --pop {pop} --ofrep-url http://{pop_http}"
+    );
+    println!("  then open http://127.0.0.1:8090/?user=user-1");
     println!();
     if args.check {
         mesh.stop_all();
