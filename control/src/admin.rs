@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use flagmesh_client::identity::principal;
-use flagmesh_engine::{FlagDocument, Strictness};
+use flagmesh_engine::{FlagDocument, Strictness, ValidationError};
 use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::admin_server::Admin;
 use flagmesh_proto::v1::*;
@@ -77,6 +77,8 @@ struct OneFlag {
     flag_set: String,
     key: String,
     definition: Option<Vec<u8>>,
+    /// What the definition was accepted with.
+    warnings: Vec<ValidationWarning>,
 }
 
 impl OneFlag {
@@ -95,7 +97,14 @@ impl OneFlag {
             flag_set,
             key,
             definition,
+            warnings: Vec::new(),
         }
+    }
+
+    /// The same write, accepted with `warnings`.
+    fn warned(mut self, warnings: &[ValidationError]) -> Self {
+        self.warnings = warnings_of(&self.flag_set, warnings, false);
+        self
     }
 
     /// The flag, as errors name it.
@@ -111,23 +120,28 @@ impl<S: FlagStore + ?Sized> AdminService<S> {
         write: OneFlag,
         check: impl Fn(&dyn StateView, &OneFlag) -> Result<(), ControlError> + Send + 'static,
     ) -> Result<Response<WriteResponse>, Status> {
+        let warned = write.warnings.clone();
         let outcome = self
             .commit(
                 move |view| {
                     check(view, &write)?;
-                    Ok(one_flag(
+                    let mut change = one_flag(
                         &write.actor,
                         write.operation,
                         &write.comment,
                         &write.flag_set,
                         &write.key,
                         write.definition.clone(),
-                    ))
+                    );
+                    change.warnings = write.warnings.clone();
+                    Ok(change)
                 },
                 false,
             )
             .await?;
-        Ok(written(&outcome))
+        let mut response = written(&outcome);
+        response.get_mut().warnings = warned;
+        Ok(response)
     }
 }
 
@@ -156,6 +170,7 @@ fn one_flag(
             definition,
         }],
         sets: vec![],
+        warnings: Vec::new(),
     }
 }
 
@@ -164,6 +179,7 @@ fn written(outcome: &CommitOutcome) -> Response<WriteResponse> {
     Response::new(WriteResponse {
         revision: outcome.revision,
         changed: outcome.delta.is_some(),
+        warnings: Vec::new(),
     })
 }
 
@@ -242,9 +258,10 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         let r = request.into_inner();
         check_flag_set(&r.flag_set)?;
         check_key(&r.key)?;
-        let def = validate_definition(&r.key, &r.definition_json)?;
+        let (def, warnings) = validate_definition(&r.key, &r.definition_json, r.strict)?;
         let max = self.max_flags_per_set;
-        let write = OneFlag::new(actor, "create", r.comment, r.flag_set, r.key, Some(def));
+        let write = OneFlag::new(actor, "create", r.comment, r.flag_set, r.key, Some(def))
+            .warned(&warnings);
         self.write_one(write, move |view, w| {
             if let Some(f) = view.flag(&w.flag_set, &w.key)? {
                 return Err(ControlError::AlreadyExists(format!(
@@ -266,9 +283,10 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         let r = request.into_inner();
         check_flag_set(&r.flag_set)?;
         check_key(&r.key)?;
-        let def = validate_definition(&r.key, &r.definition_json)?;
+        let (def, warnings) = validate_definition(&r.key, &r.definition_json, r.strict)?;
         let (expected, force) = (r.expected_mod_revision, r.force);
-        let write = OneFlag::new(actor, "update", r.comment, r.flag_set, r.key, Some(def));
+        let write = OneFlag::new(actor, "update", r.comment, r.flag_set, r.key, Some(def))
+            .warned(&warnings);
         self.write_one(write, move |view, w| {
             let current = view.flag(&w.flag_set, &w.key)?.map(|f| f.mod_revision);
             expect_revision(&w.what(), current, expected, force, true)
@@ -332,6 +350,7 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
                             metadata: Map::new(),
                             delete: true,
                         }],
+                        warnings: Vec::new(),
                     })
                 },
                 false,
@@ -346,8 +365,16 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
     ) -> Result<Response<ApplyFlagSetResponse>, Status> {
         let actor = actor(&request);
         let r = request.into_inner();
-        let doc = FlagDocument::parse(&r.document, Strictness::Strict)
-            .map_err(|e| Status::invalid_argument(format!("document: {e}")))?;
+        let invalid =
+            |e: flagmesh_engine::DocumentError| Status::invalid_argument(format!("document: {e}"));
+        let (doc, warnings) = if r.strict {
+            (
+                FlagDocument::parse(&r.document, Strictness::Strict).map_err(invalid)?,
+                Vec::new(),
+            )
+        } else {
+            FlagDocument::parse_with_warnings(&r.document).map_err(invalid)?
+        };
         let flag_set = match (r.flag_set.as_str(), doc.flag_set_id.as_deref()) {
             ("", Some(id)) => id.to_owned(),
             ("", None) => {
@@ -366,6 +393,8 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         for key in doc.flags.keys() {
             check_key(key)?;
         }
+        let warnings = warnings_of(&flag_set, &warnings, true);
+        let audit_warnings = warnings.clone();
         let replace = r.mode() != ApplyMode::Merge;
         let max = self.max_flags_per_set;
         check_flag_count(&flag_set, doc.flags.len(), max)?;
@@ -431,6 +460,7 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
                             metadata: metadata.clone(),
                             delete: false,
                         }],
+                        warnings: audit_warnings.clone(),
                     })
                 },
                 r.dry_run,
@@ -442,6 +472,7 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
             revision: outcome.revision,
             changes,
             dry_run: r.dry_run,
+            warnings,
         }))
     }
 

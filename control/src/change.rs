@@ -261,6 +261,7 @@ pub fn compute(
         operation: request.operation.clone(),
         comment: request.comment.clone(),
         changes: changes.clone(),
+        warnings: request.warnings.clone(),
     };
     Ok(Computed {
         revision,

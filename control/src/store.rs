@@ -73,6 +73,8 @@ pub struct ChangeRequest {
     pub flags: Vec<FlagWrite>,
     /// Flag sets to write.
     pub sets: Vec<SetWrite>,
+    /// What the write was accepted with, for the audit trail.
+    pub warnings: Vec<flagmesh_proto::v1::ValidationWarning>,
 }
 
 /// The outcome of a commit (or of a dry run).

@@ -3,7 +3,8 @@
 //! engine, strict), flag counts per set, and expected revisions
 //! (optimistic concurrency). Every refusal names the field.
 
-use flagmesh_engine::{FlagDefinition, Strictness};
+use flagmesh_engine::{FlagDefinition, Strictness, ValidationError, ValidationErrors};
+use flagmesh_proto::v1::ValidationWarning;
 use serde_json::{Map, Value};
 
 use crate::error::ControlError;
@@ -64,8 +65,14 @@ pub fn check_key(key: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
-/// Parses and validates one flag definition; returns its canonical bytes.
-pub fn validate_definition(key: &str, json: &str) -> Result<Vec<u8>, ControlError> {
+/// Parses and validates one flag definition; returns its canonical bytes
+/// and the problems flagd would still load it with (warnings; refused
+/// instead when `strict`).
+pub fn validate_definition(
+    key: &str,
+    json: &str,
+    strict: bool,
+) -> Result<(Vec<u8>, Vec<ValidationError>), ControlError> {
     if json.len() > MAX_DEFINITION_BYTES {
         return Err(ControlError::InvalidArgument(format!(
             "flag \"{key}\": definition_json: larger than {MAX_DEFINITION_BYTES} bytes"
@@ -76,9 +83,45 @@ pub fn validate_definition(key: &str, json: &str) -> Result<Vec<u8>, ControlErro
             "flag \"{key}\": definition_json: not valid JSON: {e}"
         ))
     })?;
-    let def = FlagDefinition::from_json(key, &value, &Map::new(), Strictness::Strict)
-        .map_err(|e| ControlError::InvalidArgument(e.to_string()))?;
-    Ok(def.to_canonical_json())
+    let invalid = |e: ValidationErrors| ControlError::InvalidArgument(e.to_string());
+    if strict {
+        let def = FlagDefinition::from_json(key, &value, &Map::new(), Strictness::Strict)
+            .map_err(invalid)?;
+        return Ok((def.to_canonical_json(), Vec::new()));
+    }
+    let (def, warnings) =
+        FlagDefinition::from_json_with_warnings(key, &value, &Map::new()).map_err(invalid)?;
+    Ok((def.to_canonical_json(), warnings))
+}
+
+/// Warnings as the Admin API returns and records them; `prefix` leads
+/// each pointer (`/flags/KEY` for a document, empty for a definition).
+pub fn warnings_of(
+    flag_set: &str,
+    warnings: &[ValidationError],
+    in_document: bool,
+) -> Vec<ValidationWarning> {
+    warnings
+        .iter()
+        .map(|w| {
+            let key = w.flag.clone().unwrap_or_default();
+            let pointer = match (&w.flag, in_document) {
+                (Some(k), true) => format!("/flags/{}{}", escape_pointer(k), w.path),
+                _ => w.path.clone(),
+            };
+            ValidationWarning {
+                flag_set: flag_set.to_owned(),
+                key,
+                pointer,
+                message: w.message.clone(),
+            }
+        })
+        .collect()
+}
+
+/// A JSON pointer segment (RFC 6901: `~` as `~0`, `/` as `~1`).
+fn escape_pointer(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
 }
 
 /// Checks an optimistic-concurrency expectation: `current` is the

@@ -147,9 +147,11 @@ impl FlagDefinition {
             Some(rule @ Value::Object(_)) => {
                 match rule::inline_refs(rule, evaluators, strictness) {
                     Ok(inlined) => {
-                        if strictness == Strictness::Strict
-                            && let Err(e) = rule::compile(&inlined, strictness)
-                        {
+                        let checked = match strictness {
+                            Strictness::Strict => rule::compile(&inlined, strictness).map(drop),
+                            Strictness::Lenient => rule::check_depth(&inlined),
+                        };
+                        if let Err(e) = checked {
                             errors.push(ValidationError::in_flag(
                                 key,
                                 format!("/targeting{}", e.path.trim_end_matches('/')),
@@ -189,6 +191,22 @@ impl FlagDefinition {
             }),
             _ => Err(ValidationErrors(errors)),
         }
+    }
+
+    /// [`FlagDefinition::from_json`] as a flagd evaluator loads the flag
+    /// ([`Strictness::Lenient`]), with the problems the strict check finds
+    /// on top as warnings (see [`crate::FlagDocument::parse_with_warnings`]).
+    pub fn from_json_with_warnings(
+        key: &str,
+        raw: &Value,
+        evaluators: &Map<String, Value>,
+    ) -> Result<(Self, Vec<ValidationError>), ValidationErrors> {
+        let def = Self::from_json(key, raw, evaluators, Strictness::Lenient)?;
+        let warnings = Self::from_json(key, raw, evaluators, Strictness::Strict)
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+        Ok((def, warnings))
     }
 
     /// The type shared by every variant value.

@@ -42,6 +42,21 @@ impl FlagDocument {
         Ok(Self::from_json(&value, strictness)?)
     }
 
+    /// Parses a document as a flagd evaluator loads it
+    /// ([`Strictness::Lenient`]) and returns with it what the strict check
+    /// finds on top: problems flagd still loads (misused operators, literals
+    /// that are not versions, unknown operators, `$ref`s to missing
+    /// evaluators), each naming the flag and its JSON pointer. Those flags
+    /// evaluate with flagd's runtime semantics.
+    pub fn parse_with_warnings(text: &str) -> Result<(Self, Vec<ValidationError>), DocumentError> {
+        let doc = Self::parse(text, Strictness::Lenient)?;
+        let warnings = match Self::parse(text, Strictness::Strict) {
+            Err(DocumentError::Invalid(ValidationErrors(problems))) => problems,
+            Err(DocumentError::Syntax { .. }) | Ok(_) => Vec::new(),
+        };
+        Ok((doc, warnings))
+    }
+
     /// Checks a document already parsed into JSON.
     pub fn from_json(doc: &Value, strictness: Strictness) -> Result<Self, ValidationErrors> {
         let Some(root) = doc.as_object() else {

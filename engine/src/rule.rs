@@ -4,11 +4,13 @@
 //! names are resolved to enum variants, and literal arguments of the flagd
 //! operators (semver operators and versions, bucket weights) are pre-parsed.
 //!
-//! Two strictnesses: [`Strictness::Strict`] is the control plane's
-//! validation (what the flagd JSON Schema rejects is rejected here, with the
-//! path of the offending node); [`Strictness::Lenient`] accepts what a flagd
-//! evaluator loads and lets misused flagd operators evaluate to `null` at run
-//! time, as flagd does. Unknown operators and dangling `$ref`s fail in both.
+//! Two strictnesses: [`Strictness::Strict`] rejects what the flagd JSON
+//! Schema rejects, with the path of the offending node (the control plane
+//! reports it as warnings, or refuses on a strict request);
+//! [`Strictness::Lenient`] accepts what a flagd evaluator loads and lets
+//! misused flagd operators evaluate to `null` at run time, as flagd does.
+//! A rule with an unknown operator or a dangling `$ref` does not compile in
+//! either: the flag then resolves to `PARSE_ERROR`, as in flagd.
 
 use serde_json::{Map, Value};
 
@@ -129,6 +131,48 @@ pub fn compile(rule: &Value, strictness: Strictness) -> Result<Rule, CompileErro
     let mut c = Compiler { strictness };
     let root = c.node(rule, "", 0)?;
     Ok(Rule { root })
+}
+
+/// Refuses a rule nested deeper than [`MAX_RULE_DEPTH`], counting levels
+/// of operators and arrays as [`compile`] does, without compiling it: the
+/// depth limit keeps evaluation off the end of the stack, so it holds in
+/// both strictnesses, whatever else a lenient load lets through.
+pub fn check_depth(rule: &Value) -> Result<(), CompileError> {
+    fn walk(v: &Value, path: &str, depth: usize) -> Result<(), CompileError> {
+        // what nests is objects and arrays; a literal ends the walk
+        if !(v.is_object() || v.is_array()) {
+            return Ok(());
+        }
+        if depth > MAX_RULE_DEPTH {
+            return Err(CompileError::new(
+                path,
+                format!("nests deeper than {MAX_RULE_DEPTH} levels"),
+            ));
+        }
+        match v {
+            Value::Object(obj) => {
+                for (op, args) in obj {
+                    let p = format!("{path}/{}", crate::definition::escape_pointer(op));
+                    match args {
+                        Value::Array(items) => {
+                            for (i, item) in items.iter().enumerate() {
+                                walk(item, &format!("{p}/{i}"), depth + 1)?;
+                            }
+                        }
+                        single => walk(single, &p, depth + 1)?,
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}/{i}"), depth + 1)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    walk(rule, "", 0)
 }
 
 /// Replaces every `{"$ref": "name"}` with the named shared rule of
@@ -736,6 +780,39 @@ mod tests {
         }
         let e = strict(rule).err().map(|e| e.message);
         assert!(e.is_some_and(|m| m.contains("deeper")));
+    }
+
+    #[test]
+    fn the_depth_check_draws_the_line_where_compiling_does() {
+        // operators with array arguments, operators with a single one, and
+        // literal arrays, each just inside and just past the limit
+        let shapes: [fn(Value) -> Value; 3] = [
+            |r| json!({"!": [r]}),
+            |r| json!({"!": r}),
+            |r| json!({"in": [1, [r]]}),
+        ];
+        for wrap in shapes {
+            let mut rule = json!({"var": "x"});
+            let mut levels = 0;
+            loop {
+                let compiled = compile(&rule, Strictness::Lenient);
+                let deep = compiled
+                    .as_ref()
+                    .err()
+                    .is_some_and(|e| e.message.contains("deeper"));
+                assert_eq!(
+                    check_depth(&rule).is_err(),
+                    deep,
+                    "at {levels} levels: {compiled:?}"
+                );
+                if deep || levels > 2 * MAX_RULE_DEPTH {
+                    break;
+                }
+                rule = wrap(rule);
+                levels += 1;
+            }
+            assert!(check_depth(&rule).is_err(), "never too deep");
+        }
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub enum Command {
         /// A note for the audit trail.
         #[arg(long, default_value = "")]
         comment: String,
+        /// Refuse a definition with warnings (rules flagd still loads,
+        /// such as a misused operator) instead of writing it.
+        #[arg(long)]
+        strict: bool,
     },
     /// Delete a flag.
     Delete {
@@ -114,6 +118,10 @@ pub enum Command {
         /// A note for the audit trail.
         #[arg(long, default_value = "")]
         comment: String,
+        /// Refuse a document with warnings (rules flagd still loads, such
+        /// as a misused operator) instead of applying it.
+        #[arg(long)]
+        strict: bool,
     },
     /// Export a flag set as a flagd document.
     Export {

@@ -168,6 +168,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             file,
             expected_revision,
             comment,
+            strict,
         } => {
             let definition_json = match (json, file) {
                 (Some(j), _) => j.clone(),
@@ -196,12 +197,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     expected_mod_revision: expected,
                     force: false,
                     comment: comment.clone(),
+                    strict: *strict,
                 })
                 .await?
                 .into_inner();
             if json_out {
-                print_json(&json!({"revision": r.revision, "changed": r.changed}));
-            } else if r.changed {
+                print_json(&json!({"revision": r.revision, "changed": r.changed,
+                    "warnings": r.warnings.iter().map(warning_json).collect::<Vec<_>>()}));
+                return Ok(());
+            }
+            eprint!("{}", render_warnings(&r.warnings));
+            if r.changed {
                 println!("{flag_set}/{key} written as revision {}", r.revision);
             } else {
                 println!("{flag_set}/{key} unchanged (revision {})", r.revision);
@@ -235,6 +241,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             merge,
             dry_run,
             comment,
+            strict,
         } => {
             let document = read_source(file)?;
             let r = client
@@ -249,6 +256,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     dry_run: *dry_run,
                     expected_mod_revision: 0,
                     comment: comment.clone(),
+                    strict: *strict,
                 })
                 .await?
                 .into_inner();
@@ -257,8 +265,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     "revision": r.revision,
                     "dry_run": r.dry_run,
                     "changes": r.changes.iter().map(change_json).collect::<Vec<_>>(),
+                    "warnings": r.warnings.iter().map(warning_json).collect::<Vec<_>>(),
                 }));
             } else {
+                eprint!("{}", render_warnings(&r.warnings));
                 for c in &r.changes {
                     print!("{}", render_change(c));
                 }
@@ -315,7 +325,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     .map(|c| {
                         json!({"revision": c.revision, "committed_at_unix_ms": c.committed_at_unix_ms,
                                "actor": c.actor, "operation": c.operation, "comment": c.comment,
-                               "changes": c.changes.iter().map(change_json).collect::<Vec<_>>()})
+                               "changes": c.changes.iter().map(change_json).collect::<Vec<_>>(),
+                               "warnings": c.warnings.iter().map(warning_json).collect::<Vec<_>>()})
                     })
                     .collect();
                 print_json(&Value::Array(sets));
@@ -336,12 +347,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                                 format!("{} {}/{}", kind_name(x.kind), x.flag_set, key)
                             })
                             .collect();
+                        let mut what = what.join(", ");
+                        if !c.warnings.is_empty() {
+                            what.push_str(&format!(" ({} warnings)", c.warnings.len()));
+                        }
                         vec![
                             c.revision.to_string(),
                             format_ms(c.committed_at_unix_ms),
                             c.actor.clone(),
                             c.operation.clone(),
-                            what.join(", "),
+                            what,
                         ]
                     })
                     .collect();

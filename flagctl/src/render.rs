@@ -83,6 +83,29 @@ pub(crate) fn change_json(c: &FlagChange) -> Value {
     })
 }
 
+pub(crate) fn warning_json(w: &ValidationWarning) -> Value {
+    json!({
+        "flag_set": w.flag_set,
+        "key": w.key,
+        "pointer": w.pointer,
+        "message": w.message,
+    })
+}
+
+/// Warnings, one line each (`warning: SET/KEY POINTER: MESSAGE`), for
+/// stderr; nothing when there are none.
+pub fn render_warnings(warnings: &[ValidationWarning]) -> String {
+    let mut out = String::new();
+    for w in warnings {
+        let _ = writeln!(
+            out,
+            "warning: {}/{} {}: {} (flagd loads it; --strict refuses it)",
+            w.flag_set, w.key, w.pointer, w.message
+        );
+    }
+    out
+}
+
 pub(crate) fn pretty(json: &str) -> String {
     serde_json::from_str::<Value>(json)
         .ok()

@@ -1,6 +1,8 @@
 //! The Admin API against a real control node: optimistic concurrency,
-//! validation of every negative schema document (nothing written), dry runs
-//! and modes of ApplyFlagSet, history paging, and error codes.
+//! validation of every negative schema document (nothing written; rules
+//! flagd still loads are warnings unless strict), every flag file of the
+//! flagd testbed applied with its warnings recorded, dry runs and modes of
+//! ApplyFlagSet, history paging, and error codes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -70,8 +72,11 @@ async fn concurrent_writers_exactly_one_wins_each_round() {
 }
 
 /// Every negative document of the flagd schema tests, and a flag whose
-/// targeting is each negative targeting rule, is refused by ApplyFlagSet
-/// with a message naming the problem; the revision does not move.
+/// targeting is each negative targeting rule, is refused by a strict
+/// ApplyFlagSet with a message naming the problem; the revision does not
+/// move. Without strict, the malformed rules (which flagd loads) apply
+/// with a warning each, naming the pointer; every other problem is still
+/// refused.
 #[tokio::test]
 async fn negative_documents_are_rejected_and_change_nothing() {
     let c = control(100, false).await;
@@ -103,11 +108,12 @@ async fn negative_documents_are_rejected_and_change_nothing() {
         documents.push((p.display().to_string(), doc));
     }
     assert!(documents.len() >= 16, "schema test documents missing");
-    for (name, document) in documents {
+    for (name, document) in &documents {
         let err = a
             .apply_flag_set(ApplyFlagSetRequest {
                 flag_set: "t".into(),
-                document,
+                document: document.clone(),
+                strict: true,
                 ..Default::default()
             })
             .await
@@ -134,6 +140,135 @@ async fn negative_documents_are_rejected_and_change_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(f.flag.unwrap().mod_revision, before);
+
+    // without strict: what flagd loads applies, with its warnings
+    let mut warned = 0;
+    for (name, document) in documents {
+        let rule_problem = name.contains("targeting");
+        let r = a
+            .apply_flag_set(ApplyFlagSetRequest {
+                flag_set: "loose".into(),
+                document,
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) if rule_problem => {
+                let r = r.into_inner();
+                assert!(!r.warnings.is_empty(), "{name}: no warning");
+                for w in &r.warnings {
+                    assert_eq!(w.flag_set, "loose");
+                    assert!(
+                        w.pointer
+                            .starts_with(&format!("/flags/{}/targeting", w.key)),
+                        "{name}: {w:?}"
+                    );
+                    assert!(!w.message.is_empty(), "{name}: {w:?}");
+                }
+                warned += 1;
+            }
+            Ok(_) => panic!("{name}: a document flagd does not load was applied"),
+            Err(e) => {
+                assert!(!rule_problem, "{name}: refused: {e:?}");
+                assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e:?}");
+            }
+        }
+    }
+    assert!(
+        warned >= 8,
+        "only {warned} rule problems applied with warnings"
+    );
+    c.node.stop().await;
+}
+
+/// Every flag file the flagd testbed serves applies (flagd loads them
+/// all); the malformed rules among them come back as warnings with their
+/// pointers and are kept in the audit trail; a strict apply refuses them.
+#[tokio::test]
+async fn every_testbed_flag_file_applies_with_its_warnings_recorded() {
+    let c = control(100, false).await;
+    let mut a = admin(c.addr, None).await;
+    let files = json_files(&package_dir().join("flagd-testbed/flags"));
+    assert!(files.len() >= 10, "{files:?}");
+    let mut warned = std::collections::BTreeSet::new();
+    for file in &files {
+        let document = std::fs::read_to_string(file).unwrap();
+        // a document naming its flag set goes there
+        let doc: serde_json::Value = serde_json::from_str(&document).unwrap();
+        let set = doc["metadata"]["flagSetId"]
+            .as_str()
+            .unwrap_or_else(|| file.file_stem().unwrap().to_str().unwrap())
+            .to_owned();
+        let r = a
+            .apply_flag_set(ApplyFlagSetRequest {
+                flag_set: set.clone(),
+                document: document.clone(),
+                comment: "testbed".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{set}: refused: {e:?}"))
+            .into_inner();
+        assert!(!r.changes.is_empty(), "{set}: nothing applied");
+        let strict = a
+            .apply_flag_set(ApplyFlagSetRequest {
+                flag_set: set.clone(),
+                document,
+                strict: true,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(strict.is_err(), !r.warnings.is_empty(), "{set}: {strict:?}");
+        // the audit entry of this apply keeps its warnings
+        let history = a
+            .list_history(ListHistoryRequest {
+                flag_set: set.clone(),
+                page_size: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(history.change_sets[0].revision, r.revision);
+        assert_eq!(history.change_sets[0].warnings, r.warnings, "{set}");
+        warned.extend(r.warnings.iter().map(|w| w.key.clone()));
+    }
+    for flag in [
+        "error-targeting-flag",
+        "ref-to-nonexistent-evaluator-flag",
+        "semver-wrong-args-flag",
+        "starts-with-wrong-args-flag",
+        "ends-with-wrong-args-flag",
+    ] {
+        assert!(warned.contains(flag), "{flag}: no warning in {warned:?}");
+    }
+    // one flag written alone: the pointer is into its definition
+    let r = a
+        .update_flag(UpdateFlagRequest {
+            flag_set: "single".into(),
+            key: "wrong-args".into(),
+            definition_json: r#"{"state":"ENABLED","variants":{"a":"a","b":"b"},"defaultVariant":"a","targeting":{"if":[{"starts_with":["abc"]},"b"]}}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.warnings.len(), 1, "{r:?}");
+    assert!(
+        r.warnings[0].pointer.starts_with("/targeting/if/0"),
+        "{r:?}"
+    );
+    let err = a
+        .update_flag(UpdateFlagRequest {
+            flag_set: "single".into(),
+            key: "wrong-args-strict".into(),
+            definition_json: r#"{"state":"ENABLED","variants":{"a":"a","b":"b"},"defaultVariant":"a","targeting":{"if":[{"starts_with":["abc"]},"b"]}}"#.into(),
+            strict: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("strict refuses it");
+    assert_eq!(err.code(), Code::InvalidArgument);
     c.node.stop().await;
 }
 

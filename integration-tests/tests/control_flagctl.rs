@@ -90,7 +90,14 @@ async fn flagctl_applies_reports_and_fails_clearly() {
     for path in negatives {
         let out = flagctl(
             &server,
-            &["apply", "-f", path.to_str().unwrap(), "--flag-set", "shop"],
+            &[
+                "apply",
+                "-f",
+                path.to_str().unwrap(),
+                "--flag-set",
+                "shop",
+                "--strict",
+            ],
         )
         .await;
         let err = text(&out.stderr);
@@ -114,6 +121,37 @@ async fn flagctl_applies_reports_and_fails_clearly() {
             .into_inner()
             .revision,
         before
+    );
+
+    // without --strict a rule flagd still loads is a warning on stderr,
+    // in the dry run and in the apply alike
+    let loose = package_dir().join("schemas/json/test/flags/negative/with-invalid-targeting.json");
+    for dry_run in [true, false] {
+        let mut args = vec![
+            "apply",
+            "-f",
+            loose.to_str().unwrap(),
+            "--flag-set",
+            "loose",
+        ];
+        if dry_run {
+            args.push("--dry-run");
+        }
+        let out = flagctl(&server, &args).await;
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            err.starts_with(
+                "warning: loose/targetedFlag /flags/targetedFlag/targeting/not-a-real-rule: "
+            ),
+            "{err}"
+        );
+    }
+    let out = flagctl(&server, &["history", "--flag-set", "loose"]).await;
+    assert!(
+        text(&out.stdout).contains("(1 warnings)"),
+        "{}",
+        text(&out.stdout)
     );
 
     let out = flagctl("127.0.0.1:1", &["revision"]).await;

@@ -443,3 +443,81 @@ async fn ofrep_for_browsers_cors_and_version_headers() {
     .unwrap();
     assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
 }
+
+/// The testbed's flag files, applied as flagd loads them (malformed rules
+/// are warnings), evaluate at a PoP as flagd evaluates them: a misused
+/// custom operator yields null (the default variant, reason DEFAULT), an
+/// unknown operator or a `$ref` to a missing evaluator is PARSE_ERROR, a
+/// rule naming a missing variant is GENERAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testbed_flags_with_malformed_rules_evaluate_as_flagd_at_a_pop() {
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mesh = mesh(root.path()).await;
+    let mut a = mesh.admin().await.unwrap();
+    let flags = flagmesh_integration_tests::flagd_kit::package_dir().join("flagd-testbed/flags");
+    for file in ["edge-case-flags.json", "evaluator-refs.json"] {
+        let r = a
+            .apply_flag_set(ApplyFlagSetRequest {
+                flag_set: "testbed".into(),
+                document: std::fs::read_to_string(flags.join(file)).unwrap(),
+                mode: ApplyMode::Merge as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.warnings.is_empty(), "{file}: no warnings");
+    }
+    mesh.converged(Duration::from_secs(30)).await.unwrap();
+    let http = mesh.pops[0].http.unwrap();
+    let eval = |key: &'static str, ctx: Value| async move {
+        let (code, _, body) = http_post(
+            http,
+            &format!("/ofrep/v1/evaluate/flags/{key}?flagSet=testbed"),
+            &json!({"context": ctx}).to_string(),
+            &[],
+        )
+        .await
+        .unwrap();
+        (code, serde_json::from_str::<Value>(&body).unwrap())
+    };
+    let ctx = json!({"targetingKey": "u1", "version": "1.0.0", "num": 7});
+    for (key, status, error) in [
+        ("error-targeting-flag", 400, "PARSE_ERROR"),
+        ("ref-to-nonexistent-evaluator-flag", 400, "PARSE_ERROR"),
+        ("missing-variant-targeting-flag", 500, "GENERAL"),
+    ] {
+        let (code, v) = eval(key, ctx.clone()).await;
+        assert_eq!(
+            (code, v["errorCode"].as_str()),
+            (status, Some(error)),
+            "{key}: {v}"
+        );
+    }
+    for (key, ctx) in [
+        (
+            "semver-invalid-version-flag",
+            json!({"version": "not-a-version"}),
+        ),
+        ("semver-wrong-args-flag", ctx.clone()),
+        ("starts-with-wrong-args-flag", ctx.clone()),
+        ("ends-with-non-string-flag", ctx.clone()),
+        ("fractional-zero-weights-flag", ctx.clone()),
+    ] {
+        let (code, v) = eval(key, ctx).await;
+        assert_eq!(code, 200, "{key}: {v}");
+        assert_eq!(
+            (v["value"].as_str(), v["reason"].as_str()),
+            (Some("fallback"), Some("DEFAULT")),
+            "{key}: {v}"
+        );
+    }
+    // the well-formed flags beside them are unaffected
+    let (code, v) = eval(
+        "some-email-targeted-flag",
+        json!({"targetingKey": "u1", "email": "ballmer@macrosoft.com"}),
+    )
+    .await;
+    assert_eq!((code, v["value"].as_str()), (200, Some("hi")), "{v}");
+}

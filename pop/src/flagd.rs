@@ -350,17 +350,16 @@ impl v2::service_server::Service for Flagd {
 }
 
 /// The selected set as a flagd document (map form) and its metadata.
-pub fn document(set: &SetState, flag_set: &str) -> (String, Map<String, Value>) {
+pub fn document(set: &SetState) -> (String, Map<String, Value>) {
     let mut flags = Map::new();
     for (k, f) in &set.flags {
         if let Ok(def) = serde_json::from_slice::<Value>(&f.stored.definition_json) {
             flags.insert(k.to_string(), def);
         }
     }
-    let mut metadata = (*set.metadata).clone();
-    metadata
-        .entry("flagSetId")
-        .or_insert_with(|| Value::String(flag_set.to_owned()));
+    // the set's metadata as written, as flagd serves a source's: a
+    // `flagSetId` is there only when the document has one
+    let metadata = (*set.metadata).clone();
     let mut doc = Map::new();
     doc.insert("flags".into(), Value::Object(flags));
     doc.insert("metadata".into(), Value::Object(metadata.clone()));
@@ -396,7 +395,7 @@ impl sync::flag_sync_service_server::FlagSyncService for Flagd {
                     }
                 };
                 if differs {
-                    let (flag_configuration, metadata) = document(&current, &set);
+                    let (flag_configuration, metadata) = document(&current);
                     let msg = sync::SyncFlagsResponse {
                         flag_configuration,
                         sync_context: Some(map_to_struct(&metadata)),
@@ -424,7 +423,7 @@ impl sync::flag_sync_service_server::FlagSyncService for Flagd {
         #[allow(deprecated)]
         let field = request.get_ref().selector.clone();
         let set = self.selected(&request, &field)?;
-        let (flag_configuration, _) = document(&set_of(&self.ctx.state.load(), &set), &set);
+        let (flag_configuration, _) = document(&set_of(&self.ctx.state.load(), &set));
         Ok(Response::new(sync::FetchAllFlagsResponse {
             flag_configuration,
         }))
@@ -435,7 +434,7 @@ impl sync::flag_sync_service_server::FlagSyncService for Flagd {
         request: Request<sync::GetMetadataRequest>,
     ) -> Result<Response<sync::GetMetadataResponse>, Status> {
         let set = self.selected(&request, "")?;
-        let (_, metadata) = document(&set_of(&self.ctx.state.load(), &set), &set);
+        let (_, metadata) = document(&set_of(&self.ctx.state.load(), &set));
         Ok(Response::new(sync::GetMetadataResponse {
             metadata: Some(map_to_struct(&metadata)),
         }))
