@@ -456,7 +456,12 @@ async fn testbed_flags_with_malformed_rules_evaluate_as_flagd_at_a_pop() {
     let mesh = mesh(root.path()).await;
     let mut a = mesh.admin().await.unwrap();
     let flags = flagmesh_integration_tests::flagd_kit::package_dir().join("flagd-testbed/flags");
-    for file in ["edge-case-flags.json", "evaluator-refs.json"] {
+    for file in [
+        "edge-case-flags.json",
+        "evaluator-refs.json",
+        "disabled-flags.json",
+        "testing-flags.json",
+    ] {
         let r = a
             .apply_flag_set(ApplyFlagSetRequest {
                 flag_set: "testbed".into(),
@@ -467,7 +472,12 @@ async fn testbed_flags_with_malformed_rules_evaluate_as_flagd_at_a_pop() {
             .await
             .unwrap()
             .into_inner();
-        assert!(!r.warnings.is_empty(), "{file}: no warnings");
+        assert_eq!(
+            r.warnings.is_empty(),
+            file.starts_with("disabled") || file.starts_with("testing"),
+            "{file}: {:?}",
+            r.warnings
+        );
     }
     mesh.converged(Duration::from_secs(30)).await.unwrap();
     let http = mesh.pops[0].http.unwrap();
@@ -513,6 +523,49 @@ async fn testbed_flags_with_malformed_rules_evaluate_as_flagd_at_a_pop() {
             "{key}: {v}"
         );
     }
+    // a disabled flag and a flag without a default variant: 200, value
+    // and variant left out (the caller's default applies), as the OFREP
+    // schema has it
+    for (key, reason) in [
+        ("disabled-string-flag", "DISABLED"),
+        ("null-default-flag", "DEFAULT"),
+    ] {
+        let (code, v) = eval(key, ctx.clone()).await;
+        assert_eq!(code, 200, "{key}: {v}");
+        assert_eq!(v["reason"], reason, "{key}: {v}");
+        assert!(
+            v.get("value").is_none() && v.get("variant").is_none(),
+            "{key}: {v}"
+        );
+        assert!(v.get("errorCode").is_none(), "{key}: {v}");
+    }
+    let (code, _, body) = http_post(
+        http,
+        "/ofrep/v1/evaluate/flags?flagSet=testbed",
+        &json!({"context": ctx}).to_string(),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let bulk: Value = serde_json::from_str(&body).unwrap();
+    let entry = |key: &str| {
+        bulk["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["key"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("{key} not in the bulk answer"))
+    };
+    for key in ["disabled-string-flag", "null-default-flag"] {
+        let f = entry(key);
+        assert!(
+            f.get("value").is_none() && f.get("variant").is_none(),
+            "{f}"
+        );
+    }
+
     // the well-formed flags beside them are unaffected
     let (code, v) = eval(
         "some-email-targeted-flag",
