@@ -133,6 +133,10 @@ pub fn compile(rule: &Value, strictness: Strictness) -> Result<Rule, CompileErro
     Ok(Rule { root })
 }
 
+fn too_deep(path: &str) -> CompileError {
+    CompileError::new(path, format!("nests deeper than {MAX_RULE_DEPTH} levels"))
+}
+
 /// Refuses a rule nested deeper than [`MAX_RULE_DEPTH`], counting levels
 /// of operators and arrays as [`compile`] does, without compiling it: the
 /// depth limit keeps evaluation off the end of the stack, so it holds in
@@ -144,10 +148,7 @@ pub fn check_depth(rule: &Value) -> Result<(), CompileError> {
             return Ok(());
         }
         if depth > MAX_RULE_DEPTH {
-            return Err(CompileError::new(
-                path,
-                format!("nests deeper than {MAX_RULE_DEPTH} levels"),
-            ));
+            return Err(too_deep(path));
         }
         match v {
             Value::Object(obj) => {
@@ -273,10 +274,7 @@ impl Compiler {
 
     fn node(&mut self, v: &Value, path: &str, depth: usize) -> Result<Node, CompileError> {
         if depth > MAX_RULE_DEPTH {
-            return Err(CompileError::new(
-                path,
-                format!("nests deeper than {MAX_RULE_DEPTH} levels"),
-            ));
+            return Err(too_deep(path));
         }
         match v {
             Value::Object(obj) => {

@@ -53,6 +53,19 @@ pub fn rust_flagd_client() -> PathBuf {
     p
 }
 
+/// The options every test starts Chromium with: headless, no sandbox (CI
+/// runs as root), nothing fetched from the internet on its own.
+pub const CHROMIUM_ARGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
 /// Headless Chromium: `$CHROMIUM`, or Debian's `chromium` (installed by
 /// `make test-tools` with apt-get).
 ///

@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use flagmesh_integration_tests::flagd_kit::workspace_root;
-use flagmesh_integration_tests::tools::chromium;
+use flagmesh_integration_tests::tools::{CHROMIUM_ARGS, chromium};
 use flagmesh_integration_tests::topology::{Mesh, NodeRef, TopologySpec, bin_dir, http_get};
 use flagmesh_proto::v1::*;
 use serde_json::{Value, json};
@@ -152,16 +152,7 @@ async fn a_browser_page_starts_from_its_html_then_follows_the_pop_over_ofrep() {
 
         let profile = tempfile::tempdir().unwrap();
         let _chromium = tokio::process::Command::new(&browser)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ])
+            .args(CHROMIUM_ARGS)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(format!("{origin}/?user=u1"))
             .stdout(Stdio::null())

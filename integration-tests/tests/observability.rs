@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use flagmesh_integration_tests::relay::LinkMode;
-use flagmesh_integration_tests::tools::chromium;
+use flagmesh_integration_tests::tools::{CHROMIUM_ARGS, chromium};
 use flagmesh_integration_tests::topology::{Mesh, NodeRef, TopologySpec, eventually};
 use flagmesh_proto::v1::*;
 
@@ -182,19 +182,9 @@ async fn status_page_shows_every_node_in_headless_chromium() {
             flagmesh_integration_tests::topology::ADMIN_TOKEN
         );
         let profile = tempfile::tempdir().unwrap();
-        let flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=5000",
-        ];
+        let flags = [CHROMIUM_ARGS, &["--virtual-time-budget=5000"]].concat();
         let mut dump = tokio::process::Command::new(&browser);
-        dump.args(flags)
+        dump.args(&flags)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("--dump-dom")
             .arg(&url);
@@ -225,7 +215,7 @@ async fn status_page_shows_every_node_in_headless_chromium() {
         let shot =
             flagmesh_integration_tests::flagd_kit::workspace_root().join("target/status-page.png");
         let mut cmd = tokio::process::Command::new(&browser);
-        cmd.args(flags)
+        cmd.args(&flags)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("--window-size=1100,760")
             .arg(format!("--screenshot={}", shot.display()))

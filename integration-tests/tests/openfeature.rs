@@ -48,10 +48,18 @@ const DOC: &str = r#"{
 }"#;
 
 async fn mesh(root: &std::path::Path) -> Mesh {
+    mesh_with(root, true, &[]).await
+}
+
+/// A mesh holding `DOC`; `open`: without credentials (flagd providers send
+/// no bearer tokens); `envs` for every node.
+async fn mesh_with(root: &std::path::Path, open: bool, envs: &[(&str, &str)]) -> Mesh {
     let mut spec = TopologySpec::test(root, 1, 1);
-    spec.secure = false; // flagd providers send no bearer tokens
+    spec.secure = !open;
     spec.relays = false;
     spec.default_flag_set = "compat".into();
+    spec.envs
+        .extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let mesh = Mesh::start(spec).await.unwrap();
     let mut a = mesh.admin().await.unwrap();
     a.apply_flag_set(ApplyFlagSetRequest {
@@ -319,21 +327,15 @@ async fn ofrep_for_browsers_cors_and_version_headers() {
     use flagmesh_integration_tests::topology::{EVAL_TOKEN, http_request};
     let _guard = ONE_AT_A_TIME.lock().await;
     let root = tempfile::tempdir().unwrap();
-    let mut spec = TopologySpec::test(root.path(), 1, 1);
-    spec.relays = false;
-    spec.default_flag_set = "compat".into();
-    spec.envs.push((
-        "FLAGMESH_CORS_ALLOWED_ORIGINS".into(),
-        "https://app.example,https://admin.example".into(),
-    ));
-    let mesh = Mesh::start(spec).await.unwrap();
-    let mut a = mesh.admin().await.unwrap();
-    a.apply_flag_set(ApplyFlagSetRequest {
-        document: DOC.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mesh = mesh_with(
+        root.path(),
+        false,
+        &[(
+            "FLAGMESH_CORS_ALLOWED_ORIGINS",
+            "https://app.example,https://admin.example",
+        )],
+    )
+    .await;
     let (revision, _) = mesh.converged(Duration::from_secs(30)).await.unwrap();
     let http = mesh.pops[0].http.unwrap();
     let path = "/ofrep/v1/evaluate/flags/string-flag";

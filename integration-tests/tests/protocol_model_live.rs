@@ -430,23 +430,11 @@ proptest! {
     fn real_subscribers_converge_without_loss_regression_or_silent_history_change(
         ops in prop::collection::vec(op(), 1..24)
     ) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let root = tempfile::tempdir().unwrap();
-            let mut world = World::new(root.path()).await;
-            for op in &ops {
-                world.run(op).await;
-            }
-            world.converge().await;
-            world.stop().await;
-        });
+        run_ops(&ops);
     }
 }
 
+/// Runs `ops` on a new world, then checks it converges.
 fn run_ops(ops: &[Op]) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
