@@ -51,6 +51,33 @@ pub struct SetState {
     pub metadata: Arc<Map<String, Value>>,
     /// Its flags by key.
     pub flags: HashMap<Box<str>, Arc<PopFlag>, Xxh3Builder>,
+    /// Its flags ordered by key, made on first use from `flags` as they are
+    /// then (a set is not changed once shared): answers listing every
+    /// flag, such as bulk evaluations, need not sort on each request.
+    sorted: std::sync::OnceLock<Box<[Arc<PopFlag>]>>,
+}
+
+impl SetState {
+    /// A set of `flags` with `metadata`.
+    pub fn new(
+        metadata: Arc<Map<String, Value>>,
+        flags: HashMap<Box<str>, Arc<PopFlag>, Xxh3Builder>,
+    ) -> Self {
+        Self {
+            metadata,
+            flags,
+            sorted: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Every flag, ordered by key.
+    pub fn sorted(&self) -> &[Arc<PopFlag>] {
+        self.sorted.get_or_init(|| {
+            let mut flags: Vec<Arc<PopFlag>> = self.flags.values().cloned().collect();
+            flags.sort_by(|a, b| a.stored.key.cmp(&b.stored.key));
+            flags.into_boxed_slice()
+        })
+    }
 }
 
 /// A whole state at one revision.
@@ -91,10 +118,7 @@ impl PopState {
             .map(|fs| {
                 (
                     fs.id.clone(),
-                    SetState {
-                        metadata: metadata_of(fs),
-                        flags: HashMap::default(),
-                    },
+                    SetState::new(metadata_of(fs), HashMap::default()),
                 )
             })
             .collect();
@@ -120,10 +144,7 @@ impl PopState {
             if !touched.contains_key(id) {
                 let copy = sets
                     .get(id)
-                    .map(|s| SetState {
-                        metadata: s.metadata.clone(),
-                        flags: s.flags.clone(),
-                    })
+                    .map(|s| SetState::new(s.metadata.clone(), s.flags.clone()))
                     .unwrap_or_default();
                 touched.insert(id.to_owned(), copy);
             }
@@ -296,6 +317,39 @@ mod tests {
             mod_revision: 1,
             create_revision: 1,
         }
+    }
+
+    #[test]
+    fn a_sets_flags_are_listed_by_key_and_a_delta_lists_anew() {
+        let keys = |s: &SetState| -> Vec<String> {
+            s.sorted().iter().map(|f| f.stored.key.clone()).collect()
+        };
+        let s = PopState::from_snapshot(&SourceSnapshot {
+            history_id: "h".into(),
+            revision: 1,
+            digest: 0,
+            flags: vec![
+                flag("x", "c", "a"),
+                flag("x", "a", "a"),
+                flag("x", "b", "a"),
+            ],
+            flag_sets: vec![],
+        });
+        assert_eq!(keys(&s.sets["x"]), ["a", "b", "c"]);
+        let next = s.apply(&Delta {
+            history_id: "h".into(),
+            from_revision: 1,
+            to_revision: 2,
+            upserts: vec![flag("x", "aa", "a")],
+            deletes: vec![FlagRef {
+                flag_set: "x".into(),
+                key: "b".into(),
+            }],
+            ..Default::default()
+        });
+        assert_eq!(keys(&next.sets["x"]), ["a", "aa", "c"]);
+        // the earlier state's listing is its own
+        assert_eq!(keys(&s.sets["x"]), ["a", "b", "c"]);
     }
 
     #[test]

@@ -193,18 +193,16 @@ impl Evaluation for EvaluationService {
             .get(&set_name)
             .map(|s| s.as_ref())
             .unwrap_or(&empty);
-        let mut keys: Vec<&Box<str>> = set.flags.keys().collect();
-        keys.sort();
-        let flags = keys
-            .into_iter()
-            .filter_map(|k| set.flags.get(k).map(|f| (k, f)))
-            .map(|(k, f)| {
+        let flags = set
+            .sorted()
+            .iter()
+            .map(|f| {
                 let started = std::time::Instant::now();
                 let o = resolve_flag(f, &context, context_error.as_ref(), ValueType::Any);
                 self.ctx
                     .stats
                     .record(o.resolution.reason, started.elapsed());
-                self.response(k, &o, &state, stale)
+                self.response(&f.stored.key, &o, &state, stale)
             })
             .collect();
         Ok(Response::new(pb::EvaluateAllResponse {

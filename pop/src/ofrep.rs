@@ -30,6 +30,7 @@ use flagmesh_server::policy::Requirement;
 use serde_json::{Map, Value, json};
 
 use crate::evaluation::{EvalContext, Outcome, resolve, resolve_flag};
+use flagmesh_mesh::compiled::SetState;
 
 /// The PoP that answered.
 pub const POP_HEADER: &str = "x-flagmesh-pop";
@@ -117,26 +118,61 @@ fn status_for(code: ErrorCode) -> StatusCode {
     }
 }
 
-/// One flag's evaluation as OFREP JSON.
-fn flag_json(key: &str, o: &Outcome<'_>) -> (StatusCode, Value) {
+/// One flag's evaluation as OFREP JSON, borrowed from the state: nothing
+/// is copied to encode it.
+#[derive(serde::Serialize)]
+struct FlagJson<'a> {
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(rename = "errorCode", skip_serializing_if = "Option::is_none")]
+    error_code: Option<&'static str>,
+    #[serde(rename = "errorDetails", skip_serializing_if = "Option::is_none")]
+    error_details: Option<&'a str>,
+    metadata: &'a Map<String, Value>,
+}
+
+/// One flag's evaluation as OFREP JSON, with the status a single-flag
+/// answer has.
+fn flag_json<'a>(key: &'a str, o: &'a Outcome<'_>) -> (StatusCode, FlagJson<'a>) {
     let r = &o.resolution;
+    let mut json = FlagJson {
+        key,
+        value: None,
+        variant: None,
+        reason: None,
+        error_code: None,
+        error_details: None,
+        metadata: r.metadata,
+    };
     if let Some(e) = &r.error {
-        let mut body = error_body(key, e.code.as_str(), &e.message);
-        body["metadata"] = Value::Object(r.metadata.clone());
-        return (status_for(e.code), body);
+        json.error_code = Some(e.code.as_str());
+        json.error_details = Some(&e.message);
+        return (status_for(e.code), json);
     }
-    let mut body = Map::new();
-    body.insert("key".into(), Value::String(key.to_owned()));
-    body.insert("reason".into(), Value::String(r.reason.as_str().to_owned()));
+    json.reason = Some(r.reason.as_str());
     // value and variant are omitted when the caller's default applies
     if r.reason != Reason::Disabled
         && let (Some(v), Some(variant)) = (r.value, r.variant)
     {
-        body.insert("value".into(), v.clone());
-        body.insert("variant".into(), Value::String(variant.to_owned()));
+        json.value = Some(v);
+        json.variant = Some(variant);
     }
-    body.insert("metadata".into(), Value::Object(r.metadata.clone()));
-    (StatusCode::OK, Value::Object(body))
+    (StatusCode::OK, json)
+}
+
+/// A JSON answer from bytes already encoded.
+fn json_response(code: StatusCode, body: Vec<u8>) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        Bytes::from(body),
+    )
+        .into_response()
 }
 
 /// The evaluation context of an OFREP request body (`{"context": {...}}`;
@@ -215,8 +251,11 @@ async fn single(
     let started = std::time::Instant::now();
     let o = resolve(&state, &set, &key, &context, None, ValueType::Any);
     s.ctx.stats.record(o.resolution.reason, started.elapsed());
-    let (code, body) = flag_json(&key, &o);
-    let mut response = (code, axum::Json(body)).into_response();
+    let (code, json) = flag_json(&key, &o);
+    let mut response = match serde_json::to_vec(&json) {
+        Ok(body) => json_response(code, body),
+        Err(e) => internal(&key, &e),
+    };
     versions(&mut response, &s.ctx.pop_id, state.revision);
     if o.mod_revision > 0 {
         response
@@ -237,11 +276,12 @@ async fn bulk(
         Err((code, body)) => return (code, axum::Json(body)).into_response(),
     };
     let state = s.ctx.state.load();
-    let tag = format!(
-        "\"{:x}-{:016x}\"",
-        state.revision,
-        xxhash_rust::xxh3::xxh3_64(format!("{set}\u{0}{context}").as_bytes())
-    );
+    // the state's revision and what was asked (the set, the body as sent)
+    let mut asked = xxhash_rust::xxh3::Xxh3::new();
+    asked.update(set.as_bytes());
+    asked.update(&[0]);
+    asked.update(&body);
+    let tag = format!("\"{:x}-{:016x}\"", state.revision, asked.digest());
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -252,30 +292,50 @@ async fn bulk(
         versions(&mut response, &s.ctx.pop_id, state.revision);
         return response;
     }
-    let mut flags = Vec::new();
-    let metadata = match state.sets.get(&set) {
-        Some(set_state) => {
-            let mut keys: Vec<&Box<str>> = set_state.flags.keys().collect();
-            keys.sort();
-            for k in keys {
-                if let Some(f) = set_state.flags.get(k) {
-                    let o = resolve_flag(f, &context, None, ValueType::Any);
-                    flags.push(flag_json(k, &o).1);
-                }
-            }
-            (*set_state.metadata).clone()
-        }
-        None => Map::new(),
+    let empty = SetState::default();
+    let set_state = state.sets.get(&set).map_or(&empty, |s| s.as_ref());
+    let outcomes: Vec<Outcome<'_>> = set_state
+        .sorted()
+        .iter()
+        .map(|f| resolve_flag(f, &context, None, ValueType::Any))
+        .collect();
+    #[derive(serde::Serialize)]
+    struct Bulk<'a> {
+        flags: Vec<FlagJson<'a>>,
+        metadata: &'a Map<String, Value>,
+    }
+    let answer = Bulk {
+        flags: set_state
+            .sorted()
+            .iter()
+            .zip(&outcomes)
+            .map(|(f, o)| flag_json(&f.stored.key, o).1)
+            .collect(),
+        metadata: &set_state.metadata,
     };
     s.ctx.stats.record_bulk(false);
-    let mut response = (
-        StatusCode::OK,
-        [(header::ETAG, tag)],
-        axum::Json(json!({"flags": flags, "metadata": metadata})),
-    )
-        .into_response();
+    let mut response = match serde_json::to_vec(&answer) {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => return internal("", &e),
+    };
+    response
+        .headers_mut()
+        .insert(header::ETAG, header_value(&tag));
     versions(&mut response, &s.ctx.pop_id, state.revision);
     response
+}
+
+/// An answer that could not be encoded (never expected: every value came
+/// from JSON).
+fn internal(key: &str, e: &serde_json::Error) -> Response {
+    let body = error_body(key, "GENERAL", &format!("encoding the answer: {e}"));
+    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+}
+
+/// A header value from text made here (ASCII).
+fn header_value(text: &str) -> axum::http::HeaderValue {
+    axum::http::HeaderValue::from_str(text)
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static(""))
 }
 
 /// Which PoP answered, at which state revision.

@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use axum::serve::ListenerExt as _;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -289,6 +290,10 @@ impl NodeBuilder {
                         Err(e) => Err(e),
                     },
                     None => {
+                        // replies go out at once, not after the peer's ACK
+                        let listener = listener.tap_io(|tcp| {
+                            let _ = tcp.set_nodelay(true);
+                        });
                         axum::serve(listener, router)
                             .with_graceful_shutdown(stopped)
                             .await
@@ -378,9 +383,12 @@ async fn serve_grpc(
             router.serve_with_incoming_shutdown(incoming, stopped).await
         }
         None => {
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)
-                .await
+            // the builder's tcp_nodelay covers only listeners tonic binds
+            // itself: without it, a reply larger than a segment waits for
+            // the peer's delayed ACK (about 40 ms)
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, stopped).await
         }
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use flagmesh_client::BearerToken;
 use flagmesh_proto::convert::map_to_struct;
-use flagmesh_proto::v1::EvaluateRequest;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
+use flagmesh_proto::v1::{EvaluateAllRequest, EvaluateRequest};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -109,6 +109,10 @@ pub enum Protocol {
     Grpc,
     /// OFREP single-flag POST.
     Ofrep,
+    /// OFREP bulk POST: every flag of the set for one context.
+    OfrepBulk,
+    /// gRPC `flagmesh.v1.Evaluation/EvaluateAll`.
+    GrpcAll,
 }
 
 /// A client of either protocol.
@@ -124,13 +128,27 @@ enum Client {
 impl Client {
     async fn new(t: &Target, p: Protocol) -> std::io::Result<Self> {
         Ok(match p {
-            Protocol::Grpc => Client::Grpc(grpc_client(t.grpc, t.tls.as_ref()).await),
-            Protocol::Ofrep => Client::Http(HttpConn::open(t.http).await?),
+            Protocol::Grpc | Protocol::GrpcAll => {
+                Client::Grpc(grpc_client(t.grpc, t.tls.as_ref()).await)
+            }
+            Protocol::Ofrep | Protocol::OfrepBulk => Client::Http(HttpConn::open(t.http).await?),
         })
     }
 
-    async fn call(&mut self, t: &Target, key: &str, ctx: &Value) -> bool {
+    async fn call(&mut self, t: &Target, p: Protocol, key: &str, ctx: &Value) -> bool {
         match self {
+            Client::Grpc(c) if p == Protocol::GrpcAll => c
+                .evaluate_all(EvaluateAllRequest {
+                    flag_set: t.flag_set.clone(),
+                    context: ctx.as_object().map(map_to_struct),
+                })
+                .await
+                .is_ok_and(|r| !r.get_ref().flags.is_empty()),
+            Client::Http(c) if p == Protocol::OfrepBulk => {
+                let body = json!({"context": ctx}).to_string();
+                let path = format!("/ofrep/v1/evaluate/flags?flagSet={}", t.flag_set);
+                c.post(&path, &body).await.is_ok_and(|s| s == 200)
+            }
             Client::Grpc(c) => c
                 .evaluate(EvaluateRequest {
                     flag_set: t.flag_set.clone(),
@@ -169,7 +187,7 @@ pub async fn closed_loop(t: &Target, p: Protocol, concurrency: usize, duration: 
                 let key = &t.keys[i % t.keys.len()];
                 let ctx = &ctxs[i % ctxs.len()];
                 let t0 = Instant::now();
-                if !client.call(&t, key, ctx).await {
+                if !client.call(&t, p, key, ctx).await {
                     errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 let _ = h.record(t0.elapsed().as_micros().max(1) as u64);
@@ -237,7 +255,7 @@ pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -
             };
             let i = n as usize;
             let ok = client
-                .call(&t, &t.keys[i % t.keys.len()], &ctxs[i % ctxs.len()])
+                .call(&t, p, &t.keys[i % t.keys.len()], &ctxs[i % ctxs.len()])
                 .await;
             let latency = from.elapsed();
             let _ = tx.send(client).await;

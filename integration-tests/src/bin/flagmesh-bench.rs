@@ -138,6 +138,29 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
             closed.push(r);
         }
     }
+    // every flag of a set for one context: the browser bootstrap path
+    admin
+        .apply_flag_set(ApplyFlagSetRequest {
+            document: bench::document("bulk", "flag", 0, 100),
+            ..Default::default()
+        })
+        .await?;
+    mesh.converged(Duration::from_secs(60))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let bulk_target = load::Target {
+        flag_set: "bulk".into(),
+        ..target.clone()
+    };
+    for (name, p) in [
+        ("ofrep bulk, 100 flags", load::Protocol::OfrepBulk),
+        ("grpc EvaluateAll, 100 flags", load::Protocol::GrpcAll),
+    ] {
+        let mut r = load::closed_loop(&bulk_target, p, 16, d).await;
+        r["protocol"] = json!(name);
+        eprintln!("closed loop {name} x16: {r}");
+        closed.push(r);
+    }
     // the same over TLS: a second PoP, following the same hub, serving
     // gRPC with a certificate of a CA made here
     let (tls_pop, tls_target) = start_tls_pop(&mesh, &args.data.join("load"), &target).await?;
