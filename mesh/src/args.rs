@@ -81,6 +81,11 @@ pub struct RelayArgs {
         default_value_t = 1024
     )]
     pub ring_revisions: usize,
+    /// Most bytes of deltas the fan-out ring keeps (default: 16 MiB at a
+    /// hub; 2 MiB at a PoP, whose few subscribers, SDKs in local mode,
+    /// take a snapshot when they fall further behind).
+    #[arg(long = "ring-bytes", env = "FLAGMESH_RING_BYTES")]
+    pub ring_bytes: Option<usize>,
     /// A downstream subscriber that accepts nothing this long is cut off, in milliseconds.
     #[arg(
         long = "send-timeout-ms",
@@ -105,6 +110,9 @@ pub struct RelayArgs {
     #[arg(long = "sync-writes", env = "FLAGMESH_SYNC_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
     pub sync_writes: bool,
 }
+
+/// The default ring size of a PoP (see `--ring-bytes`).
+pub const POP_RING_BYTES: usize = 2 << 20;
 
 impl RelayArgs {
     /// The relay configuration of a node with these options and its data
@@ -143,6 +151,10 @@ impl RelayArgs {
             fanout: FanoutConfig {
                 heartbeat,
                 ring_revisions: self.ring_revisions.max(1),
+                ring_bytes: self.ring_bytes.unwrap_or(match role {
+                    NodeRole::Pop => POP_RING_BYTES,
+                    _ => FanoutConfig::default().ring_bytes,
+                }),
                 send_timeout: Duration::from_millis(self.send_timeout_ms.max(100)),
                 max_catch_up_delta_bytes: self.max_catch_up_delta_bytes.max(1 << 10),
                 ..FanoutConfig::default()
@@ -162,5 +174,37 @@ impl RelayArgs {
             domain: self.upstream_tls_name.clone(),
         };
         tls.enabled().then_some(tls)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        relay: RelayArgs,
+    }
+
+    fn ring_bytes(args: &[&str], role: NodeRole) -> usize {
+        let cli = Cli::parse_from([&["node", "--upstream", "127.0.0.1:1"], args].concat());
+        let dir = tempfile::tempdir().expect("tempdir");
+        cli.relay
+            .relay_config(dir.path(), role, "n")
+            .expect("config")
+            .fanout
+            .ring_bytes
+    }
+
+    #[test]
+    fn a_pop_keeps_a_smaller_ring_than_a_hub_unless_told() {
+        assert_eq!(ring_bytes(&[], NodeRole::Pop), POP_RING_BYTES);
+        assert_eq!(
+            ring_bytes(&[], NodeRole::Hub),
+            FanoutConfig::default().ring_bytes
+        );
+        assert_eq!(ring_bytes(&["--ring-bytes", "1000"], NodeRole::Pop), 1000);
     }
 }
