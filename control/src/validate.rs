@@ -94,8 +94,9 @@ pub fn validate_definition(
     Ok((def.to_canonical_json(), warnings))
 }
 
-/// Warnings as the Admin API returns and records them; `prefix` leads
-/// each pointer (`/flags/KEY` for a document, empty for a definition).
+/// Warnings as the Admin API returns and records them, each pointer into
+/// what was sent: under `/flags/KEY` when `in_document`, else into the one
+/// flag's definition.
 pub fn warnings_of(
     flag_set: &str,
     warnings: &[ValidationError],
