@@ -59,13 +59,19 @@ pub fn rust_flagd_client() -> PathBuf {
 /// # Panics
 /// When it is not installed.
 pub fn promtool() -> PathBuf {
-    if let Some(p) = std::env::var_os("PROMTOOL") {
+    debian_tool("PROMTOOL", "/usr/bin/promtool")
+}
+
+/// `$VAR` if set, else `path` (a Debian package's program, installed by
+/// `make test-tools`), which must exist.
+fn debian_tool(var: &str, path: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
         return PathBuf::from(p);
     }
-    let p = PathBuf::from("/usr/bin/promtool");
+    let p = PathBuf::from(path);
     assert!(
         p.exists(),
-        "promtool is not installed: run `make test-tools` (make test does; it uses apt-get)"
+        "{path} is not installed: run `make test-tools` (make test does; it uses apt-get)"
     );
     p
 }
@@ -89,13 +95,5 @@ pub const CHROMIUM_ARGS: &[&str] = &[
 /// # Panics
 /// When it is not installed.
 pub fn chromium() -> PathBuf {
-    if let Some(p) = std::env::var_os("CHROMIUM") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from("/usr/bin/chromium");
-    assert!(
-        p.exists(),
-        "chromium is not installed: run `make test-tools` (make test does; it uses apt-get)"
-    );
-    p
+    debian_tool("CHROMIUM", "/usr/bin/chromium")
 }
