@@ -3,7 +3,9 @@
 //! engine, strict), flag counts per set, and expected revisions
 //! (optimistic concurrency). Every refusal names the field.
 
-use flagmesh_engine::{FlagDefinition, Strictness, ValidationError, ValidationErrors};
+use flagmesh_engine::{
+    FlagDefinition, Strictness, ValidationError, ValidationErrors, escape_pointer,
+};
 use flagmesh_proto::v1::ValidationWarning;
 use serde_json::{Map, Value};
 
@@ -118,11 +120,6 @@ pub fn warnings_of(
             }
         })
         .collect()
-}
-
-/// A JSON pointer segment (RFC 6901: `~` as `~0`, `/` as `~1`).
-fn escape_pointer(segment: &str) -> String {
-    segment.replace('~', "~0").replace('/', "~1")
 }
 
 /// Checks an optimistic-concurrency expectation: `current` is the

@@ -357,8 +357,8 @@ pub(crate) fn kind_name(v: &Value) -> &'static str {
     }
 }
 
-/// Escapes one JSON pointer segment (RFC 6901).
-pub(crate) fn escape_pointer(segment: &str) -> String {
+/// Escapes one JSON pointer segment (RFC 6901: `~` as `~0`, `/` as `~1`).
+pub fn escape_pointer(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
 }
 

@@ -24,22 +24,20 @@ pub struct FlagDocument {
     pub flags: BTreeMap<String, FlagDefinition>,
 }
 
+/// A document's text as JSON: JSON, or else YAML.
+fn read(text: &str) -> Result<Value, DocumentError> {
+    serde_json::from_str(text).or_else(|json_err| {
+        serde_yaml_ng::from_str::<Value>(text).map_err(|yaml_err| DocumentError::Syntax {
+            json: json_err.to_string(),
+            yaml: yaml_err.to_string(),
+        })
+    })
+}
+
 impl FlagDocument {
     /// Parses a document from JSON or YAML text and checks it.
     pub fn parse(text: &str, strictness: Strictness) -> Result<Self, DocumentError> {
-        let value: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(json_err) => match serde_yaml_ng::from_str::<Value>(text) {
-                Ok(v) => v,
-                Err(yaml_err) => {
-                    return Err(DocumentError::Syntax {
-                        json: json_err.to_string(),
-                        yaml: yaml_err.to_string(),
-                    });
-                }
-            },
-        };
-        Ok(Self::from_json(&value, strictness)?)
+        Ok(Self::from_json(&read(text)?, strictness)?)
     }
 
     /// Parses a document as a flagd evaluator loads it
@@ -49,11 +47,12 @@ impl FlagDocument {
     /// evaluators), each naming the flag and its JSON pointer. Those flags
     /// evaluate with flagd's runtime semantics.
     pub fn parse_with_warnings(text: &str) -> Result<(Self, Vec<ValidationError>), DocumentError> {
-        let doc = Self::parse(text, Strictness::Lenient)?;
-        let warnings = match Self::parse(text, Strictness::Strict) {
-            Err(DocumentError::Invalid(ValidationErrors(problems))) => problems,
-            Err(DocumentError::Syntax { .. }) | Ok(_) => Vec::new(),
-        };
+        let value = read(text)?;
+        let doc = Self::from_json(&value, Strictness::Lenient)?;
+        let warnings = Self::from_json(&value, Strictness::Strict)
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
         Ok((doc, warnings))
     }
 

@@ -41,7 +41,7 @@ pub mod resolution;
 pub mod rule;
 
 pub use context::{targeting_key_text, validate_context};
-pub use definition::{FlagDefinition, FlagState, FlagType};
+pub use definition::{FlagDefinition, FlagState, FlagType, escape_pointer};
 pub use digest::{StateDigest, flag_hash, flag_set_hash};
 pub use document::FlagDocument;
 pub use error::{CompileError, DocumentError, ErrorCode, ValidationError, ValidationErrors};
