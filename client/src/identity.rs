@@ -33,6 +33,17 @@ impl Role {
             _ => return None,
         })
     }
+
+    /// The role's name, as [`Role::parse`] reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Admin => "admin",
+            Self::Mesh => "mesh",
+            Self::Evaluate => "evaluate",
+        }
+    }
 }
 
 /// The authenticated caller of a request.

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use flagmesh_client::identity::principal;
-use flagmesh_engine::{FlagDocument, Strictness, ValidationError};
+use flagmesh_engine::{FlagDocument, Strictness, ValidationError, ValueType, validate_context};
+use flagmesh_mesh::compiled::{PopFlag, evaluate_response, resolve_flag};
 use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::admin_server::Admin;
 use flagmesh_proto::v1::*;
@@ -79,6 +80,8 @@ struct OneFlag {
     definition: Option<Vec<u8>>,
     /// What the definition was accepted with.
     warnings: Vec<ValidationWarning>,
+    /// Check only, write nothing.
+    dry_run: bool,
 }
 
 impl OneFlag {
@@ -98,7 +101,14 @@ impl OneFlag {
             key,
             definition,
             warnings: Vec::new(),
+            dry_run: false,
         }
+    }
+
+    /// The same write, checked only.
+    fn dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
     }
 
     /// The same write, accepted with `warnings`.
@@ -121,6 +131,7 @@ impl<S: FlagStore + ?Sized> AdminService<S> {
         check: impl Fn(&dyn StateView, &OneFlag) -> Result<(), ControlError> + Send + 'static,
     ) -> Result<Response<WriteResponse>, Status> {
         let warned = write.warnings.clone();
+        let dry_run = write.dry_run;
         let outcome = self
             .commit(
                 move |view| {
@@ -136,11 +147,16 @@ impl<S: FlagStore + ?Sized> AdminService<S> {
                     change.warnings = write.warnings.clone();
                     Ok(change)
                 },
-                false,
+                dry_run,
             )
             .await?;
         let mut response = written(&outcome);
-        response.get_mut().warnings = warned;
+        let r = response.get_mut();
+        r.warnings = warned;
+        if dry_run {
+            r.dry_run = true;
+            r.changed = !outcome.changes.is_empty();
+        }
         Ok(response)
     }
 }
@@ -180,6 +196,7 @@ fn written(outcome: &CommitOutcome) -> Response<WriteResponse> {
         revision: outcome.revision,
         changed: outcome.delta.is_some(),
         warnings: Vec::new(),
+        dry_run: false,
     })
 }
 
@@ -261,7 +278,8 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         let (def, warnings) = validate_definition(&r.key, &r.definition_json, r.strict)?;
         let max = self.max_flags_per_set;
         let write = OneFlag::new(actor, "create", r.comment, r.flag_set, r.key, Some(def))
-            .warned(&warnings);
+            .warned(&warnings)
+            .dry_run(r.dry_run);
         self.write_one(write, move |view, w| {
             if let Some(f) = view.flag(&w.flag_set, &w.key)? {
                 return Err(ControlError::AlreadyExists(format!(
@@ -286,7 +304,8 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         let (def, warnings) = validate_definition(&r.key, &r.definition_json, r.strict)?;
         let (expected, force) = (r.expected_mod_revision, r.force);
         let write = OneFlag::new(actor, "update", r.comment, r.flag_set, r.key, Some(def))
-            .warned(&warnings);
+            .warned(&warnings)
+            .dry_run(r.dry_run);
         self.write_one(write, move |view, w| {
             let current = view.flag(&w.flag_set, &w.key)?.map(|f| f.mod_revision);
             expect_revision(&w.what(), current, expected, force, true)
@@ -301,7 +320,8 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         let actor = actor(&request);
         let r = request.into_inner();
         let expected = r.expected_mod_revision;
-        let write = OneFlag::new(actor, "delete", r.comment, r.flag_set, r.key, None);
+        let write =
+            OneFlag::new(actor, "delete", r.comment, r.flag_set, r.key, None).dry_run(r.dry_run);
         self.write_one(write, move |view, w| {
             let current = view.flag(&w.flag_set, &w.key)?.map(|f| f.mod_revision);
             expect_revision(&w.what(), current, expected, false, false)
@@ -571,4 +591,171 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         let head = self.store.head()?.revision;
         Ok(Response::new(self.propagation.view(head, recent)))
     }
+
+    async fn revert(
+        &self,
+        request: Request<RevertRequest>,
+    ) -> Result<Response<ApplyFlagSetResponse>, Status> {
+        let actor = actor(&request);
+        let r = request.into_inner();
+        check_flag_set(&r.flag_set)?;
+        if !r.key.is_empty() {
+            check_key(&r.key)?;
+        }
+        let head = self.store.head()?;
+        if r.to_revision > head.revision {
+            return Err(Status::invalid_argument(format!(
+                "to_revision: {} is after the newest revision, {}",
+                r.to_revision, head.revision
+            )));
+        }
+        let targets = revert_targets(self.store.as_ref(), &r, head.revision)?;
+        let comment = match r.comment.as_str() {
+            "" => format!("revert to revision {}", r.to_revision),
+            c => c.to_owned(),
+        };
+        let outcome = self
+            .commit(
+                move |view| {
+                    let mut flags = Vec::with_capacity(targets.len());
+                    for t in &targets {
+                        let now = view.flag(&r.flag_set, &t.key)?.map(|f| f.mod_revision);
+                        if now != t.current {
+                            return Err(ControlError::FailedPrecondition(format!(
+                                "flag \"{}\" of flag set \"{}\" changed while the revert was prepared; nothing was reverted, try again",
+                                t.key, r.flag_set
+                            )));
+                        }
+                        flags.push(FlagWrite {
+                            flag_set: r.flag_set.clone(),
+                            key: t.key.clone(),
+                            definition: t.definition.clone(),
+                        });
+                    }
+                    Ok(ChangeRequest {
+                        actor: actor.clone(),
+                        operation: "revert".into(),
+                        comment: comment.clone(),
+                        flags,
+                        sets: vec![],
+                        warnings: Vec::new(),
+                    })
+                },
+                r.dry_run,
+            )
+            .await?;
+        let mut changes = outcome.changes;
+        changes.sort_by(|a, b| (&a.flag_set, &a.key).cmp(&(&b.flag_set, &b.key)));
+        Ok(Response::new(ApplyFlagSetResponse {
+            revision: outcome.revision,
+            changes,
+            dry_run: r.dry_run,
+            warnings: Vec::new(),
+        }))
+    }
+
+    async fn preview_evaluation(
+        &self,
+        request: Request<PreviewEvaluationRequest>,
+    ) -> Result<Response<EvaluateResponse>, Status> {
+        let r = request.into_inner();
+        let stored = self.store.get_flag(&r.flag_set, &r.key)?;
+        let flag = if r.definition_json.is_empty() {
+            stored.ok_or_else(|| {
+                Status::not_found(format!(
+                    "flag \"{}\" not found in flag set \"{}\"",
+                    r.key, r.flag_set
+                ))
+            })?
+        } else {
+            check_key(&r.key)?;
+            let (definition, _) = validate_definition(&r.key, &r.definition_json, false)?;
+            Flag {
+                flag_set: r.flag_set.clone(),
+                key: r.key.clone(),
+                definition_json: definition,
+                mod_revision: stored.map_or(0, |f| f.mod_revision),
+                create_revision: 0,
+            }
+        };
+        let metadata = self
+            .store
+            .get_flag_set(&r.flag_set)?
+            .and_then(|s| s.metadata)
+            .map(|m| struct_to_map(&m))
+            .unwrap_or_default();
+        let flag = PopFlag::new(flag, Arc::new(metadata));
+        let context = Value::Object(r.context.as_ref().map(struct_to_map).unwrap_or_default());
+        let invalid = validate_context(&context).err();
+        let outcome = resolve_flag(&flag, &context, invalid.as_ref(), ValueType::Any);
+        Ok(Response::new(EvaluateResponse {
+            revision: self.store.head()?.revision,
+            ..evaluate_response(&r.key, &outcome)
+        }))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        let p = principal(&request)
+            .ok_or_else(|| Status::unauthenticated("no credential was presented"))?;
+        Ok(Response::new(WhoAmIResponse {
+            name: p.name.clone(),
+            role: p.role.as_str().to_owned(),
+            flag_sets: p.flag_sets.clone(),
+        }))
+    }
+}
+
+/// One flag a revert writes: what it was at the revision (`None`: it did
+/// not exist) and its mod revision now (`None`: it does not exist now).
+struct RevertTarget {
+    key: String,
+    definition: Option<Vec<u8>>,
+    current: Option<u64>,
+}
+
+/// The flags a revert restores: every flag of the set (or the one flag)
+/// changed after `to_revision`, each to the definition its first change
+/// after that revision replaced. Reads the history newest first down to it.
+fn revert_targets<S: FlagStore + ?Sized>(
+    store: &S,
+    r: &RevertRequest,
+    head: u64,
+) -> Result<Vec<RevertTarget>, ControlError> {
+    use std::collections::BTreeMap;
+    let key = (!r.key.is_empty()).then_some(r.key.as_str());
+    let mut targets: BTreeMap<String, RevertTarget> = BTreeMap::new();
+    let mut before = Some(head + 1);
+    'pages: while let Some(b) = before {
+        let page = store.history(Some(b), 200, Some(&r.flag_set), key)?;
+        before = page
+            .last()
+            .map(|c| c.revision)
+            .filter(|_| page.len() == 200);
+        for cs in page {
+            if cs.revision <= r.to_revision {
+                break 'pages;
+            }
+            for c in cs.changes {
+                if c.flag_set != r.flag_set || c.key.is_empty() || key.is_some_and(|k| k != c.key) {
+                    continue;
+                }
+                let definition = (!c.before_json.is_empty()).then(|| c.before_json.into_bytes());
+                let current = (!c.after_json.is_empty()).then_some(cs.revision);
+                // newest first: the first change seen says what the flag is
+                // now, the last one what it was at the revision
+                targets
+                    .entry(c.key.clone())
+                    .and_modify(|t| t.definition = definition.clone())
+                    .or_insert(RevertTarget {
+                        key: c.key,
+                        definition,
+                        current,
+                    });
+            }
+        }
+    }
+    Ok(targets.into_values().collect())
 }

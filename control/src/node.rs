@@ -92,11 +92,19 @@ pub fn policies() -> [ServicePolicy; 2] {
                 "ListHistory",
                 "GetRevision",
                 "GetPropagation",
+                "PreviewEvaluation",
+                "WhoAmI",
             ],
             read,
         )
         .methods(
-            &["CreateFlag", "UpdateFlag", "DeleteFlag", "ApplyFlagSet"],
+            &[
+                "CreateFlag",
+                "UpdateFlag",
+                "DeleteFlag",
+                "ApplyFlagSet",
+                "Revert",
+            ],
             write,
         ),
         ServicePolicy::new("flagmesh.v1.Sync", MethodPolicy::stream(Requirement::Mesh)),
@@ -218,6 +226,7 @@ pub async fn start(
         )
         .service(SyncService::server(fanout, propagation), sync)
         .http_routes(http)
+        .json_gateway("/api", &["flagmesh.v1.Admin"])
         .start()?;
     Ok(RunningControl {
         grpc_addr: node.grpc_addr,

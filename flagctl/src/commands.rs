@@ -198,6 +198,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     force: false,
                     comment: comment.clone(),
                     strict: *strict,
+                    dry_run: false,
                 })
                 .await?
                 .into_inner();

@@ -10,8 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::SourceSnapshot;
-use flagmesh_engine::{CompiledFlag, ErrorCode, FlagDefinition, Resolution, Strictness, ValueType};
-use flagmesh_proto::convert::struct_to_map;
+use flagmesh_engine::{
+    CompiledFlag, ErrorCode, FlagDefinition, Reason, Resolution, Strictness, ValueType,
+};
+use flagmesh_proto::convert::{json_to_value, map_to_struct, struct_to_map};
+use flagmesh_proto::v1 as pb;
 use flagmesh_proto::v1::{Delta, Flag, FlagSet};
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::Xxh3Builder;
@@ -276,6 +279,52 @@ pub fn resolve_flag<'a>(
     Outcome {
         resolution,
         mod_revision,
+    }
+}
+
+/// The protobuf answer for an outcome: the resolution and the flag's mod
+/// revision (the node fills in its own revision, id and staleness).
+pub fn evaluate_response(key: &str, o: &Outcome<'_>) -> pb::EvaluateResponse {
+    let r = &o.resolution;
+    pb::EvaluateResponse {
+        flag_key: key.to_owned(),
+        value: r.value.map(json_to_value),
+        variant: r.variant.unwrap_or_default().to_owned(),
+        reason: reason(r.reason) as i32,
+        error_code: r
+            .error
+            .as_ref()
+            .map(|e| error_code(e.code) as i32)
+            .unwrap_or(0),
+        error_message: r
+            .error
+            .as_ref()
+            .map(|e| e.message.to_string())
+            .unwrap_or_default(),
+        metadata: (!r.metadata.is_empty()).then(|| map_to_struct(r.metadata)),
+        mod_revision: o.mod_revision,
+        ..Default::default()
+    }
+}
+
+fn reason(r: Reason) -> pb::Reason {
+    match r {
+        Reason::Static => pb::Reason::Static,
+        Reason::TargetingMatch => pb::Reason::TargetingMatch,
+        Reason::Default => pb::Reason::Default,
+        Reason::Disabled => pb::Reason::Disabled,
+        Reason::Error => pb::Reason::Error,
+    }
+}
+
+fn error_code(c: ErrorCode) -> pb::ErrorCode {
+    match c {
+        ErrorCode::FlagNotFound => pb::ErrorCode::FlagNotFound,
+        ErrorCode::ParseError => pb::ErrorCode::ParseError,
+        ErrorCode::TypeMismatch => pb::ErrorCode::TypeMismatch,
+        ErrorCode::TargetingKeyMissing => pb::ErrorCode::TargetingKeyMissing,
+        ErrorCode::InvalidContext => pb::ErrorCode::InvalidContext,
+        ErrorCode::General => pb::ErrorCode::General,
     }
 }
 

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use flagmesh_client::identity::principal;
-use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
+use flagmesh_engine::{ValueType, validate_context};
 use flagmesh_mesh::subscriber::SyncStatus;
-use flagmesh_proto::convert::{json_to_value, map_to_struct, struct_to_map};
+use flagmesh_proto::convert::{map_to_struct, struct_to_map};
 use flagmesh_proto::v1 as pb;
 use flagmesh_proto::v1::evaluation_server::Evaluation;
 use serde_json::Value;
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-pub use flagmesh_mesh::compiled::{Outcome, resolve, resolve_flag};
+pub use flagmesh_mesh::compiled::{Outcome, evaluate_response, resolve, resolve_flag};
 use flagmesh_mesh::compiled::{PopState, SetState};
 
 /// What the evaluation service reads.
@@ -81,27 +81,6 @@ pub fn value_type(t: i32) -> ValueType {
     }
 }
 
-fn reason(r: Reason) -> pb::Reason {
-    match r {
-        Reason::Static => pb::Reason::Static,
-        Reason::TargetingMatch => pb::Reason::TargetingMatch,
-        Reason::Default => pb::Reason::Default,
-        Reason::Disabled => pb::Reason::Disabled,
-        Reason::Error => pb::Reason::Error,
-    }
-}
-
-fn error_code(c: ErrorCode) -> pb::ErrorCode {
-    match c {
-        ErrorCode::FlagNotFound => pb::ErrorCode::FlagNotFound,
-        ErrorCode::ParseError => pb::ErrorCode::ParseError,
-        ErrorCode::TypeMismatch => pb::ErrorCode::TypeMismatch,
-        ErrorCode::TargetingKeyMissing => pb::ErrorCode::TargetingKeyMissing,
-        ErrorCode::InvalidContext => pb::ErrorCode::InvalidContext,
-        ErrorCode::General => pb::ErrorCode::General,
-    }
-}
-
 impl EvaluationService {
     fn response(
         &self,
@@ -110,27 +89,11 @@ impl EvaluationService {
         state: &PopState,
         stale: bool,
     ) -> pb::EvaluateResponse {
-        let r = &o.resolution;
         pb::EvaluateResponse {
-            flag_key: key.to_owned(),
-            value: r.value.map(json_to_value),
-            variant: r.variant.unwrap_or_default().to_owned(),
-            reason: reason(r.reason) as i32,
-            error_code: r
-                .error
-                .as_ref()
-                .map(|e| error_code(e.code) as i32)
-                .unwrap_or(0),
-            error_message: r
-                .error
-                .as_ref()
-                .map(|e| e.message.to_string())
-                .unwrap_or_default(),
-            metadata: (!r.metadata.is_empty()).then(|| map_to_struct(r.metadata)),
-            mod_revision: o.mod_revision,
             revision: state.revision,
             pop_id: self.ctx.pop_id.clone(),
             stale,
+            ..evaluate_response(key, o)
         }
     }
 

@@ -6,6 +6,8 @@
 //! - [`credentials`]: tokens and who may present them.
 //! - [`policy`]: what each method asks of its caller (declared by the node).
 //! - [`access`], [`http_access`]: enforcing that on gRPC and HTTP.
+//! - [`json_gateway`]: unary gRPC methods over HTTP with JSON, through the
+//!   same access layer.
 //! - [`tls`], [`limits`], [`security`]: listeners' TLS and per-client limits.
 //! - [`config`]: one rule for every option (command line over environment
 //!   over `--config` file).
@@ -16,6 +18,7 @@ pub mod access;
 pub mod config;
 pub mod credentials;
 pub mod http_access;
+pub mod json_gateway;
 pub mod limits;
 pub mod metrics;
 pub mod node;

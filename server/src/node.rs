@@ -41,6 +41,9 @@ pub enum NodeError {
     /// Reflection could not read a descriptor set.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The HTTP/JSON gateway could not be built.
+    #[error(transparent)]
+    Gateway(#[from] crate::json_gateway::GatewayError),
 }
 
 /// Whether a node is ready to serve (`/readyz`), and a detail an operator
@@ -111,6 +114,7 @@ pub struct NodeBuilder {
     http_addr: Option<SocketAddr>,
     services: Option<Services>,
     http_routes: axum::Router,
+    json_gateway: Option<(String, Vec<&'static str>)>,
     registry: Registry,
     readiness: Readiness,
     stop: CancellationToken,
@@ -158,6 +162,7 @@ impl NodeBuilder {
             http_addr,
             services: None,
             http_routes: axum::Router::new(),
+            json_gateway: None,
             registry,
             readiness: Readiness::default(),
             stop: CancellationToken::new(),
@@ -239,6 +244,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Serves the unary methods of `services` over HTTP with JSON under
+    /// `prefix` (see [`crate::json_gateway`]), through the same access
+    /// layer as gRPC.
+    pub fn json_gateway(mut self, prefix: &str, services: &[&'static str]) -> Self {
+        self.json_gateway = Some((prefix.to_owned(), services.to_vec()));
+        self
+    }
+
     /// Starts serving: gRPC (with health and reflection), HTTP (with
     /// `/healthz`, `/readyz` and `/metrics`), and the TLS watchers.
     pub fn start(self) -> Result<RunningNode, NodeError> {
@@ -250,7 +263,8 @@ impl NodeBuilder {
             http,
             http_addr,
             services,
-            http_routes,
+            mut http_routes,
+            json_gateway,
             registry,
             readiness,
             stop,
@@ -268,6 +282,17 @@ impl NodeBuilder {
         let routes = with_health_and_reflection(routes, &names, &mut policy)?;
         security.spawn_tls_watchers(&tasks, &stop);
         let layer = AuthLayer::new(&security, policy.shared());
+        if let Some((prefix, services)) = json_gateway {
+            let grpc = tower::ServiceBuilder::new()
+                .layer(layer.clone())
+                .service(routes.clone());
+            http_routes = http_routes.merge(crate::json_gateway::routes(
+                &prefix,
+                tower::util::BoxCloneSyncService::new(grpc),
+                flagmesh_proto::FILE_DESCRIPTOR_SET,
+                &services,
+            )?);
+        }
         let (grpc_security, grpc_stop) = (security.clone(), stop.clone());
         tasks.spawn(async move {
             if let Err(e) = serve_grpc(routes, &grpc_security, layer, grpc, grpc_stop).await {

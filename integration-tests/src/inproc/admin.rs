@@ -30,6 +30,8 @@ pub fn tokens() -> String {
 pub struct Control {
     pub node: RunningControl,
     pub addr: SocketAddr,
+    /// Its HTTP listener (the console and the JSON gateway).
+    pub http: SocketAddr,
     pub dir: tempfile::TempDir,
 }
 
@@ -56,13 +58,14 @@ pub async fn control_in(dir: tempfile::TempDir, retain: u64, secured: bool) -> C
         init: true,
         ..ControlConfig::new(
             "127.0.0.1:0".parse().unwrap(),
-            None,
+            Some("127.0.0.1:0".parse().unwrap()),
             dir.path().join("store"),
         )
     };
     let node = start(config, Arc::new(auth)).await.unwrap();
     Control {
         addr: node.grpc_addr,
+        http: node.http_addr.unwrap(),
         node,
         dir,
     }
