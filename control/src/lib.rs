@@ -9,10 +9,12 @@
 //! - [`validate`]: what the Admin API checks before writing.
 //! - [`postgres`]: the store on PostgreSQL, for several active instances.
 //! - [`propagation`]: which node has applied which revision.
+//! - [`console`]: the web console's page, script and styles.
 //! - [`node`]: assembling and running a control node.
 
 pub mod admin;
 pub mod change;
+pub mod console;
 pub mod error;
 pub mod node;
 pub mod postgres;

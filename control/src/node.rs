@@ -274,19 +274,14 @@ impl prometheus_client::collector::Collector for ControlMetrics {
     }
 }
 
-/// The propagation page: one self-contained HTML page (no build step) that
-/// polls `api/propagation` every second.
-const STATUS_PAGE: &str = include_str!("status_page.html");
-
-/// Control's own HTTP routes: the status page at `/`, and its data at
-/// `/api/propagation` (the node adds `/healthz`, `/readyz`, `/metrics`).
+/// Control's own HTTP routes: the console (see [`crate::console`]) and
+/// the propagation view's data at `/api/propagation` (the node adds the
+/// Admin API as JSON under `/api`, and `/healthz`, `/readyz`, `/metrics`).
 fn http_routes(
     store: Arc<dyn FlagStore>,
     propagation: Arc<Propagation>,
     security: &Security,
 ) -> axum::Router {
-    // the page itself holds no data; what it shows needs a read credential
-    // (the page sends the token given in its address: `/#token=...`)
     let access = HttpAccess {
         auth: security.auth.clone(),
         requirement: Requirement::Read,
@@ -298,10 +293,5 @@ fn http_routes(
             axum::Json(flagmesh_proto::view::view_json(&propagation.view(head, 30)))
         }
     });
-    axum::Router::new()
-        .route(
-            "/",
-            axum::routing::get(|| async { axum::response::Html(STATUS_PAGE) }),
-        )
-        .merge(access.guard(axum::Router::new().route("/api/propagation", api)))
+    crate::console::routes().merge(access.guard(axum::Router::new().route("/api/propagation", api)))
 }

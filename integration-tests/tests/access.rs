@@ -1,6 +1,6 @@
 //! The access table: for each API of a running mesh (Admin, Sync on every
 //! tier, Evaluation, the flagd services, OFREP, metrics, the propagation
-//! API, health) and each credential (none, wrong, read, write, admin, mesh,
+//! API, the Admin API as JSON, the console's page, health) and each credential (none, wrong, read, write, admin, mesh,
 //! an evaluation key for flag set `a` used on set `a` and on set `b`), the
 //! outcome is the intended one: allowed, unauthenticated (401), or denied
 //! (403).
@@ -109,6 +109,19 @@ async fn http(
     };
     let (status, _, body) = http_request(addr, method, path, body, &h).await.unwrap();
     assert_ne!(status, 0, "{method} {path}: no HTTP answer: {body}");
+    http_outcome(status)
+}
+
+/// An Admin method through control's JSON gateway.
+async fn gateway(addr: SocketAddr, method: &str, body: &str, token: Option<&str>) -> Outcome {
+    let h = headers(token, None);
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let path = format!("/api/flagmesh.v1.Admin/{method}");
+    let (status, _, answer) = http_request(addr, "POST", &path, body, &h).await.unwrap();
+    assert!(
+        [200, 401, 403].contains(&status),
+        "{path}: {status} {answer}"
+    );
     http_outcome(status)
 }
 
@@ -293,6 +306,12 @@ async fn call(n: &Nodes, api: &str, cred: &str, token: Option<&str>) -> Outcome 
         "metrics hub" => http(n.hub_http, "GET", "/metrics", token, None).await,
         "metrics PoP" => http(n.pop_http, "GET", "/metrics", token, None).await,
         "propagation API" => http(n.control_http, "GET", "/api/propagation", token, None).await,
+        "Admin JSON GetRevision" => gateway(n.control_http, "GetRevision", "{}", token).await,
+        "Admin JSON UpdateFlag" => {
+            let unchanged = r#"{"flagSet":"a","key":"x","force":true,"definitionJson":"{\"state\":\"ENABLED\",\"variants\":{\"on\":true,\"off\":false},\"defaultVariant\":\"on\"}"}"#;
+            gateway(n.control_http, "UpdateFlag", unchanged, token).await
+        }
+        "console page" => http(n.control_http, "GET", "/sets/a", token, None).await,
         "gRPC health PoP" => health(&n.pop, token).await,
         "/healthz PoP" => http(n.pop_http, "GET", "/healthz", token, None).await,
         other => panic!("unknown row {other}"),
@@ -349,6 +368,9 @@ async fn every_api_admits_exactly_the_intended_credentials() {
             ("metrics hub", [U, U, A, A, A, D, D]),
             ("metrics PoP", [U, U, A, A, A, D, D]),
             ("propagation API", [U, U, A, A, A, D, D]),
+            ("Admin JSON GetRevision", [U, U, A, A, A, D, D]),
+            ("Admin JSON UpdateFlag", [U, U, D, A, A, D, D]),
+            ("console page", [A, A, A, A, A, A, A]),
             ("gRPC health PoP", [A, A, A, A, A, A, A]),
             ("/healthz PoP", [A, A, A, A, A, A, A]),
         ];

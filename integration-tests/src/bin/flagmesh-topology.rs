@@ -215,8 +215,9 @@ async fn main() -> anyhow::Result<()> {
     println!("  {}/flagctl --server {control} status", bin.display());
     println!("  {}/flagctl --server {control} history", bin.display());
     if let Some(http) = mesh.control.http {
-        println!("The propagation page (every node's revision, live):");
+        println!("The web console (flag sets, editing, history and revert, propagation live):");
         println!("  http://{http}/");
+        println!("  http://{http}/propagation");
     }
     println!("Metrics and health of a PoP:");
     println!("  curl -s http://{pop_http}/metrics | grep ^flagmesh_");
