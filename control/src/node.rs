@@ -1,6 +1,7 @@
 //! Assembles a control-plane node with the shared node builder: store,
 //! fan-out, the Admin and Sync services with their access policies, the
-//! status page and its API, and the control plane's metrics.
+//! Admin API as JSON, the web console, the propagation API, and the
+//! control plane's metrics.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
