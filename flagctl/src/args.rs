@@ -123,6 +123,23 @@ pub enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Restore a flag, or every flag of a set, to what it was at a
+    /// revision, as a new change (the history keeps both).
+    Revert {
+        /// The flag set.
+        flag_set: String,
+        /// The flag key (default: every flag of the set).
+        key: Option<String>,
+        /// The revision whose definitions come back.
+        #[arg(long = "to-revision")]
+        to_revision: u64,
+        /// Show the diff, change nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+        /// A note for the audit trail (default: "revert to revision N").
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// Export a flag set as a flagd document.
     Export {
         /// The flag set.

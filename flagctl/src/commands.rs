@@ -261,40 +261,26 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 })
                 .await?
                 .into_inner();
-            if json_out {
-                print_json(&json!({
-                    "revision": r.revision,
-                    "dry_run": r.dry_run,
-                    "changes": r.changes.iter().map(change_json).collect::<Vec<_>>(),
-                    "warnings": r.warnings.iter().map(warning_json).collect::<Vec<_>>(),
-                }));
-            } else {
-                eprint!("{}", render_warnings(&r.warnings));
-                for c in &r.changes {
-                    print!("{}", render_change(c));
-                }
-                let count = |k: &str| r.changes.iter().filter(|c| kind_name(c.kind) == k).count();
-                let counts = format!(
-                    "{} to create, {} to update, {} to delete",
-                    count("create"),
-                    count("update"),
-                    count("delete")
-                );
-                if r.dry_run {
-                    println!(
-                        "dry run: {counts}; nothing written (revision {})",
-                        r.revision
-                    );
-                } else if r.changes.is_empty() {
-                    println!("no changes (revision {})", r.revision);
-                } else {
-                    println!(
-                        "applied as revision {}: {}",
-                        r.revision,
-                        counts.replace(" to ", " ")
-                    );
-                }
-            }
+            print_outcome(&r, json_out, "applied");
+        }
+        Command::Revert {
+            flag_set,
+            key,
+            to_revision,
+            dry_run,
+            comment,
+        } => {
+            let r = client
+                .revert(RevertRequest {
+                    flag_set: flag_set.clone(),
+                    key: key.clone().unwrap_or_default(),
+                    to_revision: *to_revision,
+                    comment: comment.clone(),
+                    dry_run: *dry_run,
+                })
+                .await?
+                .into_inner();
+            print_outcome(&r, json_out, "reverted");
         }
         Command::Export { flag_set } => {
             let r = client
@@ -402,4 +388,42 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Prints what an apply or a revert did (or would do, on a dry run).
+fn print_outcome(r: &ApplyFlagSetResponse, json_out: bool, done: &str) {
+    if json_out {
+        print_json(&json!({
+            "revision": r.revision,
+            "dry_run": r.dry_run,
+            "changes": r.changes.iter().map(change_json).collect::<Vec<_>>(),
+            "warnings": r.warnings.iter().map(warning_json).collect::<Vec<_>>(),
+        }));
+        return;
+    }
+    eprint!("{}", render_warnings(&r.warnings));
+    for c in &r.changes {
+        print!("{}", render_change(c));
+    }
+    let count = |k: &str| r.changes.iter().filter(|c| kind_name(c.kind) == k).count();
+    let counts = format!(
+        "{} to create, {} to update, {} to delete",
+        count("create"),
+        count("update"),
+        count("delete")
+    );
+    if r.dry_run {
+        println!(
+            "dry run: {counts}; nothing written (revision {})",
+            r.revision
+        );
+    } else if r.changes.is_empty() {
+        println!("no changes (revision {})", r.revision);
+    } else {
+        println!(
+            "{done} as revision {}: {}",
+            r.revision,
+            counts.replace(" to ", " ")
+        );
+    }
 }

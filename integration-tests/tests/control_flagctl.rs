@@ -163,3 +163,66 @@ async fn flagctl_applies_reports_and_fails_clearly() {
     );
     c.node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagctl_reverts_a_flag_to_a_revision() {
+    let c = control(100, false).await;
+    let server = c.addr.to_string();
+    for variant in ["on", "off"] {
+        let def = format!(
+            r#"{{"state":"ENABLED","variants":{{"on":true,"off":false}},"defaultVariant":"{variant}"}}"#
+        );
+        let out = flagctl(&server, &["set", "shop", "checkout", "--json", &def]).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let dry = flagctl(
+        &server,
+        &[
+            "revert",
+            "shop",
+            "checkout",
+            "--to-revision",
+            "1",
+            "--dry-run",
+        ],
+    )
+    .await;
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(
+        text(&dry.stdout).contains("dry run: 0 to create, 1 to update, 0 to delete"),
+        "{}",
+        text(&dry.stdout)
+    );
+    let out = flagctl(
+        &server,
+        &["revert", "shop", "checkout", "--to-revision", "1"],
+    )
+    .await;
+    assert!(
+        out.status.success() && text(&out.stdout).contains("reverted as revision 3"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = flagctl(&server, &["-o", "json", "get", "shop", "checkout"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(v["definition"]["defaultVariant"], "on");
+    // the future cannot be restored: one clear line, nothing changed
+    let out = flagctl(&server, &["revert", "shop", "--to-revision", "99"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("after the newest revision"),
+        "{}",
+        text(&out.stderr)
+    );
+    let mut a = admin(c.addr, None).await;
+    assert_eq!(
+        a.get_revision(GetRevisionRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .revision,
+        3
+    );
+    c.node.stop().await;
+}
