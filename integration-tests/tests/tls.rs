@@ -165,6 +165,19 @@ async fn https_get(
     path: &str,
     token: &str,
 ) -> std::io::Result<(u16, String)> {
+    https_request(addr, ca, "GET", path, "", token).await
+}
+
+/// An HTTP/1.1 request over TLS (a JSON body when not empty), trusting
+/// `ca`; status and body.
+async fn https_request(
+    addr: SocketAddr,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: &str,
+) -> std::io::Result<(u16, String)> {
     let mut roots = rustls::RootCertStore::empty();
     for c in flagmesh_client::tls::load_certs("CA", ca).map_err(std::io::Error::other)? {
         roots.add(c).map_err(std::io::Error::other)?;
@@ -181,7 +194,7 @@ async fn https_get(
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let mut s = connector.connect(name, tcp).await?;
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
     )
     .await?;
     let mut buf = Vec::new();
@@ -291,6 +304,26 @@ async fn mtls_mesh_serves_and_refuses_nodes_and_clients_without_trust() {
             String::from_utf8_lossy(&out.stderr).trim().lines().count(),
             1
         );
+
+        // the console and the Admin API as JSON over TLS on control's
+        // HTTP listener, with the same tokens
+        let console = control.http.unwrap();
+        let (status, page) = https_get(console, &ca.cert, "/sets/web", ADMIN)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{page}");
+        assert!(page.contains("/console/app.js"), "{page}");
+        let get = r#"{"flagSet":"web","key":"banner"}"#;
+        let path = "/api/flagmesh.v1.Admin/GetFlag";
+        let (status, body) = https_request(console, &ca.cert, "POST", path, get, ADMIN)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"modRevision\""), "{body}");
+        let (status, body) = https_request(console, &ca.cert, "POST", path, get, APP)
+            .await
+            .unwrap();
+        assert_eq!(status, 403, "an evaluation key reads no Admin data: {body}");
 
         // OFREP and metrics over TLS on the PoP's HTTP listener
         let http = pop.http.unwrap();
