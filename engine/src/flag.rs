@@ -7,8 +7,17 @@ use serde_json::{Map, Value};
 
 use crate::definition::{FlagDefinition, FlagState, FlagType};
 use crate::error::{CompileError, ErrorCode};
+use crate::intern::Interner;
 use crate::resolution::{Reason, Resolution, ValueType};
 use crate::rule::{self, Rule, Strictness};
+
+/// Compiled targeting, shared between flags with the same rule.
+static RULES: std::sync::LazyLock<Interner<Rule>> = std::sync::LazyLock::new(Interner::new);
+/// Variants, shared between flags with the same ones.
+static VARIANTS: std::sync::LazyLock<Interner<Variants>> = std::sync::LazyLock::new(Interner::new);
+
+/// A flag's variants, in a small slice.
+type Variants = Box<[(Box<str>, Value)]>;
 
 /// A flag ready to evaluate. It keeps only what resolving needs: the
 /// compiled rule (not the rule's JSON), the variants in a small slice, and
@@ -20,12 +29,14 @@ pub struct CompiledFlag {
     key_value: Value,
     state: FlagState,
     flag_type: FlagType,
-    variants: Box<[(Box<str>, Value)]>,
+    /// Shared by every flag with the same variants.
+    variants: Arc<Variants>,
     /// Index of the default variant in `variants`.
     default_variant: Option<usize>,
     /// `Ok(None)`: no targeting; `Err`: the targeting does not compile and
     /// every resolution fails with `PARSE_ERROR`.
-    rule: Result<Option<Rule>, CompileError>,
+    /// Shared by every flag with the same targeting.
+    rule: Result<Option<Arc<Rule>>, CompileError>,
     metadata: Arc<Map<String, Value>>,
 }
 
@@ -57,12 +68,13 @@ impl CompiledFlag {
         } = definition;
         let rule = match &targeting {
             None => Ok(None),
-            Some(t) => rule::compile(t, Strictness::Lenient).map(Some),
+            Some(t) => rule::compile(t, Strictness::Lenient).map(|r| Some(RULES.share(t, r))),
         };
-        let variants: Box<[(Box<str>, Value)]> = variants
-            .into_iter()
-            .map(|(k, v)| (k.into_boxed_str(), v))
+        let shared: Variants = variants
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), v.clone()))
             .collect();
+        let variants = VARIANTS.share(&variants, shared);
         let default_variant =
             default_variant.and_then(|d| variants.iter().position(|(k, _)| **k == *d));
         let metadata = if own.is_empty() {
@@ -210,6 +222,50 @@ mod tests {
         let def = FlagDefinition::from_json("f", &raw, &Map::new(), Strictness::Lenient)
             .expect("valid flag");
         CompiledFlag::new("f", def, &Map::new())
+    }
+
+    fn keyed(key: &str, raw: &Value) -> CompiledFlag {
+        let def = FlagDefinition::from_json(key, raw, &Map::new(), Strictness::Lenient)
+            .expect("valid flag");
+        CompiledFlag::new(key, def, &Map::new())
+    }
+
+    fn variants_for(flag: &CompiledFlag) -> Vec<String> {
+        (0..300)
+            .map(|i| {
+                let ctx = json!({"targetingKey": format!("user-{i}"), "country": "NL"});
+                flag.resolve(&ctx).variant.unwrap_or("-").to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flags_with_the_same_targeting_share_it_and_still_answer_as_themselves() {
+        let rollout = json!({"state": "ENABLED", "variants": {"on": true, "off": false},
+            "defaultVariant": "off", "targeting": {"if": [{"==": [{"var": "country"}, "NL"]},
+            {"fractional": [["on", 30], ["off", 70]]}, "off"]}});
+        // each flag alone (nothing else holds the rule meanwhile)
+        let alone_a = variants_for(&keyed("rollout-a", &rollout));
+        let alone_b = variants_for(&keyed("rollout-b", &rollout));
+        // both at once: one compiled rule, bucketed by each flag's own key
+        let (a, b) = (keyed("rollout-a", &rollout), keyed("rollout-b", &rollout));
+        let (Ok(Some(ra)), Ok(Some(rb))) = (&a.rule, &b.rule) else {
+            panic!("both compile")
+        };
+        assert!(Arc::ptr_eq(ra, rb), "the same targeting is held once");
+        assert!(Arc::ptr_eq(&a.variants, &b.variants));
+        assert_eq!(variants_for(&a), alone_a);
+        assert_eq!(variants_for(&b), alone_b);
+        assert_ne!(alone_a, alone_b, "the flag key takes part in bucketing");
+        // a different rule is not confused with it
+        let mut other = rollout.clone();
+        other["targeting"]["if"][0]["=="][1] = json!("DE");
+        let c = keyed("rollout-a", &other);
+        let Ok(Some(rc)) = &c.rule else {
+            panic!("compiles")
+        };
+        assert!(!Arc::ptr_eq(ra, rc));
+        assert!(variants_for(&c).iter().all(|v| v == "off"));
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod error;
 mod eval;
 pub mod flag;
 pub mod flag_set;
+mod intern;
 pub mod ops;
 pub mod resolution;
 pub mod rule;

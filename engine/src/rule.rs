@@ -32,7 +32,7 @@ pub enum Strictness {
 }
 
 /// A compiled targeting rule.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     pub(crate) root: Node,
 }
@@ -70,14 +70,14 @@ pub(crate) enum IterOp {
 
 /// One segment of a variable path; `index` is set when the segment is a
 /// number, for stepping into arrays.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Segment {
     pub key: Box<str>,
     pub index: Option<usize>,
 }
 
 /// A compiled node.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Node {
     /// A literal value (also a literal array whose elements are all literals).
     Lit(Value),

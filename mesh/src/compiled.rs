@@ -94,7 +94,17 @@ pub struct PopState {
     pub sets: HashMap<String, Arc<SetState>>,
 }
 
+/// Flags compiled by this process so far.
+static COMPILATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many flags this process has compiled (each on its first use after
+/// it changed): a sign of activity for releasing memory when quiet.
+pub fn compilations() -> u64 {
+    COMPILATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn compile(flag: &Flag, metadata: &Arc<Map<String, Value>>) -> Result<CompiledFlag, String> {
+    COMPILATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let compiled = serde_json::from_slice::<Value>(&flag.definition_json)
         .map_err(|e| format!("definition is not JSON: {e}"))
         .and_then(|v| {

@@ -114,6 +114,14 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
         &node.stop_token(),
         node.tasks(),
     )?;
+    // what applying a change or compiling flags allocated for a moment
+    // goes back to the system once the PoP is quiet again
+    let revision = changes_rx.clone();
+    flagmesh_server::process::release_memory_when_quiet(
+        move || *revision.borrow() ^ flagmesh_mesh::compiled::compilations().rotate_left(32),
+        node.tasks(),
+        node.stop_token(),
+    );
     let eval = EvalContext {
         state: state.clone(),
         changes: changes_rx,

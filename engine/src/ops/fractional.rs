@@ -15,21 +15,21 @@ use crate::eval::Env;
 use crate::rule::{Node, clamp_weight};
 
 /// A bucket's weight: fixed at compile time, or computed per evaluation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Weight {
     Fixed(u64),
     Dyn(Node),
 }
 
 /// One `[variant, weight]` bucket.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Bucket {
     pub variant: Node,
     pub weight: Weight,
 }
 
 /// A compiled `fractional` operation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Fractional {
     /// The bucketing value; `None` means `flagKey + targetingKey`.
     bucket_by: Option<Node>,

@@ -97,7 +97,7 @@ pub fn parse_version(v: &Value) -> Option<Version> {
 
 /// A compiled `sem_ver` operation; operator and version are pre-parsed when
 /// they are literals.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SemVerRule {
     pub subject: Node,
     pub op: Option<SemVerOp>,

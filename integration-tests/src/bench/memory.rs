@@ -6,14 +6,24 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{document, rss_kib};
+use super::{distinct_flag, document_of, realistic_flag, rss_kib};
 use crate::topology::{Mesh, NodeRef, TopologySpec};
 
 /// Flags per ApplyFlagSet call (keeps each request well under 4 MiB).
 const PER_SET: usize = 5_000;
 
-/// Loads `flags` flags into a fresh control + one PoP and measures the PoP.
-pub async fn run(spec: TopologySpec, flags: usize) -> Result<(Value, Mesh), String> {
+/// Loads `flags` flags into a fresh control + one PoP and measures the PoP;
+/// with `distinct`, no two flags have the same targeting.
+pub async fn run(
+    spec: TopologySpec,
+    flags: usize,
+    distinct: bool,
+) -> Result<(Value, Mesh), String> {
+    let make = if distinct {
+        distinct_flag
+    } else {
+        realistic_flag
+    };
     let mesh = Mesh::start(spec).await.map_err(|e| e.to_string())?;
     let pid = mesh.pops[0]
         .process
@@ -29,7 +39,7 @@ pub async fn run(spec: TopologySpec, flags: usize) -> Result<(Value, Mesh), Stri
         let count = PER_SET.min(flags - start);
         admin
             .apply_flag_set(flagmesh_proto::v1::ApplyFlagSetRequest {
-                document: document(&format!("set-{set}"), "flag", start, count),
+                document: document_of(&format!("set-{set}"), "flag", start, count, make),
                 ..Default::default()
             })
             .await
@@ -38,7 +48,7 @@ pub async fn run(spec: TopologySpec, flags: usize) -> Result<(Value, Mesh), Stri
         set += 1;
     }
     mesh.converged(Duration::from_secs(300)).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let held = mesh
         .metrics(NodeRef::Pop(0))
         .await
@@ -57,12 +67,15 @@ pub async fn run(spec: TopologySpec, flags: usize) -> Result<(Value, Mesh), Stri
         .await
         .map_err(|e| e.to_string())?;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // steady: once the PoP has been quiet for a moment (it hands memory
+    // freed after a burst of work back to the system within a second)
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (steady_kib, peak_kib) = rss_kib(pid);
     let per_flag = (steady_kib.saturating_sub(empty_kib) * 1024) as f64 / flags.max(1) as f64;
     Ok((
         json!({
             "flags": flags,
+            "rules": if distinct { "all distinct" } else { "repeated" },
             "flags_held": held,
             "empty_rss_mib": empty_kib as f64 / 1024.0,
             "loaded_rss_mib": loaded_kib as f64 / 1024.0,

@@ -38,11 +38,34 @@ pub fn realistic_flag(i: usize) -> Value {
     })
 }
 
+/// A realistic flag whose targeting no other flag repeats: the same shape
+/// as [`realistic_flag`], with its own literals (a fleet of unrelated
+/// flags, where nothing can be shared).
+pub fn distinct_flag(i: usize) -> Value {
+    let mut f = realistic_flag(i);
+    let clause = &mut f["targeting"]["if"][0]["and"];
+    clause[0]["in"][1] = json!(["NL", "DE", "FR", format!("X{i}")]);
+    clause[1][">="][1] = json!(i);
+    clause[2]["ends_with"][1] = json!(format!("@example-{i}.com"));
+    f
+}
+
 /// A flagd document of `count` realistic flags named `prefix-N`.
 pub fn document(set: &str, prefix: &str, start: usize, count: usize) -> String {
+    document_of(set, prefix, start, count, realistic_flag)
+}
+
+/// A flagd document of `count` flags named `prefix-N`, made by `flag`.
+pub fn document_of(
+    set: &str,
+    prefix: &str,
+    start: usize,
+    count: usize,
+    flag: fn(usize) -> Value,
+) -> String {
     let mut flags = serde_json::Map::new();
     for i in start..start + count {
-        flags.insert(format!("{prefix}-{i}"), realistic_flag(i));
+        flags.insert(format!("{prefix}-{i}"), flag(i));
     }
     json!({"metadata": {"flagSetId": set}, "flags": flags}).to_string()
 }

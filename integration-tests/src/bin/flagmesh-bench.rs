@@ -296,19 +296,33 @@ async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
     let mut rows = Vec::new();
     let mut coldstart = Value::Null;
     let sizes = match only {
-        Some(n) => vec![n],
-        None => vec![1_000usize, 10_000, 100_000],
+        Some(n) => vec![(n, false), (n, true)],
+        None => vec![
+            (1_000usize, false),
+            (10_000, false),
+            (10_000, true),
+            (100_000, false),
+        ],
     };
-    for flags in sizes {
+    for (flags, distinct) in sizes {
         let (r, mut mesh) = bench::memory::run(
-            spec(args.data.join(format!("memory-{flags}")), 0, 0).with_direct_pop(),
+            spec(
+                args.data.join(format!(
+                    "memory-{flags}{}",
+                    if distinct { "-distinct" } else { "" }
+                )),
+                0,
+                0,
+            )
+            .with_direct_pop(),
             flags,
+            distinct,
         )
         .await
         .map_err(anyhow::Error::msg)?;
         eprintln!("memory with {flags} flags: {r}");
         rows.push(r);
-        if flags == 10_000 {
+        if flags == 10_000 && !distinct {
             coldstart = bench::coldstart::run(&mut mesh, "set-0", "flag-0", 5)
                 .await
                 .map_err(anyhow::Error::msg)?;
@@ -318,12 +332,13 @@ async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
     let result = json!({"machine": machine(), "memory": rows, "cold_start_10k": coldstart});
     write_results("memory", &result);
     let mut t = String::from(
-        "| flags | PoP RSS empty | loaded (not yet evaluated) | steady, every flag evaluated | peak | bytes per flag |\n|---|---|---|---|---|---|\n",
+        "| flags | targeting | PoP RSS empty | loaded (not yet evaluated) | steady, every flag evaluated | peak | bytes per flag |\n|---|---|---|---|---|---|---|\n",
     );
     for r in result["memory"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |\n",
+            "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |\n",
             r["flags"],
+            r["rules"].as_str().unwrap_or("repeated"),
             r["empty_rss_mib"].as_f64().unwrap_or(0.0),
             r["loaded_rss_mib"].as_f64().unwrap_or(0.0),
             r["steady_rss_mib"].as_f64().unwrap_or(0.0),
