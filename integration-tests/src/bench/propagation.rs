@@ -50,6 +50,22 @@ pub async fn run(
         }));
     }
     drop(tx);
+    // CPU of the PoPs and hubs: idle for a moment first (heartbeats,
+    // reports), then through the changes
+    let pids = |nodes: &[crate::topology::MeshNode]| -> Vec<u32> {
+        nodes
+            .iter()
+            .filter_map(|n| n.process.as_ref().map(|p| p.pid()))
+            .collect()
+    };
+    let (pop_pids, hub_pids) = (pids(&mesh.pops), pids(&mesh.hubs));
+    let cpu = |pids: &[u32]| pids.iter().map(|p| super::cpu_seconds(*p)).sum::<f64>();
+    let idle_started = (Instant::now(), cpu(&pop_pids), cpu(&hub_pids));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_secs = idle_started.0.elapsed().as_secs_f64();
+    let idle_pop = (cpu(&pop_pids) - idle_started.1) / idle_secs;
+    let idle_hub = (cpu(&hub_pids) - idle_started.2) / idle_secs;
+    let busy_started = (Instant::now(), cpu(&pop_pids), cpu(&hub_pids));
     let mut admin = mesh.admin().await.map_err(|e| e.to_string())?;
     let pops = mesh.pops.len();
     let mut per_pop =
@@ -108,6 +124,14 @@ pub async fn run(
         rows.push(json!({"revision": revision, "all_applied_ms": last.as_secs_f64() * 1000.0}));
         tokio::time::sleep(spacing).await;
     }
+    let busy_secs = busy_started.0.elapsed().as_secs_f64();
+    // CPU beyond what the same time idle costs, per node and per change
+    let per_change = |busy: f64, idle_rate: f64, nodes: usize| {
+        ((busy - idle_rate * busy_secs) * 1000.0 / (changes.max(1) * nodes.max(1)) as f64)
+            .max(0.0)
+    };
+    let pop_cpu = per_change(cpu(&pop_pids) - busy_started.1, idle_pop, pop_pids.len());
+    let hub_cpu = per_change(cpu(&hub_pids) - busy_started.2, idle_hub, hub_pids.len());
     for w in watchers {
         w.abort();
     }
@@ -115,6 +139,7 @@ pub async fn run(
         "pops": pops,
         "hubs": mesh.hubs.len(),
         "changes": changes,
+        "cpu_ms_per_change": {"pop": pop_cpu, "hub": hub_cpu},
         "commit_to_every_pop_ms": {
             "p50": all.value_at_quantile(0.5) as f64 / 1000.0,
             "p99": all.value_at_quantile(0.99) as f64 / 1000.0,

@@ -507,13 +507,16 @@ async fn run_propagation(
     };
     write_results(name, &result);
     let p = &result["propagation"];
-    eprintln!("propagation: {}", p["commit_to_every_pop_ms"]);
+    eprintln!(
+        "propagation: {}; CPU per change (ms): {}",
+        p["commit_to_every_pop_ms"], p["cpu_ms_per_change"]
+    );
     let every = &p["commit_to_every_pop_ms"];
     let each = &p["commit_to_each_pop_ms"];
     update_section(
         name,
         &format!(
-            "| mesh | changes | commit → every PoP p50 | p99 | max | commit → one PoP p50 | p99 |\n|---|---|---|---|---|---|---|\n| {} hubs × {} PoPs | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |\n",
+            "| mesh | changes | commit → every PoP p50 | p99 | max | commit → one PoP p50 | p99 | CPU per change: each PoP | each hub |\n|---|---|---|---|---|---|---|---|---|\n| {} hubs × {} PoPs | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} ms | {:.2} ms |\n",
             p["hubs"],
             p["pops"].as_u64().unwrap_or(0) / p["hubs"].as_u64().unwrap_or(1).max(1),
             p["changes"],
@@ -521,7 +524,9 @@ async fn run_propagation(
             every["p99"].as_f64().unwrap_or(0.0),
             every["max"].as_f64().unwrap_or(0.0),
             each["p50"].as_f64().unwrap_or(0.0),
-            each["p99"].as_f64().unwrap_or(0.0)
+            each["p99"].as_f64().unwrap_or(0.0),
+            p["cpu_ms_per_change"]["pop"].as_f64().unwrap_or(0.0),
+            p["cpu_ms_per_change"]["hub"].as_f64().unwrap_or(0.0)
         ),
     );
     Ok(result)
