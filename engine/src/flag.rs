@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use crate::definition::{FlagDefinition, FlagState, FlagType};
 use crate::error::{CompileError, ErrorCode};
 use crate::intern::Interner;
-use crate::resolution::{Reason, Resolution, ValueType};
+use crate::resolution::{Metadata, Reason, Resolution, ValueType};
 use crate::rule::{self, Rule, Strictness};
 
 /// Compiled targeting, shared between flags with the same rule.
@@ -21,7 +21,7 @@ type Variants = Box<[(Box<str>, Value)]>;
 
 /// A flag ready to evaluate. It keeps only what resolving needs: the
 /// compiled rule (not the rule's JSON), the variants in a small slice, and
-/// the merged metadata (shared with the flag set when the flag has none).
+/// the metadata (the flag set's, shared, under the flag's own few entries).
 #[derive(Debug, Clone)]
 pub struct CompiledFlag {
     key: Box<str>,
@@ -37,7 +37,10 @@ pub struct CompiledFlag {
     /// every resolution fails with `PARSE_ERROR`.
     /// Shared by every flag with the same targeting.
     rule: Result<Option<Arc<Rule>>, CompileError>,
-    metadata: Arc<Map<String, Value>>,
+    /// The flag set's metadata (shared by its flags).
+    set_metadata: Arc<Map<String, Value>>,
+    /// The flag's own metadata, sorted by key (over the set's).
+    own_metadata: Box<[(Box<str>, Value)]>,
 }
 
 impl CompiledFlag {
@@ -77,13 +80,12 @@ impl CompiledFlag {
         let variants = VARIANTS.share(&variants, shared);
         let default_variant =
             default_variant.and_then(|d| variants.iter().position(|(k, _)| **k == *d));
-        let metadata = if own.is_empty() {
-            set_metadata.clone()
-        } else {
-            let mut merged = (**set_metadata).clone();
-            merged.extend(own);
-            Arc::new(merged)
-        };
+        let mut own_metadata: Vec<(Box<str>, Value)> = own
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v))
+            .collect();
+        own_metadata.sort_by(|a, b| a.0.cmp(&b.0));
+        own_metadata.dedup_by(|a, b| a.0 == b.0);
         Self {
             key: key.into(),
             key_value: Value::String(key.to_owned()),
@@ -92,7 +94,8 @@ impl CompiledFlag {
             variants,
             default_variant,
             rule,
-            metadata,
+            set_metadata: set_metadata.clone(),
+            own_metadata: own_metadata.into_boxed_slice(),
         }
     }
 
@@ -106,9 +109,9 @@ impl CompiledFlag {
         self.flag_type
     }
 
-    /// The merged metadata.
-    pub fn metadata(&self) -> &Map<String, Value> {
-        &self.metadata
+    /// The metadata: the flag set's under the flag's own.
+    pub fn metadata(&self) -> Metadata<'_> {
+        Metadata::new(&self.set_metadata, &self.own_metadata)
     }
 
     /// Resolves the flag for `context` (a JSON object; `targetingKey` is
@@ -120,7 +123,7 @@ impl CompiledFlag {
                 variant: None,
                 reason: Reason::Disabled,
                 error: None,
-                metadata: &self.metadata,
+                metadata: self.metadata(),
             };
         }
         let rule = match &self.rule {
@@ -134,7 +137,7 @@ impl CompiledFlag {
                 return Resolution::error(
                     ErrorCode::ParseError,
                     format!("targeting does not compile: {e}"),
-                    &self.metadata,
+                    self.metadata(),
                 );
             }
         };
@@ -142,7 +145,7 @@ impl CompiledFlag {
             return Resolution::error(
                 ErrorCode::InvalidContext,
                 "the evaluation context must be a JSON object",
-                &self.metadata,
+                self.metadata(),
             );
         }
         let outcome = rule.evaluate(context, &self.key_value);
@@ -156,7 +159,7 @@ impl CompiledFlag {
                 return Resolution::error(
                     ErrorCode::General,
                     format!("targeting returned {other}, which is not a variant name"),
-                    &self.metadata,
+                    self.metadata(),
                 );
             }
         };
@@ -166,12 +169,12 @@ impl CompiledFlag {
                 variant: Some(variant),
                 reason: Reason::TargetingMatch,
                 error: None,
-                metadata: &self.metadata,
+                metadata: self.metadata(),
             },
             None => Resolution::error(
                 ErrorCode::General,
                 format!("targeting selected variant \"{name}\", which the flag does not have"),
-                &self.metadata,
+                self.metadata(),
             ),
         }
     }
@@ -195,7 +198,7 @@ impl CompiledFlag {
                     self.key,
                     flag_type.name()
                 ),
-                &self.metadata,
+                self.metadata(),
             );
         }
         self.resolve(context).expect_type(expected)
@@ -208,7 +211,7 @@ impl CompiledFlag {
             variant: found.map(|(k, _)| &**k),
             reason,
             error: None,
-            metadata: &self.metadata,
+            metadata: self.metadata(),
         }
     }
 }

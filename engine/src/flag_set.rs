@@ -8,7 +8,7 @@ use xxhash_rust::xxh3::Xxh3Builder;
 use crate::document::FlagDocument;
 use crate::error::ErrorCode;
 use crate::flag::CompiledFlag;
-use crate::resolution::{EMPTY_METADATA, Resolution, ValueType};
+use crate::resolution::{Metadata, Resolution, ValueType};
 
 /// The flags of one flag set, compiled.
 #[derive(Debug, Clone, Default)]
@@ -85,7 +85,7 @@ impl CompiledFlagSet {
             None => Resolution::error(
                 ErrorCode::FlagNotFound,
                 format!("flag \"{key}\" not found"),
-                &EMPTY_METADATA,
+                Metadata::empty(),
             ),
         }
     }

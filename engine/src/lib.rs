@@ -48,5 +48,5 @@ pub use document::FlagDocument;
 pub use error::{CompileError, DocumentError, ErrorCode, ValidationError, ValidationErrors};
 pub use flag::CompiledFlag;
 pub use flag_set::CompiledFlagSet;
-pub use resolution::{Reason, Resolution, ResolutionError, ValueType};
+pub use resolution::{Metadata, Reason, Resolution, ResolutionError, ValueType};
 pub use rule::{MAX_RULE_DEPTH, Rule, Strictness, compile};

@@ -140,7 +140,7 @@ fn evaluate(w: &mut EvaluatorWorld) {
         value: value.unwrap_or_else(|| w.fallback.clone()),
         reason: r.reason.as_str().to_owned(),
         error_code: r.error_code().map(|c| c.as_str().to_owned()),
-        metadata: r.metadata.clone(),
+        metadata: r.metadata.to_map(),
     });
 }
 

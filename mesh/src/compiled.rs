@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use crate::SourceSnapshot;
 use flagmesh_engine::{
-    CompiledFlag, ErrorCode, FlagDefinition, Reason, Resolution, Strictness, ValueType,
+    CompiledFlag, ErrorCode, FlagDefinition, Metadata, Reason, Resolution, Strictness, ValueType,
 };
-use flagmesh_proto::convert::{json_to_value, map_to_struct, struct_to_map};
+use flagmesh_proto::convert::{json_to_value, struct_to_map};
 use flagmesh_proto::v1 as pb;
 use flagmesh_proto::v1::{Delta, Flag, FlagSet};
 use serde_json::{Map, Value};
@@ -236,8 +236,7 @@ pub fn resolve<'a>(
     context_error: Option<&flagmesh_engine::ResolutionError>,
     expected: ValueType,
 ) -> Outcome<'a> {
-    static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
-    let failed = |code, message: String, md: &'a Map<String, Value>| Outcome {
+    let failed = |code, message: String, md: Metadata<'a>| Outcome {
         resolution: Resolution::error(code, message, md),
         mod_revision: 0,
     };
@@ -245,21 +244,21 @@ pub fn resolve<'a>(
         return failed(
             ErrorCode::General,
             "this PoP has no flag state yet (it has never synced); use your default".into(),
-            &EMPTY,
+            Metadata::empty(),
         );
     }
     let Some(set) = state.sets.get(set_name) else {
         return failed(
             ErrorCode::FlagNotFound,
             format!("flag set \"{set_name}\" not found"),
-            &EMPTY,
+            Metadata::empty(),
         );
     };
     let Some(flag) = set.flags.get(key) else {
         return failed(
             ErrorCode::FlagNotFound,
             format!("flag \"{key}\" not found in flag set \"{set_name}\""),
-            &set.metadata,
+            Metadata::from(&*set.metadata),
         );
     };
     resolve_flag(flag, context, context_error, expected)
@@ -274,15 +273,11 @@ pub fn resolve_flag<'a>(
 ) -> Outcome<'a> {
     let mod_revision = flag.stored.mod_revision;
     let resolution = match (flag.compiled(), context_error) {
-        (Err(e), _) => {
-            static EMPTY: std::sync::LazyLock<Map<String, Value>> =
-                std::sync::LazyLock::new(Map::new);
-            Resolution::error(
-                ErrorCode::ParseError,
-                format!("flag does not compile: {e}"),
-                &EMPTY,
-            )
-        }
+        (Err(e), _) => Resolution::error(
+            ErrorCode::ParseError,
+            format!("flag does not compile: {e}"),
+            Metadata::empty(),
+        ),
         (Ok(c), Some(err)) => Resolution::error(err.code, err.message.clone(), c.metadata()),
         (Ok(c), None) => c.resolve_typed(context, expected),
     };
@@ -311,9 +306,19 @@ pub fn evaluate_response(key: &str, o: &Outcome<'_>) -> pb::EvaluateResponse {
             .as_ref()
             .map(|e| e.message.to_string())
             .unwrap_or_default(),
-        metadata: (!r.metadata.is_empty()).then(|| map_to_struct(r.metadata)),
+        metadata: (!r.metadata.is_empty()).then(|| metadata_struct(r.metadata)),
         mod_revision: o.mod_revision,
         ..Default::default()
+    }
+}
+
+/// Metadata as a protobuf `Struct`.
+pub fn metadata_struct(m: Metadata<'_>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.to_owned(), json_to_value(v)))
+            .collect(),
     }
 }
 

@@ -115,7 +115,9 @@ fn variant(o: &Outcome<'_>) -> String {
 }
 
 fn metadata(o: &Outcome<'_>) -> Option<prost_types::Struct> {
-    Some(map_to_struct(o.resolution.metadata))
+    Some(flagmesh_mesh::compiled::metadata_struct(
+        o.resolution.metadata,
+    ))
 }
 
 fn object(o: &Outcome<'_>) -> Option<prost_types::Struct> {

@@ -133,7 +133,7 @@ struct FlagJson<'a> {
     error_code: Option<&'static str>,
     #[serde(rename = "errorDetails", skip_serializing_if = "Option::is_none")]
     error_details: Option<&'a str>,
-    metadata: &'a Map<String, Value>,
+    metadata: flagmesh_engine::Metadata<'a>,
 }
 
 /// One flag's evaluation as OFREP JSON, with the status a single-flag

@@ -171,7 +171,7 @@ impl LocalClient {
             reason: r.reason.as_str().to_owned(),
             error_code: r.error.as_ref().map(|e| e.code.as_str().to_owned()),
             error_message: r.error.as_ref().map(|e| e.message.to_string()),
-            metadata: r.metadata.clone(),
+            metadata: r.metadata.to_map(),
             revision: state.revision,
             pop_id: String::new(),
             stale,

@@ -127,8 +127,7 @@ pub async fn run(
     let busy_secs = busy_started.0.elapsed().as_secs_f64();
     // CPU beyond what the same time idle costs, per node and per change
     let per_change = |busy: f64, idle_rate: f64, nodes: usize| {
-        ((busy - idle_rate * busy_secs) * 1000.0 / (changes.max(1) * nodes.max(1)) as f64)
-            .max(0.0)
+        ((busy - idle_rate * busy_secs) * 1000.0 / (changes.max(1) * nodes.max(1)) as f64).max(0.0)
     };
     let pop_cpu = per_change(cpu(&pop_pids) - busy_started.1, idle_pop, pop_pids.len());
     let hub_cpu = per_change(cpu(&hub_pids) - busy_started.2, idle_hub, hub_pids.len());
