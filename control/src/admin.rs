@@ -200,6 +200,22 @@ fn written(outcome: &CommitOutcome) -> Response<WriteResponse> {
     })
 }
 
+/// The answer to an apply or a revert: its changes ordered by flag.
+fn changes_made(
+    outcome: CommitOutcome,
+    dry_run: bool,
+    warnings: Vec<ValidationWarning>,
+) -> Response<ApplyFlagSetResponse> {
+    let mut changes = outcome.changes;
+    changes.sort_by(|a, b| (&a.flag_set, &a.key).cmp(&(&b.flag_set, &b.key)));
+    Response::new(ApplyFlagSetResponse {
+        revision: outcome.revision,
+        changes,
+        dry_run,
+        warnings,
+    })
+}
+
 fn page_size(requested: u32, default: usize) -> usize {
     match requested {
         0 => default,
@@ -486,14 +502,7 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
                 r.dry_run,
             )
             .await?;
-        let mut changes = outcome.changes;
-        changes.sort_by(|a, b| (&a.flag_set, &a.key).cmp(&(&b.flag_set, &b.key)));
-        Ok(Response::new(ApplyFlagSetResponse {
-            revision: outcome.revision,
-            changes,
-            dry_run: r.dry_run,
-            warnings,
-        }))
+        Ok(changes_made(outcome, r.dry_run, warnings))
     }
 
     async fn export_flag_set(
@@ -644,14 +653,7 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
                 r.dry_run,
             )
             .await?;
-        let mut changes = outcome.changes;
-        changes.sort_by(|a, b| (&a.flag_set, &a.key).cmp(&(&b.flag_set, &b.key)));
-        Ok(Response::new(ApplyFlagSetResponse {
-            revision: outcome.revision,
-            changes,
-            dry_run: r.dry_run,
-            warnings: Vec::new(),
-        }))
+        Ok(changes_made(outcome, r.dry_run, Vec::new()))
     }
 
     async fn preview_evaluation(

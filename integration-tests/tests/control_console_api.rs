@@ -331,9 +331,12 @@ async fn a_preview_evaluates_the_stored_flag_or_an_edit_like_a_pop() {
 async fn gateway(c: &Control, method: &str, token: Option<&str>, body: &str) -> (u16, Value) {
     let auth = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
-    let (status, h, body) = http_post(c.http, &format!("/api/{method}"), body, &headers)
-        .await
-        .unwrap();
+    // an Admin method, or another service's as `package.Service/Method`
+    let path = match method.contains('/') {
+        true => format!("/api/{method}"),
+        false => format!("/api/flagmesh.v1.Admin/{method}"),
+    };
+    let (status, h, body) = http_post(c.http, &path, body, &headers).await.unwrap();
     assert_eq!(h["content-type"], "application/json", "{body}");
     assert_eq!(h["cache-control"], "no-store");
     (status, serde_json::from_str(&body).unwrap())
@@ -345,13 +348,7 @@ async fn the_json_gateway_is_the_admin_api_with_its_credentials() {
     let update = r#"{"flagSet": "s", "key": "f", "definitionJson": "{\"state\":\"ENABLED\",\"variants\":{\"on\":true},\"defaultVariant\":\"on\"}"}"#;
     // who: each role as its token says
     for role in ["read", "write", "admin"] {
-        let (status, who) = gateway(
-            &c,
-            "flagmesh.v1.Admin/WhoAmI",
-            Some(&format!("{role}-secret")),
-            "",
-        )
-        .await;
+        let (status, who) = gateway(&c, "WhoAmI", Some(&format!("{role}-secret")), "").await;
         assert_eq!(status, 200);
         assert_eq!(
             who,
@@ -359,19 +356,13 @@ async fn the_json_gateway_is_the_admin_api_with_its_credentials() {
         );
     }
     // refused as gRPC refuses: no token 401, read token writing 403
-    let (status, e) = gateway(&c, "flagmesh.v1.Admin/UpdateFlag", None, update).await;
+    let (status, e) = gateway(&c, "UpdateFlag", None, update).await;
     assert_eq!(
         (status, e["code"].as_str()),
         (401, Some("UNAUTHENTICATED")),
         "{e}"
     );
-    let (status, e) = gateway(
-        &c,
-        "flagmesh.v1.Admin/UpdateFlag",
-        Some("read-secret"),
-        update,
-    )
-    .await;
+    let (status, e) = gateway(&c, "UpdateFlag", Some("read-secret"), update).await;
     assert_eq!(
         (status, e["code"].as_str()),
         (403, Some("PERMISSION_DENIED")),
@@ -379,28 +370,16 @@ async fn the_json_gateway_is_the_admin_api_with_its_credentials() {
     );
     assert!(e["message"].as_str().unwrap().contains("read-user"), "{e}");
     // a write token writes, and the audit trail names it
-    let (status, w) = gateway(
-        &c,
-        "flagmesh.v1.Admin/UpdateFlag",
-        Some("write-secret"),
-        update,
-    )
-    .await;
+    let (status, w) = gateway(&c, "UpdateFlag", Some("write-secret"), update).await;
     assert_eq!(status, 200, "{w}");
     let revision = w["revision"].as_u64().unwrap();
     assert!(revision > 0 && w["changed"] == json!(true), "{w}");
-    let (_, h) = gateway(
-        &c,
-        "flagmesh.v1.Admin/ListHistory",
-        Some("read-secret"),
-        "{}",
-    )
-    .await;
+    let (_, h) = gateway(&c, "ListHistory", Some("read-secret"), "{}").await;
     assert_eq!(h["changeSets"][0]["actor"], "write-user", "{h}");
     // numbers are JSON numbers; bytes are base64
     let (_, f) = gateway(
         &c,
-        "flagmesh.v1.Admin/GetFlag",
+        "GetFlag",
         Some("read-secret"),
         r#"{"flagSet":"s","key":"f"}"#,
     )
@@ -415,42 +394,24 @@ async fn the_json_gateway_is_the_admin_api_with_its_credentials() {
     );
     // a stale write: 409 with the store's words
     let stale = r#"{"flagSet": "s", "key": "f", "expectedModRevision": 1000, "definitionJson": "{\"state\":\"DISABLED\",\"variants\":{\"on\":true},\"defaultVariant\":\"on\"}"}"#;
-    let (status, e) = gateway(
-        &c,
-        "flagmesh.v1.Admin/UpdateFlag",
-        Some("write-secret"),
-        stale,
-    )
-    .await;
+    let (status, e) = gateway(&c, "UpdateFlag", Some("write-secret"), stale).await;
     assert_eq!(
         (status, e["code"].as_str()),
         (409, Some("FAILED_PRECONDITION")),
         "{e}"
     );
     // bad JSON, unknown fields, unknown or streaming methods
-    let (status, e) = gateway(
-        &c,
-        "flagmesh.v1.Admin/GetFlag",
-        Some("read-secret"),
-        "{\"flagSet\":",
-    )
-    .await;
+    let (status, e) = gateway(&c, "GetFlag", Some("read-secret"), "{\"flagSet\":").await;
     assert_eq!(
         (status, e["code"].as_str()),
         (400, Some("INVALID_ARGUMENT")),
         "{e}"
     );
-    let (status, e) = gateway(
-        &c,
-        "flagmesh.v1.Admin/GetFlag",
-        Some("read-secret"),
-        r#"{"flag_sett":"s"}"#,
-    )
-    .await;
+    let (status, e) = gateway(&c, "GetFlag", Some("read-secret"), r#"{"flag_sett":"s"}"#).await;
     assert_eq!(status, 400, "{e}");
     assert!(e["message"].as_str().unwrap().contains("flag_sett"), "{e}");
     for method in [
-        "flagmesh.v1.Admin/Nope",
+        "Nope",
         "flagmesh.v1.Sync/Subscribe",
         "grpc.health.v1.Health/Check",
     ] {
