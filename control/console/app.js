@@ -665,7 +665,7 @@ function renderPropagation(v, now) {
 }
 
 function propagationPage(main) {
-  main.innerHTML = `<h1>Propagation</h1><div id="view"><p class="muted">loading…</p></div>`;
+  main.innerHTML = `<h1>Propagation</h1><div id="poll-error"></div><div id="view"><p class="muted">loading…</p></div>`;
   let stopped = false, timer = 0;
   const tick = async () => {
     try {
@@ -674,9 +674,11 @@ function propagationPage(main) {
       const t0 = performance.now();
       $("#view").innerHTML = renderPropagation(v, Date.now());
       $("#view").dataset.renderMs = (performance.now() - t0).toFixed(2);
+      $("#poll-error").innerHTML = "";
     } catch (e) {
       if (stopped) return;
-      $("#view").insertAdjacentHTML("afterbegin", errorNote(e));
+      // one note while control cannot be reached; the last view stays
+      $("#poll-error").innerHTML = errorNote(e);
     }
     if (!stopped) timer = setTimeout(tick, POLL_MS);
   };
