@@ -182,6 +182,14 @@ pub async fn start(
         Box::new(move |delta| publish.publish(delta.clone())),
         &node.stop_token(),
     )?;
+    // what a burst (a large apply, a storm of snapshots) allocated goes
+    // back to the system once control is quiet again
+    let quiet = fanout.clone();
+    flagmesh_server::process::release_memory_when_quiet(
+        move || quiet.activity(),
+        node.tasks(),
+        node.stop_token(),
+    );
     let propagation = Arc::new(Propagation::new(config.forget_nodes_after_ms));
     // ready while the store can serve writes; /readyz says what is wrong
     let (ready, watched, stop) = (node.readiness(), store.clone(), node.stop_token());

@@ -79,6 +79,14 @@ pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::
         &node.stop_token(),
         node.tasks(),
     )?;
+    // what a burst (a large change, a storm of snapshots) allocated goes
+    // back to the system once the hub is quiet again
+    let fanout = relay.fanout.clone();
+    flagmesh_server::process::release_memory_when_quiet(
+        move || fanout.activity(),
+        node.tasks(),
+        node.stop_token(),
+    );
     // ready once it holds a state; a history conflict shows in /readyz
     let ready = node.readiness();
     relay.watch_readiness(

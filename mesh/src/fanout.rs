@@ -179,6 +179,19 @@ impl Fanout {
         &self.stats
     }
 
+    /// A number that moves whenever this fan-out does real work: a new
+    /// revision (every delta moves it), each MiB sent (snapshots streaming),
+    /// a snapshot done, a subscriber coming or going. Heartbeats, which
+    /// never stop while anyone subscribes, move it only once per MiB of
+    /// them. A sign of activity for releasing memory when quiet.
+    pub fn activity(&self) -> u64 {
+        let s = &self.stats;
+        self.head().revision
+            ^ (s.bytes_sent.load(Ordering::Relaxed) >> 20).rotate_left(7)
+            ^ s.snapshots_sent.load(Ordering::Relaxed).rotate_left(29)
+            ^ (s.subscribers.load(Ordering::Relaxed) as u64).rotate_left(41)
+    }
+
     /// Publishes a committed delta to every subscriber. A delta that does
     /// not continue from the head (or is of another history) restarts the
     /// ring from it; one at or below the head of the same history is

@@ -114,11 +114,16 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
         &node.stop_token(),
         node.tasks(),
     )?;
-    // what applying a change or compiling flags allocated for a moment
-    // goes back to the system once the PoP is quiet again
-    let revision = changes_rx.clone();
+    // what applying a change, compiling flags or serving snapshots to
+    // local-mode SDKs allocated for a moment goes back to the system once
+    // the PoP is quiet again
+    let (revision, fanout) = (changes_rx.clone(), relay.fanout.clone());
     flagmesh_server::process::release_memory_when_quiet(
-        move || *revision.borrow() ^ flagmesh_mesh::compiled::compilations().rotate_left(32),
+        move || {
+            *revision.borrow()
+                ^ flagmesh_mesh::compiled::compilations().rotate_left(32)
+                ^ fanout.activity().rotate_left(3)
+        },
         node.tasks(),
         node.stop_token(),
     );

@@ -73,24 +73,41 @@ pub fn release_memory_when_quiet(
     tasks: &tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    tasks.spawn(when_quiet(
+        activity,
+        || async {
+            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+        },
+        stop,
+    ));
+}
+
+/// Runs `action` after the first quiet sample of `activity` that follows a
+/// busy one (samples twice a second), until `stop`.
+async fn when_quiet<F, Fut>(
+    activity: impl Fn() -> u64,
+    action: F,
+    stop: tokio_util::sync::CancellationToken,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
     const SAMPLE: std::time::Duration = std::time::Duration::from_millis(500);
-    tasks.spawn(async move {
-        let mut seen = activity();
-        let mut busy = false;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(SAMPLE) => {}
-            }
-            let now = activity();
-            if now != seen {
-                (seen, busy) = (now, true);
-            } else if busy {
-                busy = false;
-                let _ = tokio::task::spawn_blocking(release_free_memory).await;
-            }
+    let mut seen = activity();
+    let mut busy = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SAMPLE) => {}
         }
-    });
+        let now = activity();
+        if now != seen {
+            (seen, busy) = (now, true);
+        } else if busy {
+            busy = false;
+            action().await;
+        }
+    }
 }
 
 /// Runs a node binary's body on a multi-threaded runtime, after capping
@@ -114,5 +131,47 @@ where
     if let Err(e) = runtime.block_on(body) {
         eprintln!("{program}: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn acts_once_after_each_burst_and_never_while_busy_or_idle() {
+        let (activity, acted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (a, n) = (activity.clone(), acted.clone());
+        let task = tokio::spawn(super::when_quiet(
+            move || a.load(Ordering::Relaxed),
+            move || {
+                let n = n.clone();
+                async move {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            stop.clone(),
+        ));
+        // idle from the start: nothing to release
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(acted.load(Ordering::Relaxed), 0);
+        // busy for three seconds: not while it lasts
+        for _ in 0..12 {
+            activity.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(acted.load(Ordering::Relaxed), 0);
+        // quiet again: once, and not again while it stays quiet
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(acted.load(Ordering::Relaxed), 1);
+        // another burst: once more
+        activity.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(acted.load(Ordering::Relaxed), 2);
+        stop.cancel();
+        let _ = task.await;
     }
 }

@@ -116,6 +116,9 @@ pub async fn run(mesh: &Mesh, flags: usize, subscribers: usize) -> Result<Value,
     for t in tasks {
         t.abort();
     }
+    // the storm over, every stream closed: what the hub keeps
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (after_kib, _) = rss_kib(pid);
     let mib = |kib: u64| kib as f64 / 1024.0;
     Ok(json!({
         "flags": flags,
@@ -127,5 +130,6 @@ pub async fn run(mesh: &Mesh, flags: usize, subscribers: usize) -> Result<Value,
         "hub_rss_peak_sampled_mib": mib(peak_kib.max(held_kib)),
         "hub_rss_hwm_mib": mib(hwm_kib),
         "hub_rss_with_stalled_streams_mib": mib(held_kib),
+        "hub_rss_after_mib": mib(after_kib),
     }))
 }

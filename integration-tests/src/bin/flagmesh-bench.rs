@@ -422,7 +422,7 @@ async fn run_reconnect(args: &Args, flags: usize, subscribers: usize) -> anyhow:
     update_section(
         "reconnect",
         &format!(
-            "| flags | subscribers at once | hub RSS before | peak during the storm | with half the streams stalled | readers done in |\n|---|---|---|---|---|---|\n| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} s |\n",
+            "| flags | subscribers at once | hub RSS before | peak during the storm | with half the streams stalled | readers done in | after, every stream closed |\n|---|---|---|---|---|---|---|\n| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} s | {:.1} MiB |\n",
             f["flags"],
             f["subscribers"],
             f["hub_rss_before_mib"].as_f64().unwrap_or(0.0),
@@ -430,7 +430,8 @@ async fn run_reconnect(args: &Args, flags: usize, subscribers: usize) -> anyhow:
             f["hub_rss_with_stalled_streams_mib"]
                 .as_f64()
                 .unwrap_or(0.0),
-            f["readers_seconds"].as_f64().unwrap_or(0.0)
+            f["readers_seconds"].as_f64().unwrap_or(0.0),
+            f["hub_rss_after_mib"].as_f64().unwrap_or(0.0)
         ),
     );
     Ok(result)
