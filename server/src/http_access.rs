@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use tonic::Status;
-
 use crate::credentials::{Authenticator, Principal};
 use crate::policy::Requirement;
 
@@ -27,7 +25,7 @@ impl HttpAccess {
     ) -> Result<Option<Principal>, (http::StatusCode, String)> {
         self.auth
             .authorize(headers, self.requirement)
-            .map_err(|s| (http_status(&s), s.message().to_owned()))
+            .map_err(|s| (http_status(s.code()), s.message().to_owned()))
     }
 }
 
@@ -50,12 +48,25 @@ impl HttpAccess {
     }
 }
 
-/// The HTTP status of an access error.
-pub fn http_status(status: &Status) -> http::StatusCode {
-    match status.code() {
-        tonic::Code::Unauthenticated => http::StatusCode::UNAUTHORIZED,
-        tonic::Code::PermissionDenied => http::StatusCode::FORBIDDEN,
-        tonic::Code::ResourceExhausted => http::StatusCode::TOO_MANY_REQUESTS,
-        _ => http::StatusCode::BAD_REQUEST,
+/// The HTTP status of a gRPC code, as gRPC's HTTP mapping gives it
+/// (google.rpc.Code's documentation), except that a stale write
+/// (FAILED_PRECONDITION) answers 409 Conflict, as it is one here. Access
+/// errors are 401, 403 and 429; the JSON gateway answers every code.
+pub fn http_status(code: tonic::Code) -> http::StatusCode {
+    use http::StatusCode as S;
+    use tonic::Code as C;
+    match code {
+        C::Ok => S::OK,
+        C::Cancelled => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
+        C::InvalidArgument | C::OutOfRange => S::BAD_REQUEST,
+        C::DeadlineExceeded => S::GATEWAY_TIMEOUT,
+        C::NotFound => S::NOT_FOUND,
+        C::AlreadyExists | C::Aborted | C::FailedPrecondition => S::CONFLICT,
+        C::PermissionDenied => S::FORBIDDEN,
+        C::Unauthenticated => S::UNAUTHORIZED,
+        C::ResourceExhausted => S::TOO_MANY_REQUESTS,
+        C::Unimplemented => S::NOT_IMPLEMENTED,
+        C::Unavailable => S::SERVICE_UNAVAILABLE,
+        C::Unknown | C::Internal | C::DataLoss => S::INTERNAL_SERVER_ERROR,
     }
 }

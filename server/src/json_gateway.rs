@@ -13,11 +13,13 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, header};
 use http_body_util::BodyExt as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MethodDescriptor, SerializeOptions};
 use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
+
+use crate::http_access::http_status;
 
 /// A node's gRPC stack, as the gateway calls it.
 pub type GrpcService = BoxCloneSyncService<
@@ -261,26 +263,5 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         C::Unavailable => "UNAVAILABLE",
         C::DataLoss => "DATA_LOSS",
         C::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// The HTTP status of a gRPC code, as gRPC's HTTP mapping gives it
-/// (google.rpc.Code's documentation), except that a stale write
-/// (FAILED_PRECONDITION) answers 409 Conflict, as it is one here.
-pub fn http_status(code: tonic::Code) -> StatusCode {
-    use tonic::Code as C;
-    match code {
-        C::Ok => StatusCode::OK,
-        C::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        C::InvalidArgument | C::OutOfRange => StatusCode::BAD_REQUEST,
-        C::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        C::NotFound => StatusCode::NOT_FOUND,
-        C::AlreadyExists | C::Aborted | C::FailedPrecondition => StatusCode::CONFLICT,
-        C::PermissionDenied => StatusCode::FORBIDDEN,
-        C::Unauthenticated => StatusCode::UNAUTHORIZED,
-        C::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        C::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        C::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        C::Unknown | C::Internal | C::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
