@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use flagmesh_engine::{CompiledFlagSet, ErrorCode, FlagDocument, Reason, Strictness};
-use flagmesh_test_support::flagd_kit::{json_files, package_dir};
+use flagmesh_test_support::flagd_kit::{WARNED_TESTBED_FLAGS, json_files, package_dir};
 use serde_json::json;
 
 fn testbed_files() -> Vec<std::path::PathBuf> {
@@ -42,13 +42,7 @@ fn every_testbed_flag_file_loads_and_malformed_rules_are_warnings() {
     warned.dedup();
     // 13 flags, each with one warning (counted when this test was written)
     assert_eq!(warned.len(), 13, "{warned:?}");
-    for flag in [
-        "error-targeting-flag",
-        "ref-to-nonexistent-evaluator-flag",
-        "semver-wrong-args-flag",
-        "starts-with-wrong-args-flag",
-        "ends-with-wrong-args-flag",
-    ] {
+    for flag in WARNED_TESTBED_FLAGS {
         assert!(
             warned.iter().any(|w| w == flag),
             "{flag}: no warning in {warned:?}"

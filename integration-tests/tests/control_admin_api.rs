@@ -6,18 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use flagmesh_integration_tests::flagd_kit::{json_files, package_dir};
+use flagmesh_integration_tests::flagd_kit::{WARNED_TESTBED_FLAGS, json_files, package_dir};
 use flagmesh_integration_tests::inproc::admin::*;
 use flagmesh_proto::v1::*;
 use tonic::Code;
-
-async fn revision(a: &mut Admin) -> u64 {
-    a.get_revision(GetRevisionRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .revision
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_exactly_one_wins_each_round() {
@@ -233,13 +225,7 @@ async fn every_testbed_flag_file_applies_with_its_warnings_recorded() {
         assert_eq!(history.change_sets[0].warnings, r.warnings, "{set}");
         warned.extend(r.warnings.iter().map(|w| w.key.clone()));
     }
-    for flag in [
-        "error-targeting-flag",
-        "ref-to-nonexistent-evaluator-flag",
-        "semver-wrong-args-flag",
-        "starts-with-wrong-args-flag",
-        "ends-with-wrong-args-flag",
-    ] {
+    for flag in WARNED_TESTBED_FLAGS {
         assert!(warned.contains(flag), "{flag}: no warning in {warned:?}");
     }
     // one flag written alone: the pointer is into its definition

@@ -124,12 +124,7 @@ async fn a_dry_run_answers_what_the_write_would_and_writes_nothing() {
     assert!(r.dry_run && r.changed);
     assert!(definition(&mut a, "f").await.is_some());
     assert!(definition(&mut a, "g").await.is_none());
-    let head = a
-        .get_revision(GetRevisionRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(head.revision, at, "no dry run committed anything");
+    assert_eq!(revision(&mut a).await, at, "no dry run committed anything");
     c.node.stop().await;
 }
 
@@ -183,12 +178,7 @@ async fn a_revert_restores_a_flag_or_a_whole_set_as_a_new_change() {
     assert!(last.changes[0].before_json.contains("three"));
 
     // a dry run of the whole set at `gone`: says what, writes nothing
-    let head = a
-        .get_revision(GetRevisionRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let head = revision(&mut a).await;
     let set = RevertRequest {
         flag_set: "s".into(),
         to_revision: gone,
@@ -205,14 +195,7 @@ async fn a_revert_restores_a_flag_or_a_whole_set_as_a_new_change() {
         .into_inner();
     let keys: Vec<&str> = dry.changes.iter().map(|c| c.key.as_str()).collect();
     assert_eq!(keys, ["added", "f", "gone"], "{dry:?}");
-    assert_eq!(
-        a.get_revision(GetRevisionRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .revision,
-        head
-    );
+    assert_eq!(revision(&mut a).await, head);
     // the set: a flag created since is deleted, one deleted since is back
     a.revert(set).await.unwrap();
     assert_eq!(
@@ -230,12 +213,7 @@ async fn a_revert_restores_a_flag_or_a_whole_set_as_a_new_change() {
     );
 
     // reverting to where it is changes nothing; to the future is refused
-    let head = a
-        .get_revision(GetRevisionRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let head = revision(&mut a).await;
     let same = a
         .revert(RevertRequest {
             flag_set: "s".into(),
@@ -372,8 +350,8 @@ async fn the_json_gateway_is_the_admin_api_with_its_credentials() {
     // a write token writes, and the audit trail names it
     let (status, w) = gateway(&c, "UpdateFlag", Some("write-secret"), update).await;
     assert_eq!(status, 200, "{w}");
-    let revision = w["revision"].as_u64().unwrap();
-    assert!(revision > 0 && w["changed"] == json!(true), "{w}");
+    let written = w["revision"].as_u64().unwrap();
+    assert!(written > 0 && w["changed"] == json!(true), "{w}");
     let (_, h) = gateway(&c, "ListHistory", Some("read-secret"), "{}").await;
     assert_eq!(h["changeSets"][0]["actor"], "write-user", "{h}");
     // numbers are JSON numbers; bytes are base64
@@ -384,7 +362,7 @@ async fn the_json_gateway_is_the_admin_api_with_its_credentials() {
         r#"{"flagSet":"s","key":"f"}"#,
     )
     .await;
-    assert_eq!(f["flag"]["modRevision"], json!(revision), "{f}");
+    assert_eq!(f["flag"]["modRevision"], json!(written), "{f}");
     assert!(
         f["flag"]["definitionJson"]
             .as_str()
@@ -424,13 +402,6 @@ async fn the_json_gateway_is_the_admin_api_with_its_credentials() {
     }
     // the state is exactly what the one write made
     let mut a = admin(c.addr, Some("read-secret")).await;
-    assert_eq!(
-        a.get_revision(GetRevisionRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .revision,
-        revision
-    );
+    assert_eq!(revision(&mut a).await, written);
     c.node.stop().await;
 }

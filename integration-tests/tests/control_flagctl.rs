@@ -9,7 +9,6 @@ use std::process::Output;
 
 use flagmesh_integration_tests::flagd_kit::{json_files, package_dir};
 use flagmesh_integration_tests::inproc::admin::*;
-use flagmesh_proto::v1::GetRevisionRequest;
 
 async fn flagctl(server: &str, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(
@@ -79,12 +78,7 @@ async fn flagctl_applies_reports_and_fails_clearly() {
     assert!(text(&out.stdout).contains("update shop/checkout"));
 
     let mut a = admin(c.addr, None).await;
-    let before = a
-        .get_revision(GetRevisionRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
+    let before = revision(&mut a).await;
     let negatives = json_files(&package_dir().join("schemas/json/test/flags/negative"));
     assert!(!negatives.is_empty());
     for path in negatives {
@@ -114,14 +108,7 @@ async fn flagctl_applies_reports_and_fails_clearly() {
             path.display()
         );
     }
-    assert_eq!(
-        a.get_revision(GetRevisionRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .revision,
-        before
-    );
+    assert_eq!(revision(&mut a).await, before);
 
     // without --strict a rule flagd still loads is a warning on stderr,
     // in the dry run and in the apply alike
@@ -216,13 +203,6 @@ async fn flagctl_reverts_a_flag_to_a_revision() {
         text(&out.stderr)
     );
     let mut a = admin(c.addr, None).await;
-    assert_eq!(
-        a.get_revision(GetRevisionRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .revision,
-        3
-    );
+    assert_eq!(revision(&mut a).await, 3);
     c.node.stop().await;
 }

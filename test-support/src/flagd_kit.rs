@@ -8,6 +8,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Flags of the testbed's `flags/` files that flagd loads although an
+/// operator in their targeting is misused or refers to nothing: flagmesh
+/// accepts them with a warning (the engine's and control's tests both
+/// check these are among the warned).
+pub const WARNED_TESTBED_FLAGS: [&str; 5] = [
+    "error-targeting-flag",
+    "ref-to-nonexistent-evaluator-flag",
+    "semver-wrong-args-flag",
+    "starts-with-wrong-args-flag",
+    "ends-with-wrong-args-flag",
+];
+
 /// The root folder of the unpacked `open-feature-flagd` package.
 ///
 /// # Panics

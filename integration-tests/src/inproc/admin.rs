@@ -83,6 +83,15 @@ pub async fn admin(addr: SocketAddr, token: Option<&str>) -> Admin {
     AdminClient::with_interceptor(channel(addr).await, BearerToken::new(token).unwrap())
 }
 
+/// Control's current revision.
+pub async fn revision(a: &mut Admin) -> u64 {
+    a.get_revision(flagmesh_proto::v1::GetRevisionRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .revision
+}
+
 pub async fn sync(addr: SocketAddr, token: Option<&str>) -> Sync {
     SyncClient::with_interceptor(channel(addr).await, BearerToken::new(token).unwrap())
 }
