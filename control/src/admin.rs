@@ -216,6 +216,12 @@ fn changes_made(
     })
 }
 
+fn flag_not_found(flag_set: &str, key: &str) -> Status {
+    Status::not_found(format!(
+        "flag \"{key}\" not found in flag set \"{flag_set}\""
+    ))
+}
+
 fn page_size(requested: u32, default: usize) -> usize {
     match requested {
         0 => default,
@@ -230,12 +236,10 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         request: Request<GetFlagRequest>,
     ) -> Result<Response<GetFlagResponse>, Status> {
         let r = request.into_inner();
-        let flag = self.store.get_flag(&r.flag_set, &r.key)?.ok_or_else(|| {
-            Status::not_found(format!(
-                "flag \"{}\" not found in flag set \"{}\"",
-                r.key, r.flag_set
-            ))
-        })?;
+        let flag = self
+            .store
+            .get_flag(&r.flag_set, &r.key)?
+            .ok_or_else(|| flag_not_found(&r.flag_set, &r.key))?;
         Ok(Response::new(GetFlagResponse {
             flag: Some(flag),
             revision: self.store.head()?.revision,
@@ -663,12 +667,7 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
         let r = request.into_inner();
         let stored = self.store.get_flag(&r.flag_set, &r.key)?;
         let flag = if r.definition_json.is_empty() {
-            stored.ok_or_else(|| {
-                Status::not_found(format!(
-                    "flag \"{}\" not found in flag set \"{}\"",
-                    r.key, r.flag_set
-                ))
-            })?
+            stored.ok_or_else(|| flag_not_found(&r.flag_set, &r.key))?
         } else {
             check_key(&r.key)?;
             let (definition, _) = validate_definition(&r.key, &r.definition_json, false)?;
