@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use flagmesh_client::identity::principal;
 use flagmesh_engine::{FlagDocument, Strictness, ValidationError, ValueType, validate_context};
-use flagmesh_mesh::compiled::{PopFlag, evaluate_response, resolve_flag};
+use flagmesh_mesh::compiled::{PopFlag, Target, evaluate_response};
 use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::admin_server::Admin;
 use flagmesh_proto::v1::*;
@@ -685,10 +685,11 @@ impl<S: FlagStore + ?Sized> Admin for AdminService<S> {
             .and_then(|s| s.metadata)
             .map(|m| struct_to_map(&m))
             .unwrap_or_default();
-        let flag = PopFlag::new(flag, Arc::new(metadata));
+        let flag = Arc::new(PopFlag::new(flag, Arc::new(metadata)));
         let context = Value::Object(r.context.as_ref().map(struct_to_map).unwrap_or_default());
         let invalid = validate_context(&context).err();
-        let outcome = resolve_flag(&flag, &context, invalid.as_ref(), ValueType::Any);
+        let target = Target::of(&flag);
+        let outcome = target.resolve(&context, invalid.as_ref(), ValueType::Any);
         Ok(Response::new(EvaluateResponse {
             revision: self.store.head()?.revision,
             ..evaluate_response(&r.key, &outcome)

@@ -6,10 +6,14 @@
 //! A delta rebuilds only the flag sets it touches; every other set (and
 //! every unchanged flag) is shared with the previous snapshot.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::SourceSnapshot;
+use crate::tier::{Tier, Uncompiled, estimated_size};
+use arc_swap::ArcSwapOption;
 use flagmesh_engine::{
     CompiledFlag, ErrorCode, FlagDefinition, Metadata, Reason, Resolution, Strictness, ValueType,
 };
@@ -19,31 +23,196 @@ use flagmesh_proto::v1::{Delta, Flag, FlagSet};
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::Xxh3Builder;
 
-/// One flag: as stored, and compiled on first use.
-#[derive(Debug)]
+/// A flag's compiled form, or why it has none.
+pub type Compiled = Result<CompiledFlag, Uncompiled>;
+
+/// One flag: its identity and revisions, its definition (held here, or
+/// read from the store through its [`Tier`]), and its compiled form, made
+/// on first use and kept while the tier's budget allows.
 pub struct PopFlag {
-    /// The flag as stored and replicated.
-    pub stored: Flag,
+    flag_set: Arc<str>,
+    key: Box<str>,
+    mod_revision: u64,
+    create_revision: u64,
+    /// The definition, when the tier keeps definitions in memory.
+    definition: Option<Box<[u8]>>,
     set_metadata: Arc<Map<String, Value>>,
-    compiled: std::sync::OnceLock<Result<CompiledFlag, String>>,
+    tier: Arc<Tier>,
+    compiled: ArcSwapOption<Compiled>,
+    /// Bytes charged to the tier for `compiled`.
+    charged: AtomicUsize,
+    /// Used since the tier's clock hand last passed.
+    referenced: AtomicBool,
+}
+
+impl std::fmt::Debug for PopFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PopFlag")
+            .field("flag_set", &self.flag_set)
+            .field("key", &self.key)
+            .field("mod_revision", &self.mod_revision)
+            .field("compiled", &self.is_compiled())
+            .finish()
+    }
 }
 
 impl PopFlag {
-    /// A flag of a set with `set_metadata`, not compiled yet.
+    /// A flag of a set with `set_metadata`, not compiled yet, with its
+    /// definition held in memory (for flags evaluated outside a replica).
     pub fn new(stored: Flag, set_metadata: Arc<Map<String, Value>>) -> Self {
+        Self::in_tier(stored, set_metadata, &Tier::held(), None)
+    }
+
+    /// A flag kept as `tier` keeps flags; `set_name` shares the set's name.
+    pub fn in_tier(
+        stored: Flag,
+        set_metadata: Arc<Map<String, Value>>,
+        tier: &Arc<Tier>,
+        set_name: Option<&Arc<str>>,
+    ) -> Self {
+        let Flag {
+            flag_set,
+            key,
+            definition_json,
+            mod_revision,
+            create_revision,
+        } = stored;
         Self {
-            stored,
+            flag_set: match set_name {
+                Some(n) if **n == *flag_set => n.clone(),
+                _ => flag_set.into(),
+            },
+            key: key.into(),
+            mod_revision,
+            create_revision,
+            definition: tier
+                .holds_definitions()
+                .then(|| definition_json.into_boxed_slice()),
             set_metadata,
-            compiled: std::sync::OnceLock::new(),
+            tier: tier.clone(),
+            compiled: ArcSwapOption::empty(),
+            charged: AtomicUsize::new(0),
+            referenced: AtomicBool::new(false),
         }
     }
 
-    /// The compiled flag (compiled now if it is the first use); `Err` holds
-    /// why the definition does not compile (it then resolves with
-    /// `PARSE_ERROR`).
-    pub fn compiled(&self) -> &Result<CompiledFlag, String> {
-        self.compiled
-            .get_or_init(|| compile(&self.stored, &self.set_metadata))
+    /// The flag's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The flag's set.
+    pub fn flag_set(&self) -> &str {
+        &self.flag_set
+    }
+
+    /// The revision that last changed the flag.
+    pub fn mod_revision(&self) -> u64 {
+        self.mod_revision
+    }
+
+    /// The flag's definition and the revision it is of: its own, or a
+    /// newer one when the store moved on while an older state is served.
+    fn definition(&self) -> Result<(Cow<'_, [u8]>, u64), Uncompiled> {
+        if let Some(d) = &self.definition {
+            return Ok((Cow::Borrowed(d), self.mod_revision));
+        }
+        match self.tier.read(&self.flag_set, &self.key)? {
+            Some(f) => Ok((Cow::Owned(f.definition_json), f.mod_revision)),
+            None => Err(Uncompiled::Store(
+                "the flag was deleted while this state was served".into(),
+            )),
+        }
+    }
+
+    /// The flag as stored and replicated (read from the store when the
+    /// tier does not hold definitions).
+    pub fn stored(&self) -> Result<Flag, Uncompiled> {
+        let (definition, mod_revision) = self.definition()?;
+        Ok(Flag {
+            flag_set: self.flag_set.to_string(),
+            key: self.key.to_string(),
+            definition_json: definition.into_owned(),
+            mod_revision,
+            create_revision: self.create_revision,
+        })
+    }
+
+    /// The compiled flag, compiled now if it is not held (its first use,
+    /// or its first since the budget dropped it).
+    pub fn compiled(self: &Arc<Self>) -> Arc<Compiled> {
+        self.compiled_at().0
+    }
+
+    /// [`PopFlag::compiled`] and the revision it was compiled from: the
+    /// flag's own, or a newer one when the store moved on while an older
+    /// state is served (then it is not kept).
+    fn compiled_at(self: &Arc<Self>) -> (Arc<Compiled>, u64) {
+        if let Some(c) = self.compiled.load_full() {
+            if self.tier.is_bounded() {
+                self.tier.hit();
+                if !self.referenced.load(Ordering::Relaxed) {
+                    self.referenced.store(true, Ordering::Relaxed);
+                }
+            }
+            return (c, self.mod_revision);
+        }
+        let started = std::time::Instant::now();
+        let compiled = match self.definition() {
+            Ok((d, revision)) => {
+                let compiled = Arc::new(compile(&self.flag_set, &self.key, &d, &self.set_metadata));
+                // a newer revision read back is answered, never kept here
+                if revision == self.mod_revision {
+                    self.keep(&compiled, estimated_size(d.len()));
+                }
+                (compiled, revision)
+            }
+            Err(e) => (Arc::new(Err(e)), self.mod_revision),
+        };
+        self.tier.missed(started);
+        compiled
+    }
+
+    fn keep(self: &Arc<Self>, compiled: &Arc<Compiled>, size: usize) {
+        self.referenced.store(true, Ordering::Relaxed);
+        let before = self
+            .compiled
+            .compare_and_swap(&None::<Arc<Compiled>>, Some(compiled.clone()));
+        if before.is_none() {
+            self.charged.store(size, Ordering::Relaxed);
+            self.tier.admit(self, size);
+        }
+    }
+
+    /// Whether the compiled form is held.
+    pub fn is_compiled(&self) -> bool {
+        self.compiled.load().is_some()
+    }
+
+    /// Whether the tier never drops this flag's compiled form.
+    pub(crate) fn pinned(&self) -> bool {
+        self.tier.is_hot(&self.flag_set, &self.key)
+    }
+
+    /// Whether the flag was used since last asked (and forgets it).
+    pub(crate) fn take_reference(&self) -> bool {
+        self.referenced.swap(false, Ordering::Relaxed)
+    }
+
+    /// Drops the compiled form; `true` if one was held.
+    pub(crate) fn drop_compiled(&self) -> bool {
+        if self.compiled.swap(None).is_some() {
+            self.tier.release(self.charged.swap(0, Ordering::Relaxed));
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Drop for PopFlag {
+    fn drop(&mut self) {
+        self.drop_compiled();
     }
 }
 
@@ -77,14 +246,14 @@ impl SetState {
     pub fn sorted(&self) -> &[Arc<PopFlag>] {
         self.sorted.get_or_init(|| {
             let mut flags: Vec<Arc<PopFlag>> = self.flags.values().cloned().collect();
-            flags.sort_by(|a, b| a.stored.key.cmp(&b.stored.key));
+            flags.sort_by(|a, b| a.key().cmp(b.key()));
             flags.into_boxed_slice()
         })
     }
 }
 
 /// A whole state at one revision.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PopState {
     /// The history.
     pub history_id: String,
@@ -92,6 +261,19 @@ pub struct PopState {
     pub revision: u64,
     /// The flag sets by id.
     pub sets: HashMap<String, Arc<SetState>>,
+    /// Where its flags' definitions and compiled forms are kept.
+    pub tier: Arc<Tier>,
+}
+
+impl Default for PopState {
+    fn default() -> Self {
+        Self {
+            history_id: String::new(),
+            revision: 0,
+            sets: HashMap::new(),
+            tier: Tier::held(),
+        }
+    }
 }
 
 /// Flags compiled by this process so far.
@@ -100,66 +282,93 @@ static COMPILATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// How many flags this process has compiled (each on its first use after
 /// it changed): a sign of activity for releasing memory when quiet.
 pub fn compilations() -> u64 {
-    COMPILATIONS.load(std::sync::atomic::Ordering::Relaxed)
+    COMPILATIONS.load(Ordering::Relaxed)
 }
 
-fn compile(flag: &Flag, metadata: &Arc<Map<String, Value>>) -> Result<CompiledFlag, String> {
-    COMPILATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let compiled = serde_json::from_slice::<Value>(&flag.definition_json)
+fn compile(
+    set: &str,
+    key: &str,
+    definition: &[u8],
+    metadata: &Arc<Map<String, Value>>,
+) -> Compiled {
+    COMPILATIONS.fetch_add(1, Ordering::Relaxed);
+    let compiled = serde_json::from_slice::<Value>(definition)
         .map_err(|e| format!("definition is not JSON: {e}"))
         .and_then(|v| {
-            FlagDefinition::from_json(&flag.key, &v, &Map::new(), Strictness::Lenient)
+            FlagDefinition::from_json(key, &v, &Map::new(), Strictness::Lenient)
                 .map_err(|e| e.to_string())
         })
-        .map(|d| CompiledFlag::with_shared_metadata(&flag.key, d, metadata));
+        .map(|d| CompiledFlag::with_shared_metadata(key, d, metadata));
     if let Err(e) = &compiled {
-        tracing::warn!(flag_set = %flag.flag_set, key = %flag.key, error = %e, "flag does not compile");
+        tracing::warn!(flag_set = %set, key = %key, error = %e, "flag does not compile");
     }
-    compiled
+    compiled.map_err(Uncompiled::Definition)
 }
 
 fn metadata_of(set: &FlagSet) -> Arc<Map<String, Value>> {
     Arc::new(set.metadata.as_ref().map(struct_to_map).unwrap_or_default())
 }
 
+/// A set being rebuilt: its name (shared by its flags) and contents.
+struct Building {
+    name: Arc<str>,
+    set: SetState,
+}
+
 impl PopState {
-    /// The state of a snapshot.
+    /// The state of a snapshot, with definitions held in memory.
     pub fn from_snapshot(s: &SourceSnapshot) -> Self {
-        let mut sets: HashMap<String, SetState> = s
+        Self::from_snapshot_in(s, Tier::held())
+    }
+
+    /// The state of a snapshot, its flags kept as `tier` keeps them.
+    pub fn from_snapshot_in(s: &SourceSnapshot, tier: Arc<Tier>) -> Self {
+        let mut sets: HashMap<String, Building> = s
             .flag_sets
             .iter()
             .map(|fs| {
-                (
-                    fs.id.clone(),
-                    SetState::new(metadata_of(fs), HashMap::default()),
-                )
+                let set = SetState::new(metadata_of(fs), HashMap::default());
+                let name = fs.id.as_str().into();
+                (fs.id.clone(), Building { name, set })
             })
             .collect();
         for f in &s.flags {
-            let set = sets.entry(f.flag_set.clone()).or_default();
-            let flag = PopFlag::new(f.clone(), set.metadata.clone());
-            set.flags.insert(f.key.as_str().into(), Arc::new(flag));
+            let b = sets.entry(f.flag_set.clone()).or_insert_with(|| Building {
+                name: f.flag_set.as_str().into(),
+                set: SetState::default(),
+            });
+            let flag = PopFlag::in_tier(f.clone(), b.set.metadata.clone(), &tier, Some(&b.name));
+            b.set.flags.insert(f.key.as_str().into(), Arc::new(flag));
         }
         Self {
             history_id: s.history_id.clone(),
             revision: s.revision,
-            sets: sets.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            sets: sets
+                .into_iter()
+                .map(|(k, b)| (k, Arc::new(b.set)))
+                .collect(),
+            tier,
         }
     }
 
     /// The state after a delta; untouched sets are shared.
     pub fn apply(&self, d: &Delta) -> Self {
         let mut sets = self.sets.clone();
-        let mut touched: HashMap<String, SetState> = HashMap::new();
+        let mut touched: HashMap<String, Building> = HashMap::new();
         let take = |id: &str,
                     sets: &HashMap<String, Arc<SetState>>,
-                    touched: &mut HashMap<String, SetState>| {
+                    touched: &mut HashMap<String, Building>| {
             if !touched.contains_key(id) {
-                let copy = sets
+                let set = sets
                     .get(id)
                     .map(|s| SetState::new(s.metadata.clone(), s.flags.clone()))
                     .unwrap_or_default();
-                touched.insert(id.to_owned(), copy);
+                let name = set
+                    .flags
+                    .values()
+                    .next()
+                    .map_or_else(|| id.into(), |f| f.flag_set.clone());
+                touched.insert(id.to_owned(), Building { name, set });
             }
         };
         for id in &d.flag_set_deletes {
@@ -167,55 +376,66 @@ impl PopState {
         }
         for fs in &d.flag_set_upserts {
             take(&fs.id, &sets, &mut touched);
-            if let Some(set) = touched.get_mut(&fs.id) {
-                set.metadata = metadata_of(fs);
+            if let Some(b) = touched.get_mut(&fs.id) {
+                b.set.metadata = metadata_of(fs);
                 // merged metadata changed: recompile the set's flags
-                let flags: Vec<Flag> = set.flags.values().map(|f| f.stored.clone()).collect();
+                let mut flags = Vec::with_capacity(b.set.flags.len());
+                for f in b.set.flags.values() {
+                    match f.stored() {
+                        Ok(stored) => flags.push(stored),
+                        Err(e) => tracing::error!(
+                            flag_set = %fs.id, key = %f.key(), error = %e,
+                            "flag kept with the set's former metadata"
+                        ),
+                    }
+                }
                 for f in flags {
-                    let flag = PopFlag::new(f.clone(), set.metadata.clone());
-                    set.flags.insert(f.key.as_str().into(), Arc::new(flag));
+                    let key = f.key.as_str().into();
+                    let flag =
+                        PopFlag::in_tier(f, b.set.metadata.clone(), &self.tier, Some(&b.name));
+                    b.set.flags.insert(key, Arc::new(flag));
                 }
             }
         }
         for r in &d.deletes {
             take(&r.flag_set, &sets, &mut touched);
-            if let Some(set) = touched.get_mut(&r.flag_set) {
-                set.flags.remove(r.key.as_str());
+            if let Some(b) = touched.get_mut(&r.flag_set) {
+                b.set.flags.remove(r.key.as_str());
             }
         }
         for f in &d.upserts {
             take(&f.flag_set, &sets, &mut touched);
-            if let Some(set) = touched.get_mut(&f.flag_set) {
-                let flag = PopFlag::new(f.clone(), set.metadata.clone());
-                set.flags.insert(f.key.as_str().into(), Arc::new(flag));
+            if let Some(b) = touched.get_mut(&f.flag_set) {
+                let flag =
+                    PopFlag::in_tier(f.clone(), b.set.metadata.clone(), &self.tier, Some(&b.name));
+                b.set.flags.insert(f.key.as_str().into(), Arc::new(flag));
             }
         }
-        for (id, set) in touched {
-            if d.flag_set_deletes.contains(&id) && set.flags.is_empty() {
+        for (id, b) in touched {
+            if d.flag_set_deletes.contains(&id) && b.set.flags.is_empty() {
                 continue;
             }
-            sets.insert(id, Arc::new(set));
+            sets.insert(id, Arc::new(b.set));
         }
         Self {
             history_id: d.history_id.clone(),
             revision: d.to_revision,
             sets,
+            tier: self.tier.clone(),
         }
     }
 
     /// Every flag, for checks: (set, key) -> definition bytes.
-    pub fn definitions(&self) -> std::collections::BTreeMap<(String, String), Vec<u8>> {
-        self.sets
-            .iter()
-            .flat_map(|(id, s)| {
-                s.flags.iter().map(move |(k, f)| {
-                    (
-                        (id.clone(), k.to_string()),
-                        f.stored.definition_json.clone(),
-                    )
-                })
-            })
-            .collect()
+    pub fn definitions(
+        &self,
+    ) -> Result<std::collections::BTreeMap<(String, String), Vec<u8>>, Uncompiled> {
+        let mut out = std::collections::BTreeMap::new();
+        for (id, s) in &self.sets {
+            for (k, f) in &s.flags {
+                out.insert((id.clone(), k.to_string()), f.stored()?.definition_json);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -227,57 +447,83 @@ pub struct Outcome<'a> {
     pub mod_revision: u64,
 }
 
-/// Resolves `key` of `set` for an already validated context.
-pub fn resolve<'a>(
-    state: &'a PopState,
-    set_name: &str,
-    key: &str,
-    context: &'a Value,
-    context_error: Option<&flagmesh_engine::ResolutionError>,
-    expected: ValueType,
-) -> Outcome<'a> {
-    let failed = |code, message: String, md: Metadata<'a>| Outcome {
-        resolution: Resolution::error(code, message, md),
-        mod_revision: 0,
-    };
-    if state.revision == 0 {
-        return failed(
-            ErrorCode::General,
-            "this PoP has no flag state yet (it has never synced); use your default".into(),
-            Metadata::empty(),
-        );
-    }
-    let Some(set) = state.sets.get(set_name) else {
-        return failed(
-            ErrorCode::FlagNotFound,
-            format!("flag set \"{set_name}\" not found"),
-            Metadata::empty(),
-        );
-    };
-    let Some(flag) = set.flags.get(key) else {
-        return failed(
-            ErrorCode::FlagNotFound,
-            format!("flag \"{key}\" not found in flag set \"{set_name}\""),
-            Metadata::from(&*set.metadata),
-        );
-    };
-    resolve_flag(flag, context, context_error, expected)
+/// What an evaluation resolves: a flag, with its compiled form held for
+/// the evaluation (the tier may drop it meanwhile), or why there is none.
+pub enum Target<'s> {
+    /// The flag's compiled form and the revision it is of.
+    Flag(Arc<Compiled>, u64),
+    /// No such flag (or no state at all).
+    Missing(ErrorCode, String, Metadata<'s>),
 }
 
-/// Resolves one flag.
-pub fn resolve_flag<'a>(
-    flag: &'a PopFlag,
+impl<'s> Target<'s> {
+    /// A flag, compiled if it is not held.
+    pub fn of(flag: &'s Arc<PopFlag>) -> Self {
+        let (compiled, revision) = flag.compiled_at();
+        Self::Flag(compiled, revision)
+    }
+
+    /// Finds `key` of `set` in `state`.
+    pub fn lookup(state: &'s PopState, set_name: &str, key: &str) -> Self {
+        if state.revision == 0 {
+            return Self::Missing(
+                ErrorCode::General,
+                "this PoP has no flag state yet (it has never synced); use your default".into(),
+                Metadata::empty(),
+            );
+        }
+        let Some(set) = state.sets.get(set_name) else {
+            return Self::Missing(
+                ErrorCode::FlagNotFound,
+                format!("flag set \"{set_name}\" not found"),
+                Metadata::empty(),
+            );
+        };
+        match set.flags.get(key) {
+            Some(flag) => Self::of(flag),
+            None => Self::Missing(
+                ErrorCode::FlagNotFound,
+                format!("flag \"{key}\" not found in flag set \"{set_name}\""),
+                Metadata::from(&*set.metadata),
+            ),
+        }
+    }
+
+    /// Resolves the target for an already validated context (a context
+    /// that failed validation is passed as `context_error`).
+    pub fn resolve<'a>(
+        &'a self,
+        context: &'a Value,
+        context_error: Option<&flagmesh_engine::ResolutionError>,
+        expected: ValueType,
+    ) -> Outcome<'a> {
+        match self {
+            Self::Missing(code, message, metadata) => Outcome {
+                resolution: Resolution::error(*code, message.clone(), *metadata),
+                mod_revision: 0,
+            },
+            Self::Flag(compiled, revision) => {
+                resolve_compiled(compiled, *revision, context, context_error, expected)
+            }
+        }
+    }
+}
+
+/// Resolves one flag from its compiled form.
+fn resolve_compiled<'a>(
+    compiled: &'a Compiled,
+    mod_revision: u64,
     context: &'a Value,
     context_error: Option<&flagmesh_engine::ResolutionError>,
     expected: ValueType,
 ) -> Outcome<'a> {
-    let mod_revision = flag.stored.mod_revision;
-    let resolution = match (flag.compiled(), context_error) {
-        (Err(e), _) => Resolution::error(
-            ErrorCode::ParseError,
-            format!("flag does not compile: {e}"),
-            Metadata::empty(),
-        ),
+    let resolution = match (compiled, context_error) {
+        (Err(e @ Uncompiled::Definition(_)), _) => {
+            Resolution::error(ErrorCode::ParseError, e.to_string(), Metadata::empty())
+        }
+        (Err(e @ Uncompiled::Store(_)), _) => {
+            Resolution::error(ErrorCode::General, e.to_string(), Metadata::empty())
+        }
         (Ok(c), Some(err)) => Resolution::error(err.code, err.message.clone(), c.metadata()),
         (Ok(c), None) => c.resolve_typed(context, expected),
     };
@@ -355,7 +601,9 @@ pub struct StateSwap {
 impl crate::subscriber::ReplicaObserver for StateSwap {
     fn applied(&self, applied: &crate::replica::Applied) {
         let next = match applied {
-            crate::replica::Applied::Snapshot(s) => PopState::from_snapshot(s),
+            crate::replica::Applied::Snapshot(s) => {
+                PopState::from_snapshot_in(s, self.state.load().tier.clone())
+            }
             crate::replica::Applied::Delta(d) => self.state.load().apply(d),
             _ => return,
         };
@@ -386,7 +634,7 @@ mod tests {
     #[test]
     fn a_sets_flags_are_listed_by_key_and_a_delta_lists_anew() {
         let keys = |s: &SetState| -> Vec<String> {
-            s.sorted().iter().map(|f| f.stored.key.clone()).collect()
+            s.sorted().iter().map(|f| f.key().to_owned()).collect()
         };
         let s = PopState::from_snapshot(&SourceSnapshot {
             history_id: "h".into(),
@@ -439,8 +687,9 @@ mod tests {
         );
         let f = &next.sets["x"].flags["f"];
         let ctx = serde_json::json!({});
-        let r = f
-            .compiled()
+        let compiled = f.compiled();
+        let r = compiled
+            .as_ref()
             .as_ref()
             .map(|c| c.resolve(&ctx).string_value().map(str::to_owned));
         assert_eq!(r, Ok(Some("B".to_owned())));
@@ -455,6 +704,6 @@ mod tests {
             ..Default::default()
         });
         assert!(last.sets["x"].flags.is_empty());
-        assert_eq!(last.definitions().len(), 1);
+        assert_eq!(last.definitions().map(|d| d.len()), Ok(1));
     }
 }

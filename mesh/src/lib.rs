@@ -28,6 +28,7 @@ pub mod snapshot_stream;
 pub mod source;
 pub mod subscriber;
 pub mod sync_service;
+pub mod tier;
 
 pub use fanout::{Cursor, Fanout, FanoutConfig, Head};
 pub use source::{ReportSink, SourceError, SourceSnapshot, SyncSource};

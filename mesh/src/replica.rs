@@ -277,6 +277,12 @@ impl ReplicaStore {
         Ok((store, state))
     }
 
+    /// The sled tree the replica keeps its flags in (under [`keys::flag`]),
+    /// for reading definitions that are not held in memory.
+    pub fn tree(&self) -> sled::Tree {
+        self.tree.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

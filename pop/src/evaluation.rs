@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-pub use flagmesh_mesh::compiled::{Outcome, evaluate_response, resolve, resolve_flag};
-use flagmesh_mesh::compiled::{PopState, SetState};
+pub use flagmesh_mesh::compiled::{Outcome, Target, evaluate_response};
+use flagmesh_mesh::compiled::{PopFlag, PopState, SetState};
 
 /// What the evaluation service reads.
 #[derive(Clone)]
@@ -124,10 +124,8 @@ impl Evaluation for EvaluationService {
         let context_error = validate_context(&context).err();
         let state = self.ctx.state.load();
         let stale = self.ctx.stale(&state);
-        let o = resolve(
-            &state,
-            &set,
-            &r.flag_key,
+        let target = Target::lookup(&state, &set, &r.flag_key);
+        let o = target.resolve(
             &context,
             context_error.as_ref(),
             value_type(r.expected_type),
@@ -161,11 +159,12 @@ impl Evaluation for EvaluationService {
             .iter()
             .map(|f| {
                 let started = std::time::Instant::now();
-                let o = resolve_flag(f, &context, context_error.as_ref(), ValueType::Any);
+                let target = Target::of(f);
+                let o = target.resolve(&context, context_error.as_ref(), ValueType::Any);
                 self.ctx
                     .stats
                     .record(o.resolution.reason, started.elapsed());
-                self.response(&f.stored.key, &o, &state, stale)
+                self.response(f.key(), &o, &state, stale)
             })
             .collect();
         Ok(Response::new(pb::EvaluateAllResponse {
@@ -217,6 +216,14 @@ impl Evaluation for EvaluationService {
 }
 
 /// The event taking a watcher from `old` (None: nothing yet) to `new`;
+/// A flag as stored, for a watch event; one whose definition cannot be
+/// read is left out (and logged), as it cannot be evaluated either.
+fn stored(f: &PopFlag) -> Option<pb::Flag> {
+    f.stored()
+        .map_err(|e| tracing::error!(key = %f.key(), error = %e, "flag left out of a watch event"))
+        .ok()
+}
+
 /// `None` when the watched set did not change.
 fn watch_event(
     old: Option<&SetState>,
@@ -233,7 +240,7 @@ fn watch_event(
         return Some(pb::WatchEvent {
             revision: state.revision,
             full: true,
-            upserts: new.flags.values().map(|f| f.stored.clone()).collect(),
+            upserts: new.flags.values().filter_map(|f| stored(f)).collect(),
             deletes: Vec::new(),
             metadata,
             stale,
@@ -244,7 +251,7 @@ fn watch_event(
         .flags
         .iter()
         .filter(|(k, f)| old.flags.get(*k).is_none_or(|o| !Arc::ptr_eq(o, f)))
-        .map(|(_, f)| f.stored.clone())
+        .filter_map(|(_, f)| stored(f))
         .collect();
     let deletes: Vec<String> = old
         .flags

@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::evaluation::{EvalContext, Outcome, resolve};
+use crate::evaluation::{EvalContext, Outcome, Target};
 use crate::state::{PopState, SetState};
 
 /// How often an idle EventStream sends `keep_alive`.
@@ -82,7 +82,8 @@ impl Flagd {
         }
         let state = self.ctx.state.load();
         let started = std::time::Instant::now();
-        let outcome = resolve(&state, &set, flag_key, &context, None, expected);
+        let target = Target::lookup(&state, &set, flag_key);
+        let outcome = target.resolve(&context, None, expected);
         self.ctx
             .stats
             .record(outcome.resolution.reason, started.elapsed());
@@ -289,7 +290,8 @@ impl v1::service_server::Service for Flagd {
         let set_state = set_of(&state, &set);
         let mut flags = std::collections::HashMap::new();
         for (k, f) in &set_state.flags {
-            let o = crate::evaluation::resolve_flag(f, &context, None, ValueType::Any);
+            let target = Target::of(f);
+            let o = target.resolve(&context, None, ValueType::Any);
             let r = &o.resolution;
             // like flagd: flags that do not resolve to a value are left out
             let Some(v) = r.value else { continue };
@@ -355,8 +357,14 @@ impl v2::service_server::Service for Flagd {
 pub fn document(set: &SetState) -> (String, Map<String, Value>) {
     let mut flags = Map::new();
     for (k, f) in &set.flags {
-        if let Ok(def) = serde_json::from_slice::<Value>(&f.stored.definition_json) {
-            flags.insert(k.to_string(), def);
+        let def = f.stored().map_err(|e| e.to_string()).and_then(|s| {
+            serde_json::from_slice::<Value>(&s.definition_json).map_err(|e| e.to_string())
+        });
+        match def {
+            Ok(def) => {
+                flags.insert(k.to_string(), def);
+            }
+            Err(e) => tracing::error!(key = %k, error = %e, "flag left out of a synced document"),
         }
     }
     // the set's metadata as written, as flagd serves a source's: a

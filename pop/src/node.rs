@@ -12,6 +12,7 @@ use flagmesh_mesh::metrics::RelayMetrics;
 use flagmesh_mesh::relay::{Relay, RelayConfig};
 use flagmesh_mesh::replica::ReplicaStore;
 use flagmesh_mesh::sync_service::SyncService;
+use flagmesh_mesh::tier::{Tier, TierMetrics};
 use flagmesh_proto::v1::evaluation_server::EvaluationServer;
 use flagmesh_server::{
     MethodPolicy, NodeBuilder, Requirement, RunningNode, Security, ServicePolicy,
@@ -39,7 +40,19 @@ pub struct PopConfig {
     pub cors_allowed_origins: Vec<String>,
     /// How long shutdown waits for connections.
     pub drain: Duration,
+    /// Memory for compiled flags, in bytes (`None`: every flag used stays
+    /// compiled). Definitions stay in sled either way.
+    pub memory_budget: Option<usize>,
+    /// Flags compiled at start and never dropped, as (set, key).
+    pub hot_flags: Vec<(String, String)>,
 }
+
+/// The default memory budget of compiled flags: 10,000 flags of the
+/// benchmark's kind fit in it with room to spare.
+pub const DEFAULT_MEMORY_BUDGET: usize = 32 << 20;
+
+/// How often the flags held compiled are recorded for the next start.
+const SAVE_RESIDENT_EVERY: Duration = Duration::from_secs(30);
 
 /// What the PoP's services ask of callers: evaluation keys (scoped ones
 /// only to their flag sets) evaluate and follow; reports are for mesh
@@ -68,6 +81,7 @@ pub struct RunningPop {
     pub relay: Relay,
     /// The in-memory state.
     pub state: Arc<ArcSwap<PopState>>,
+    tier: Arc<Tier>,
     node: RunningNode,
 }
 
@@ -75,8 +89,56 @@ impl RunningPop {
     /// Stops accepting, then drains everything under one deadline; `true`
     /// when everything ended in time.
     pub async fn stop(self) -> bool {
-        self.node.stop().await
+        let drained = self.node.stop().await;
+        // states handed out may outlive the PoP; its store must not
+        self.tier.close();
+        drained
     }
+}
+
+/// Compiles the hot flags and those held compiled before the last stop
+/// (while the budget has room), off the serving threads, then records
+/// which flags are held every [`SAVE_RESIDENT_EVERY`] and at stop.
+fn warm(
+    state: &Arc<ArcSwap<PopState>>,
+    tier: &Arc<Tier>,
+    tasks: &tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let (state, tier) = (state.clone(), tier.clone());
+    tasks.spawn(async move {
+        let warming = (state.clone(), tier.clone());
+        let warmed = tokio::task::spawn_blocking(move || {
+            let (state, tier) = warming;
+            let state = state.load();
+            let mut warmed = 0usize;
+            for (set, key) in tier.warm_list() {
+                if !tier.has_room() && !tier.is_hot(&set, &key) {
+                    continue;
+                }
+                if let Some(f) = state.sets.get(&set).and_then(|s| s.flags.get(key.as_str())) {
+                    f.compiled();
+                    warmed += 1;
+                }
+            }
+            warmed
+        })
+        .await
+        .unwrap_or(0);
+        tracing::info!(warmed, "flags compiled ahead of use");
+        let save = |tier: &Tier| {
+            if let Err(e) = tier.save_resident() {
+                tracing::warn!(error = %e, "recording the flags held compiled failed");
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(SAVE_RESIDENT_EVERY) => save(&tier),
+            }
+        }
+        save(&tier);
+    });
 }
 
 /// Loads the replica, binds, serves at once, and starts following.
@@ -88,13 +150,24 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
     )
     .with_context(|| format!("opening the replica in {}", config.relay.data_dir.display()))?;
     let replica = Arc::new(replica);
-    let state = Arc::new(ArcSwap::from_pointee(PopState::from_snapshot(&loaded)));
+    // definitions stay in sled; compiled flags are held up to the budget
+    let tier = Arc::new(Tier::new(
+        Some(replica.tree()),
+        config.memory_budget,
+        config.hot_flags.clone(),
+    ));
+    let state = Arc::new(ArcSwap::from_pointee(PopState::from_snapshot_in(
+        &loaded,
+        tier.clone(),
+    )));
+    drop(loaded);
+    let revision = state.load().revision;
     tracing::info!(
-        revision = loaded.revision,
-        flags = loaded.flags.len(),
+        revision,
+        flags = replica.flag_count(),
         "state loaded from sled"
     );
-    let (changes_tx, changes_rx) = watch::channel(loaded.revision);
+    let (changes_tx, changes_rx) = watch::channel(revision);
 
     let mut node = NodeBuilder::bind(
         config.listen,
@@ -150,6 +223,9 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
         .register_collector(Box::new(RelayMetrics(relay.view())));
     node.metrics()
         .register_collector(Box::new(eval.stats.clone()));
+    node.metrics()
+        .register_collector(Box::new(TierMetrics(tier.clone())));
+    warm(&state, &tier, node.tasks(), node.stop_token());
     let ofrep = crate::ofrep::router(eval.clone(), node.security().auth.clone());
     let ofrep =
         match crate::ofrep::cors(&config.cors_allowed_origins).map_err(anyhow::Error::msg)? {
@@ -186,6 +262,7 @@ pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::
         http_addr: node.http_addr,
         relay,
         state,
+        tier,
         node,
     })
 }

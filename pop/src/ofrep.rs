@@ -29,7 +29,7 @@ use flagmesh_server::http_access::HttpAccess;
 use flagmesh_server::policy::Requirement;
 use serde_json::{Map, Value, json};
 
-use crate::evaluation::{EvalContext, Outcome, resolve, resolve_flag};
+use crate::evaluation::{EvalContext, Outcome, Target};
 use flagmesh_mesh::compiled::SetState;
 
 /// The PoP that answered.
@@ -249,7 +249,8 @@ async fn single(
     };
     let state = s.ctx.state.load();
     let started = std::time::Instant::now();
-    let o = resolve(&state, &set, &key, &context, None, ValueType::Any);
+    let target = Target::lookup(&state, &set, &key);
+    let o = target.resolve(&context, None, ValueType::Any);
     s.ctx.stats.record(o.resolution.reason, started.elapsed());
     let (code, json) = flag_json(&key, &o);
     let mut response = match serde_json::to_vec(&json) {
@@ -294,10 +295,10 @@ async fn bulk(
     }
     let empty = SetState::default();
     let set_state = state.sets.get(&set).map_or(&empty, |s| s.as_ref());
-    let outcomes: Vec<Outcome<'_>> = set_state
-        .sorted()
+    let targets: Vec<Target<'_>> = set_state.sorted().iter().map(Target::of).collect();
+    let outcomes: Vec<Outcome<'_>> = targets
         .iter()
-        .map(|f| resolve_flag(f, &context, None, ValueType::Any))
+        .map(|t| t.resolve(&context, None, ValueType::Any))
         .collect();
     #[derive(serde::Serialize)]
     struct Bulk<'a> {
@@ -309,7 +310,7 @@ async fn bulk(
             .sorted()
             .iter()
             .zip(&outcomes)
-            .map(|(f, o)| flag_json(&f.stored.key, o).1)
+            .map(|(f, o)| flag_json(f.key(), o).1)
             .collect(),
         metadata: &set_state.metadata,
     };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use flagmesh_engine::validate_context;
-use flagmesh_mesh::compiled::{PopState, StateSwap, resolve};
+use flagmesh_mesh::compiled::{PopState, StateSwap, Target};
 use flagmesh_mesh::replica::ReplicaStore;
 use flagmesh_mesh::subscriber::{Subscriber, SubscriberConfig, SyncStatus};
 use flagmesh_proto::v1::NodeRole;
@@ -152,14 +152,8 @@ impl LocalClient {
         let state = self.state.load();
         let context_error = validate_context(context).err();
         let stale = self.stale();
-        let o = resolve(
-            &state,
-            &self.flag_set,
-            key,
-            context,
-            context_error.as_ref(),
-            T::TYPE,
-        );
+        let target = Target::lookup(&state, &self.flag_set, key);
+        let o = target.resolve(context, context_error.as_ref(), T::TYPE);
         let r = &o.resolution;
         let (value, variant) = match (r.value.and_then(T::from_json), &r.error) {
             (Some(v), None) => (v, r.variant.map(str::to_owned)),

@@ -1,8 +1,12 @@
-//! Resident memory of a PoP holding N realistic flags: steady (VmRSS once
-//! converged) and peak (VmHWM), and the bytes per flag that implies over an
-//! empty PoP.
+//! Resident memory of a PoP holding N realistic flags under a memory
+//! budget for compiled flags (or none): steady (VmRSS once every flag was
+//! evaluated and the PoP is quiet) and peak (VmHWM), the bytes per flag
+//! that implies over an empty PoP; then, with the flags in place, what a
+//! first evaluation of a flag that is not compiled costs against one that
+//! is, and the hit rate of a skewed workload (90% of evaluations on 1% of
+//! the flags).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -13,12 +17,16 @@ use crate::topology::{Mesh, NodeRef, TopologySpec};
 const PER_SET: usize = 5_000;
 
 /// Loads `flags` flags into a fresh control + one PoP and measures the PoP;
-/// with `distinct`, no two flags have the same targeting.
+/// with `distinct`, no two flags have the same targeting; `budget` is the
+/// PoP's `--memory-budget-mb` (MiB, or `unlimited`).
 pub async fn run(
-    spec: TopologySpec,
+    mut spec: TopologySpec,
     flags: usize,
     distinct: bool,
+    budget: &str,
 ) -> Result<(Value, Mesh), String> {
+    spec.envs
+        .push(("FLAGMESH_MEMORY_BUDGET_MB".into(), budget.into()));
     let make = if distinct {
         distinct_flag
     } else {
@@ -57,8 +65,10 @@ pub async fn run(
         .copied()
         .unwrap_or(0.0);
     let (loaded_kib, _) = rss_kib(pid);
-    // evaluate every flag once: each is compiled on first use
     let mut eval = mesh.eval(0).await.map_err(|e| e.to_string())?;
+    // flags not compiled yet (nothing was evaluated since they arrived)
+    let (cold_us, warm_us) = cold_and_warm(&mut eval, flags).await?;
+    // evaluate every flag once: each is compiled on first use
     for s in 0..set {
         eval.evaluate_all(flagmesh_proto::v1::EvaluateAllRequest {
             flag_set: format!("set-{s}"),
@@ -72,9 +82,18 @@ pub async fn run(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (steady_kib, peak_kib) = rss_kib(pid);
     let per_flag = (steady_kib.saturating_sub(empty_kib) * 1024) as f64 / flags.max(1) as f64;
+    let held_compiled = metric(&mesh, "flagmesh_compiled_flags").await;
+    let estimated = metric(&mesh, "flagmesh_compiled_flags_bytes").await;
+    let hit_rate = skewed_hit_rate(&mesh, &mut eval, flags).await?;
     Ok((
         json!({
             "flags": flags,
+            "budget_mib": budget,
+            "compiled_held": held_compiled,
+            "compiled_estimated_mib": estimated / 1048576.0,
+            "cold_first_evaluation_us_p50": cold_us,
+            "warm_evaluation_us_p50": warm_us,
+            "skewed_hit_rate": hit_rate,
             "rules": if distinct { "all distinct" } else { "repeated" },
             "flags_held": held,
             "empty_rss_mib": empty_kib as f64 / 1024.0,
@@ -85,4 +104,89 @@ pub async fn run(
         }),
         mesh,
     ))
+}
+
+async fn metric(mesh: &Mesh, name: &str) -> f64 {
+    mesh.metrics(NodeRef::Pop(0))
+        .await
+        .ok()
+        .and_then(|m| m.get(name).copied())
+        .unwrap_or(0.0)
+}
+
+/// The flag `i` of the benchmark's sets.
+fn request(i: usize, flags: usize) -> flagmesh_proto::v1::EvaluateRequest {
+    let i = i % flags.max(1);
+    flagmesh_proto::v1::EvaluateRequest {
+        flag_set: format!("set-{}", i / PER_SET),
+        flag_key: format!("flag-{i}"),
+        context: json!({"targetingKey": "user-7", "country": "IN", "email": "a@example.com", "version": "2.0.0"})
+            .as_object()
+            .map(flagmesh_proto::convert::map_to_struct),
+        ..Default::default()
+    }
+}
+
+/// Median round trip (µs) of 200 flags evaluated for the first time (not
+/// compiled yet), each then at once again (compiled).
+async fn cold_and_warm(
+    eval: &mut crate::topology::Eval,
+    flags: usize,
+) -> Result<(f64, f64), String> {
+    let picks: Vec<usize> = (0..200).map(|k| (k * 7_919 + 13) % flags.max(1)).collect();
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for &i in &picks {
+        for times in [&mut cold, &mut warm] {
+            let started = Instant::now();
+            eval.evaluate(request(i, flags))
+                .await
+                .map_err(|e| e.to_string())?;
+            times.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2] * 10.0).round() / 10.0
+    };
+    Ok((median(&mut cold), median(&mut warm)))
+}
+
+/// Hits over lookups for 5,000 evaluations, 90% on the first 1% of the
+/// flags and 10% spread over all (counted from the PoP's metrics; `null`
+/// without a budget, where hits are not counted).
+async fn skewed_hit_rate(
+    mesh: &Mesh,
+    eval: &mut crate::topology::Eval,
+    flags: usize,
+) -> Result<Value, String> {
+    let hot = (flags / 100).max(1);
+    let (h0, m0) = (
+        metric(mesh, "flagmesh_compiled_flag_hits_total").await,
+        metric(mesh, "flagmesh_compiled_flag_misses_total").await,
+    );
+    let mut x: usize = 12_345;
+    for k in 0..5_000usize {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let i = if k % 10 == 0 {
+            (x >> 16) % flags.max(1)
+        } else {
+            (x >> 16) % hot
+        };
+        eval.evaluate(request(i, flags))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let (h1, m1) = (
+        metric(mesh, "flagmesh_compiled_flag_hits_total").await,
+        metric(mesh, "flagmesh_compiled_flag_misses_total").await,
+    );
+    let (hits, misses) = (h1 - h0, m1 - m0);
+    Ok(if hits + misses > 0.0 && hits > 0.0 {
+        json!(((hits / (hits + misses)) * 1000.0).round() / 1000.0)
+    } else {
+        Value::Null
+    })
 }

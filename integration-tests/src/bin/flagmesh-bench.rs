@@ -295,20 +295,26 @@ async fn start_tls_pop(
 async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
     let mut rows = Vec::new();
     let mut coldstart = Value::Null;
+    // (flags, all-distinct targeting, the PoP's --memory-budget-mb)
     let sizes = match only {
-        Some(n) => vec![(n, false), (n, true)],
+        Some(n) => vec![(n, false, "unlimited"), (n, false, "32"), (n, true, "32")],
         None => vec![
-            (1_000usize, false),
-            (10_000, false),
-            (10_000, true),
-            (100_000, false),
+            (1_000usize, false, "32"),
+            (10_000, false, "unlimited"),
+            (10_000, false, "32"),
+            (10_000, false, "4"),
+            (10_000, true, "unlimited"),
+            (10_000, true, "32"),
+            (100_000, false, "unlimited"),
+            (100_000, false, "32"),
+            (100_000, false, "8"),
         ],
     };
-    for (flags, distinct) in sizes {
+    for (flags, distinct, budget) in sizes {
         let (r, mut mesh) = bench::memory::run(
             spec(
                 args.data.join(format!(
-                    "memory-{flags}{}",
+                    "memory-{flags}{}-{budget}",
                     if distinct { "-distinct" } else { "" }
                 )),
                 0,
@@ -317,12 +323,13 @@ async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
             .with_direct_pop(),
             flags,
             distinct,
+            budget,
         )
         .await
         .map_err(anyhow::Error::msg)?;
         eprintln!("memory with {flags} flags: {r}");
         rows.push(r);
-        if flags == 10_000 && !distinct {
+        if flags == 10_000 && !distinct && budget == "32" {
             coldstart = bench::coldstart::run(&mut mesh, "set-0", "flag-0", 5)
                 .await
                 .map_err(anyhow::Error::msg)?;
@@ -332,18 +339,27 @@ async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
     let result = json!({"machine": machine(), "memory": rows, "cold_start_10k": coldstart});
     write_results("memory", &result);
     let mut t = String::from(
-        "| flags | targeting | PoP RSS empty | loaded (not yet evaluated) | steady, every flag evaluated | peak | bytes per flag |\n|---|---|---|---|---|---|---|\n",
+        "| flags | targeting | budget (MiB) | PoP RSS empty | loaded (not yet evaluated) | steady, every flag evaluated | peak | bytes per flag | compiled held (estimated MiB) | first evaluation of a cold flag, p50 | then warm, p50 | hit rate, 90% on 1% of flags |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in result["memory"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} |\n",
+            "| {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {} ({:.1}) | {} µs | {} µs | {} |\n",
             r["flags"],
             r["rules"].as_str().unwrap_or("repeated"),
+            r["budget_mib"].as_str().unwrap_or("?"),
             r["empty_rss_mib"].as_f64().unwrap_or(0.0),
             r["loaded_rss_mib"].as_f64().unwrap_or(0.0),
             r["steady_rss_mib"].as_f64().unwrap_or(0.0),
             r["peak_rss_mib"].as_f64().unwrap_or(0.0),
-            r["bytes_per_flag"]
+            r["bytes_per_flag"],
+            r["compiled_held"],
+            r["compiled_estimated_mib"].as_f64().unwrap_or(0.0),
+            r["cold_first_evaluation_us_p50"],
+            r["warm_evaluation_us_p50"],
+            match &r["skewed_hit_rate"] {
+                Value::Null => "all held".to_owned(),
+                v => v.to_string(),
+            },
         ));
     }
     update_section("memory", &t);

@@ -100,6 +100,8 @@ pub async fn pop(relay: RelayConfig, default_set: &str, auth: Arc<Authenticator>
             default_flag_set: default_set.into(),
             cors_allowed_origins: Vec::new(),
             drain: Duration::from_millis(500),
+            memory_budget: Some(flagmesh_pop::node::DEFAULT_MEMORY_BUDGET),
+            hot_flags: Vec::new(),
         },
         auth,
     )

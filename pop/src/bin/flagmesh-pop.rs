@@ -32,6 +32,44 @@ struct Args {
         value_delimiter = ','
     )]
     cors_allowed_origins: Vec<String>,
+    /// Memory for compiled flags, in MiB (decimals allowed), or
+    /// `unlimited`. Flags past it stay in sled and are compiled on use;
+    /// the least recently used are dropped first.
+    #[arg(
+        long = "memory-budget-mb",
+        env = "FLAGMESH_MEMORY_BUDGET_MB",
+        default_value = "32",
+        value_parser = memory_budget
+    )]
+    memory_budget: Budget,
+    /// Flags compiled at start and never dropped from memory, as
+    /// `SET/KEY` (or `KEY` of the default flag set), comma-separated.
+    #[arg(long = "hot-flags", env = "FLAGMESH_HOT_FLAGS", value_delimiter = ',')]
+    hot_flags: Vec<String>,
+}
+
+/// A memory budget in bytes (`None`: unlimited).
+#[derive(Debug, Clone, Copy)]
+struct Budget(Option<usize>);
+
+fn memory_budget(s: &str) -> Result<Budget, String> {
+    if s == "unlimited" {
+        return Ok(Budget(None));
+    }
+    match s.parse::<f64>() {
+        Ok(mb) if mb.is_finite() && mb > 0.0 => Ok(Budget(Some((mb * 1048576.0) as usize))),
+        _ => Err(format!(
+            "\"{s}\" is not a budget: give MiB above zero (such as 32 or 0.5), or `unlimited`"
+        )),
+    }
+}
+
+/// `SET/KEY` or `KEY` (of `default_set`) as (set, key).
+fn hot_flag(s: &str, default_set: &str) -> (String, String) {
+    match s.split_once('/') {
+        Some((set, key)) => (set.to_owned(), key.to_owned()),
+        None => (default_set.to_owned(), s.to_owned()),
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -40,7 +78,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         relay,
         default_flag_set,
         cors_allowed_origins,
+        memory_budget,
+        hot_flags,
     } = args;
+    let hot_flags = hot_flags
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| hot_flag(s, &default_flag_set))
+        .collect();
     let telemetry = common.init_telemetry("flagmesh-pop");
     let security = common.security()?;
     let config = PopConfig {
@@ -50,6 +95,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         default_flag_set,
         cors_allowed_origins,
         drain: common.drain(),
+        memory_budget: memory_budget.0,
+        hot_flags,
     };
     let pop = start(config, security).await.context("starting the PoP")?;
     process::print_ready(pop.grpc_addr, pop.http_addr);
