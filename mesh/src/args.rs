@@ -157,6 +157,7 @@ impl RelayArgs {
                 }),
                 send_timeout: Duration::from_millis(self.send_timeout_ms.max(100)),
                 max_catch_up_delta_bytes: self.max_catch_up_delta_bytes.max(1 << 10),
+                ring_without_subscribers: role != NodeRole::Pop,
                 ..FanoutConfig::default()
             },
             report_interval: heartbeat,

@@ -49,6 +49,11 @@ pub struct FanoutConfig {
     /// The flag sets this server's state holds (empty: every set). A
     /// server with a partial state refuses subscribers that ask for more.
     pub scope: Vec<String>,
+    /// Whether deltas are encoded and kept while nobody subscribes. A hub
+    /// keeps them, so that PoPs reconnecting after a moment resume by
+    /// delta; a PoP, rarely followed, does not: a subscriber that comes
+    /// later catches up by snapshot.
+    pub ring_without_subscribers: bool,
 }
 
 impl Default for FanoutConfig {
@@ -62,6 +67,7 @@ impl Default for FanoutConfig {
             snapshot_chunk_bytes: 64 << 10,
             max_catch_up_delta_bytes: 4 << 20,
             scope: Vec::new(),
+            ring_without_subscribers: true,
         }
     }
 }
@@ -204,7 +210,11 @@ impl Fanout {
     /// [`Fanout::publish`] of a delta already shared (nothing is copied).
     #[tracing::instrument(name = "publish", skip_all, fields(revision = delta.to_revision, from = delta.from_revision))]
     pub fn publish_shared(&self, delta: Arc<Delta>) {
-        let event = SharedSyncEvent::from_delta(&delta);
+        // nobody to send it to, and nothing kept for later: the head
+        // moves and a later subscriber catches up from the source
+        let keep = self.config.ring_without_subscribers
+            || self.stats.subscribers.load(Ordering::Relaxed) > 0;
+        let event = keep.then(|| SharedSyncEvent::from_delta(&delta));
         // the head is read and moved under the ring's lock: two publishers
         // never interleave between the check and the move
         let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
@@ -214,10 +224,15 @@ impl Fanout {
             tracing::debug!(head = head.revision, "delta at or below the head dropped");
             return;
         }
-        if !same_history || delta.from_revision != head.revision {
+        if !same_history || delta.from_revision != head.revision || event.is_none() {
             ring.entries.clear();
             ring.bytes = 0;
         }
+        let Some(event) = event else {
+            drop(ring);
+            self.move_head(&delta, same_history);
+            return;
+        };
         // the decoded delta is kept too: count it like its encoding
         ring.bytes += 2 * event.len();
         ring.entries.push_back(RingEntry {
@@ -231,6 +246,10 @@ impl Fanout {
                 ring.bytes -= 2 * old.event.len();
             }
         }
+        self.move_head(&delta, same_history);
+    }
+
+    fn move_head(&self, delta: &Delta, same_history: bool) {
         self.head.send_modify(|h| {
             if !same_history {
                 h.history_id = delta.history_id.as_str().into();
@@ -643,6 +662,36 @@ mod tests {
             );
             assert_eq!(revisions.last().map(|r| r.1), Some(REVISIONS));
         }
+    }
+
+    #[test]
+    fn without_subscribers_a_pop_keeps_no_deltas_and_a_late_subscriber_gets_a_snapshot() {
+        let f = Fanout::new(
+            Arc::new(Empty),
+            Head {
+                history_id: "h".into(),
+                revision: 0,
+                upstream_connected: true,
+                digest: None,
+            },
+            FanoutConfig {
+                ring_without_subscribers: false,
+                ..FanoutConfig::default()
+            },
+            CancellationToken::new(),
+        );
+        for to in 1..=5 {
+            f.publish(delta("h", to));
+        }
+        assert_eq!(f.head().revision, 5, "the head moves");
+        assert_eq!(f.ring_usage(), (0, 0), "nothing is kept");
+        let cursor: Cursor = Some(("h".into(), 3));
+        let (catch_up, _) = f.catch_up(&cursor, None).expect("catch up");
+        assert!(matches!(catch_up, CatchUp::Snapshot(_)));
+        // with a subscriber, deltas are kept again
+        f.stats.subscribers.fetch_add(1, Ordering::Relaxed);
+        f.publish(delta("h", 6));
+        assert_eq!(f.ring_usage().0, 1);
     }
 
     #[test]
