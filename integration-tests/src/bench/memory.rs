@@ -32,7 +32,7 @@ pub async fn run(
     } else {
         realistic_flag
     };
-    let mesh = Mesh::start(spec).await.map_err(|e| e.to_string())?;
+    let mut mesh = Mesh::start(spec).await.map_err(|e| e.to_string())?;
     let pid = mesh.pops[0]
         .process
         .as_ref()
@@ -85,6 +85,7 @@ pub async fn run(
     let held_compiled = metric(&mesh, "flagmesh_compiled_flags").await;
     let estimated = metric(&mesh, "flagmesh_compiled_flags_bytes").await;
     let hit_rate = skewed_hit_rate(&mesh, &mut eval, flags).await?;
+    let restarted_kib = restarted(&mut mesh, set).await?;
     Ok((
         json!({
             "flags": flags,
@@ -99,6 +100,7 @@ pub async fn run(
             "empty_rss_mib": empty_kib as f64 / 1024.0,
             "loaded_rss_mib": loaded_kib as f64 / 1024.0,
             "steady_rss_mib": steady_kib as f64 / 1024.0,
+            "restarted_rss_mib": restarted_kib as f64 / 1024.0,
             "peak_rss_mib": peak_kib as f64 / 1024.0,
             "bytes_per_flag": per_flag.round(),
         }),
@@ -189,4 +191,30 @@ async fn skewed_hit_rate(
     } else {
         Value::Null
     })
+}
+
+/// VmRSS of PoP 0 restarted on its store (its state read from sled, not
+/// received), once every flag was evaluated again and it is quiet: what a
+/// long-running PoP holds without the buffers a large delta left behind.
+async fn restarted(mesh: &mut Mesh, sets: usize) -> Result<u64, String> {
+    if !mesh.stop(NodeRef::Pop(0)) {
+        return Err("the PoP did not stop cleanly".into());
+    }
+    mesh.restart(NodeRef::Pop(0)).map_err(|e| e.to_string())?;
+    let pid = mesh.pops[0]
+        .process
+        .as_ref()
+        .map(|p| p.pid())
+        .ok_or("no PoP process")?;
+    let mut eval = mesh.eval(0).await.map_err(|e| e.to_string())?;
+    for s in 0..sets {
+        eval.evaluate_all(flagmesh_proto::v1::EvaluateAllRequest {
+            flag_set: format!("set-{s}"),
+            context: None,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(rss_kib(pid).0)
 }
