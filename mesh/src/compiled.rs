@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::SourceSnapshot;
 use crate::tier::{Tier, Uncompiled, estimated_size};
@@ -26,6 +26,22 @@ use xxhash_rust::xxh3::Xxh3Builder;
 /// A flag's compiled form, or why it has none.
 pub type Compiled = Result<CompiledFlag, Uncompiled>;
 
+/// A compiled form and the bytes charged for it to the tier (released
+/// with exactly this value when it is dropped, whoever drops it).
+#[derive(Debug)]
+pub struct Held {
+    compiled: Compiled,
+    charged: usize,
+}
+
+impl std::ops::Deref for Held {
+    type Target = Compiled;
+
+    fn deref(&self) -> &Compiled {
+        &self.compiled
+    }
+}
+
 /// One flag: its identity and revisions, its definition (held here, or
 /// read from the store through its [`Tier`]), and its compiled form, made
 /// on first use and kept while the tier's budget allows.
@@ -38,9 +54,7 @@ pub struct PopFlag {
     definition: Option<Box<[u8]>>,
     set_metadata: Arc<Map<String, Value>>,
     tier: Arc<Tier>,
-    compiled: ArcSwapOption<Compiled>,
-    /// Bytes charged to the tier for `compiled`.
-    charged: AtomicUsize,
+    compiled: ArcSwapOption<Held>,
     /// Used since the tier's clock hand last passed.
     referenced: AtomicBool,
 }
@@ -91,7 +105,6 @@ impl PopFlag {
             set_metadata,
             tier: tier.clone(),
             compiled: ArcSwapOption::empty(),
-            charged: AtomicUsize::new(0),
             referenced: AtomicBool::new(false),
         }
     }
@@ -138,16 +151,31 @@ impl PopFlag {
         })
     }
 
+    /// The same flag under another set metadata, not compiled yet.
+    fn with_metadata(&self, set_metadata: Arc<Map<String, Value>>) -> Self {
+        Self {
+            flag_set: self.flag_set.clone(),
+            key: self.key.clone(),
+            mod_revision: self.mod_revision,
+            create_revision: self.create_revision,
+            definition: self.definition.clone(),
+            set_metadata,
+            tier: self.tier.clone(),
+            compiled: ArcSwapOption::empty(),
+            referenced: AtomicBool::new(false),
+        }
+    }
+
     /// The compiled flag, compiled now if it is not held (its first use,
     /// or its first since the budget dropped it).
-    pub fn compiled(self: &Arc<Self>) -> Arc<Compiled> {
+    pub fn compiled(self: &Arc<Self>) -> Arc<Held> {
         self.compiled_at().0
     }
 
     /// [`PopFlag::compiled`] and the revision it was compiled from: the
     /// flag's own, or a newer one when the store moved on while an older
     /// state is served (then it is not kept).
-    fn compiled_at(self: &Arc<Self>) -> (Arc<Compiled>, u64) {
+    fn compiled_at(self: &Arc<Self>) -> (Arc<Held>, u64) {
         if let Some(c) = self.compiled.load_full() {
             if self.tier.is_bounded() {
                 self.tier.hit();
@@ -160,27 +188,41 @@ impl PopFlag {
         let started = std::time::Instant::now();
         let compiled = match self.definition() {
             Ok((d, revision)) => {
-                let compiled = Arc::new(compile(&self.flag_set, &self.key, &d, &self.set_metadata));
+                // hot flags are held beyond the budget, so not charged to it
+                let charged = if self.pinned() {
+                    0
+                } else {
+                    estimated_size(d.len())
+                };
+                let held = Arc::new(Held {
+                    compiled: compile(&self.flag_set, &self.key, &d, &self.set_metadata),
+                    charged,
+                });
                 // a newer revision read back is answered, never kept here
                 if revision == self.mod_revision {
-                    self.keep(&compiled, estimated_size(d.len()));
+                    self.keep(&held);
                 }
-                (compiled, revision)
+                (held, revision)
             }
-            Err(e) => (Arc::new(Err(e)), self.mod_revision),
+            Err(e) => (
+                Arc::new(Held {
+                    compiled: Err(e),
+                    charged: 0,
+                }),
+                self.mod_revision,
+            ),
         };
         self.tier.missed(started);
         compiled
     }
 
-    fn keep(self: &Arc<Self>, compiled: &Arc<Compiled>, size: usize) {
+    fn keep(self: &Arc<Self>, held: &Arc<Held>) {
         self.referenced.store(true, Ordering::Relaxed);
         let before = self
             .compiled
-            .compare_and_swap(&None::<Arc<Compiled>>, Some(compiled.clone()));
+            .compare_and_swap(&None::<Arc<Held>>, Some(held.clone()));
         if before.is_none() {
-            self.charged.store(size, Ordering::Relaxed);
-            self.tier.admit(self, size);
+            self.tier.admit(self, held.charged);
         }
     }
 
@@ -201,11 +243,12 @@ impl PopFlag {
 
     /// Drops the compiled form; `true` if one was held.
     pub(crate) fn drop_compiled(&self) -> bool {
-        if self.compiled.swap(None).is_some() {
-            self.tier.release(self.charged.swap(0, Ordering::Relaxed));
-            true
-        } else {
-            false
+        match self.compiled.swap(None) {
+            Some(held) => {
+                self.tier.release(held.charged);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -378,22 +421,9 @@ impl PopState {
             take(&fs.id, &sets, &mut touched);
             if let Some(b) = touched.get_mut(&fs.id) {
                 b.set.metadata = metadata_of(fs);
-                // merged metadata changed: recompile the set's flags
-                let mut flags = Vec::with_capacity(b.set.flags.len());
-                for f in b.set.flags.values() {
-                    match f.stored() {
-                        Ok(stored) => flags.push(stored),
-                        Err(e) => tracing::error!(
-                            flag_set = %fs.id, key = %f.key(), error = %e,
-                            "flag kept with the set's former metadata"
-                        ),
-                    }
-                }
-                for f in flags {
-                    let key = f.key.as_str().into();
-                    let flag =
-                        PopFlag::in_tier(f, b.set.metadata.clone(), &self.tier, Some(&b.name));
-                    b.set.flags.insert(key, Arc::new(flag));
+                // merged metadata changed: the set's flags compile anew
+                for f in b.set.flags.values_mut() {
+                    *f = Arc::new(f.with_metadata(b.set.metadata.clone()));
                 }
             }
         }
@@ -451,7 +481,7 @@ pub struct Outcome<'a> {
 /// the evaluation (the tier may drop it meanwhile), or why there is none.
 pub enum Target<'s> {
     /// The flag's compiled form and the revision it is of.
-    Flag(Arc<Compiled>, u64),
+    Flag(Arc<Held>, u64),
     /// No such flag (or no state at all).
     Missing(ErrorCode, String, Metadata<'s>),
 }
@@ -502,9 +532,13 @@ impl<'s> Target<'s> {
                 resolution: Resolution::error(*code, message.clone(), *metadata),
                 mod_revision: 0,
             },
-            Self::Flag(compiled, revision) => {
-                resolve_compiled(compiled, *revision, context, context_error, expected)
-            }
+            Self::Flag(compiled, revision) => resolve_compiled(
+                &compiled.compiled,
+                *revision,
+                context,
+                context_error,
+                expected,
+            ),
         }
     }
 }
@@ -688,8 +722,7 @@ mod tests {
         let f = &next.sets["x"].flags["f"];
         let ctx = serde_json::json!({});
         let compiled = f.compiled();
-        let r = compiled
-            .as_ref()
+        let r = (**compiled)
             .as_ref()
             .map(|c| c.resolve(&ctx).string_value().map(str::to_owned));
         assert_eq!(r, Ok(Some("B".to_owned())));

@@ -47,6 +47,8 @@ pub struct Tier {
     misses: AtomicU64,
     evictions: AtomicU64,
     cold_nanos: AtomicU64,
+    /// A hash of the resident list last saved (not written again unchanged).
+    saved: AtomicU64,
 }
 
 impl std::fmt::Debug for Tier {
@@ -64,7 +66,8 @@ impl std::fmt::Debug for Tier {
 pub struct TierStats {
     /// The budget in bytes (`usize::MAX`: none).
     pub budget: usize,
-    /// Estimated bytes of the compiled flags held.
+    /// Estimated bytes of the compiled flags held (hot flags, held beyond
+    /// the budget, are not counted).
     pub used: usize,
     /// Compiled flags held.
     pub resident: usize,
@@ -123,6 +126,7 @@ impl Tier {
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             cold_nanos: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
         }
     }
 
@@ -246,7 +250,10 @@ impl Tier {
             v.extend_from_slice(&keys::flag(set, key));
             v.push(b'\n');
         }
-        tree.insert(RESIDENT, v)?;
+        let hash = xxhash_rust::xxh3::xxh3_64(&v);
+        if self.saved.swap(hash, Ordering::Relaxed) != hash {
+            tree.insert(RESIDENT, v)?;
+        }
         Ok(flags.len())
     }
 
@@ -322,7 +329,7 @@ impl prometheus_client::collector::Collector for TierMetrics {
         gauge(
             &mut e,
             "flagmesh_compiled_flags_bytes",
-            "Estimated memory of the compiled flags held.",
+            "Estimated memory of the compiled flags held (hot flags not counted).",
             s.used as f64,
         )?;
         gauge(
@@ -359,5 +366,103 @@ impl prometheus_client::collector::Collector for TierMetrics {
                 prometheus_client::metrics::MetricType::Counter,
             )?,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SourceSnapshot;
+    use crate::compiled::PopState;
+
+    fn flag(i: usize) -> Flag {
+        Flag {
+            flag_set: "s".into(),
+            key: format!("f{i}"),
+            definition_json: format!(
+                r#"{{"state":"ENABLED","variants":{{"a":{i},"b":0}},"defaultVariant":"a"}}"#
+            )
+            .into_bytes(),
+            mod_revision: 1,
+            create_revision: 1,
+        }
+    }
+
+    #[test]
+    fn the_budget_is_accounted_exactly_under_concurrent_use_and_released_with_the_state() {
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        let tree = db.open_tree("replica").expect("tree");
+        let flags: Vec<Flag> = (0..200).map(flag).collect();
+        for f in &flags {
+            tree.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec())
+                .expect("insert");
+        }
+        let budget = 20 * estimated_size(flags[0].definition_json.len());
+        let tier = Arc::new(Tier::new(
+            Some(tree),
+            Some(budget),
+            vec![("s".into(), "f0".into())],
+        ));
+        let state = Arc::new(PopState::from_snapshot_in(
+            &SourceSnapshot {
+                history_id: "h".into(),
+                revision: 1,
+                digest: 0,
+                flags: flags.clone(),
+                flag_sets: vec![],
+            },
+            tier.clone(),
+        ));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let state = state.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0x9E37_79B9_u64 + t;
+                    for _ in 0..5_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let key = format!("f{}", x % 200);
+                        let f = &state.sets["s"].flags[key.as_str()];
+                        let held = f.compiled();
+                        assert!(held.is_ok(), "{key}: {:?}", *held);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let s = tier.stats();
+        let held: Vec<_> = state.sets["s"]
+            .flags
+            .values()
+            .filter(|f| f.is_compiled())
+            .collect();
+        assert_eq!(s.resident, held.len(), "{s:?}");
+        // the hot flag is held and not charged; the others are charged
+        assert!(state.sets["s"].flags["f0"].is_compiled());
+        let charged: usize = held
+            .iter()
+            .filter(|f| f.key() != "f0")
+            .map(|f| {
+                estimated_size(
+                    flags[f.key()[1..].parse::<usize>().expect("n")]
+                        .definition_json
+                        .len(),
+                )
+            })
+            .sum();
+        assert_eq!(s.used, charged, "{s:?}");
+        assert!(s.used <= budget, "{s:?}");
+        assert!(s.evictions > 0 && s.misses > 200, "{s:?}");
+        drop(held);
+        drop(state);
+        let s = tier.stats();
+        assert_eq!(
+            (s.used, s.resident),
+            (0, 0),
+            "released with the state: {s:?}"
+        );
     }
 }
