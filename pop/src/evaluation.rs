@@ -215,7 +215,6 @@ impl Evaluation for EvaluationService {
     }
 }
 
-/// The event taking a watcher from `old` (None: nothing yet) to `new`;
 /// A flag as stored, for a watch event; one whose definition cannot be
 /// read is left out (and logged), as it cannot be evaluated either.
 fn stored(f: &PopFlag) -> Option<pb::Flag> {
@@ -224,6 +223,7 @@ fn stored(f: &PopFlag) -> Option<pb::Flag> {
         .ok()
 }
 
+/// The event taking a watcher from `old` (None: nothing yet) to `new`;
 /// `None` when the watched set did not change.
 fn watch_event(
     old: Option<&SetState>,
