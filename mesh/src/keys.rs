@@ -22,6 +22,15 @@ pub fn flag(set: &str, key: &str) -> Vec<u8> {
     k
 }
 
+/// The (set, key) of a flag's store key; `None` for any other key.
+pub fn parse_flag(k: &[u8]) -> Option<(&str, &str)> {
+    let rest = k.strip_prefix(FLAGS)?;
+    let at = rest.iter().position(|b| *b == 0)?;
+    let set = std::str::from_utf8(&rest[..at]).ok()?;
+    let key = std::str::from_utf8(&rest[at + 1..]).ok()?;
+    Some((set, key))
+}
+
 /// The prefix of every flag of `set`.
 pub fn flags_of(set: &str) -> Vec<u8> {
     flag(set, "")
@@ -86,5 +95,13 @@ mod tests {
         // "web" must not be a prefix of "webapp"'s flags
         assert!(!flag("webapp", "banner").starts_with(&flags_of("web")));
         assert!(flag_set("web").starts_with(FLAG_SETS));
+    }
+
+    #[test]
+    fn a_flags_key_reads_back_as_its_set_and_key() {
+        assert_eq!(parse_flag(&flag("web", "a/b.c")), Some(("web", "a/b.c")));
+        assert_eq!(parse_flag(&flag("", "k")), Some(("", "k")));
+        assert_eq!(parse_flag(&flag_set("web")), None);
+        assert_eq!(parse_flag(b"m:scope"), None);
     }
 }

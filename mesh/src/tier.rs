@@ -270,13 +270,8 @@ impl Tier {
         if let Some(saved) = saved {
             let mut recent: Vec<(String, String)> = saved
                 .split(|b| *b == b'\n')
-                .filter_map(|k| k.strip_prefix(keys::FLAGS))
-                .filter_map(|k| {
-                    let at = k.iter().position(|b| *b == 0)?;
-                    let set = std::str::from_utf8(&k[..at]).ok()?;
-                    let key = std::str::from_utf8(&k[at + 1..]).ok()?;
-                    Some((set.to_owned(), key.to_owned()))
-                })
+                .filter_map(keys::parse_flag)
+                .map(|(set, key)| (set.to_owned(), key.to_owned()))
                 .filter(|id| !self.hot.contains(id))
                 .collect();
             recent.reverse();
