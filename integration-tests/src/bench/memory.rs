@@ -69,14 +69,7 @@ pub async fn run(
     // flags not compiled yet (nothing was evaluated since they arrived)
     let (cold_us, warm_us) = cold_and_warm(&mut eval, flags).await?;
     // evaluate every flag once: each is compiled on first use
-    for s in 0..set {
-        eval.evaluate_all(flagmesh_proto::v1::EvaluateAllRequest {
-            flag_set: format!("set-{s}"),
-            context: None,
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    }
+    evaluate_every_set(&mut eval, set).await?;
     // steady: once the PoP has been quiet for a moment (it hands memory
     // freed after a burst of work back to the system within a second)
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -207,6 +200,13 @@ async fn restarted(mesh: &mut Mesh, sets: usize) -> Result<u64, String> {
         .map(|p| p.pid())
         .ok_or("no PoP process")?;
     let mut eval = mesh.eval(0).await.map_err(|e| e.to_string())?;
+    evaluate_every_set(&mut eval, sets).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(rss_kib(pid).0)
+}
+
+/// `EvaluateAll` over sets `set-0` to `set-{sets - 1}`.
+async fn evaluate_every_set(eval: &mut crate::topology::Eval, sets: usize) -> Result<(), String> {
     for s in 0..sets {
         eval.evaluate_all(flagmesh_proto::v1::EvaluateAllRequest {
             flag_set: format!("set-{s}"),
@@ -215,6 +215,5 @@ async fn restarted(mesh: &mut Mesh, sets: usize) -> Result<u64, String> {
         .await
         .map_err(|e| e.to_string())?;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(rss_kib(pid).0)
+    Ok(())
 }
