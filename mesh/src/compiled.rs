@@ -57,6 +57,9 @@ pub struct PopFlag {
     compiled: ArcSwapOption<Held>,
     /// Used since the tier's clock hand last passed.
     referenced: AtomicBool,
+    /// Named hot: compiled at start and never dropped (looked up once,
+    /// when the flag is made, not on each compile).
+    pub(crate) pinned: bool,
 }
 
 impl std::fmt::Debug for PopFlag {
@@ -92,6 +95,7 @@ impl PopFlag {
             create_revision,
         } = stored;
         Self {
+            pinned: tier.is_hot(&flag_set, &key),
             flag_set: match set_name {
                 Some(n) if **n == *flag_set => n.clone(),
                 _ => flag_set.into(),
@@ -163,6 +167,7 @@ impl PopFlag {
             tier: self.tier.clone(),
             compiled: ArcSwapOption::empty(),
             referenced: AtomicBool::new(false),
+            pinned: self.pinned,
         }
     }
 
@@ -189,7 +194,7 @@ impl PopFlag {
         let compiled = match self.definition() {
             Ok((d, revision)) => {
                 // hot flags are held beyond the budget, so not charged to it
-                let charged = if self.pinned() {
+                let charged = if self.pinned {
                     0
                 } else {
                     estimated_size(d.len())
@@ -229,11 +234,6 @@ impl PopFlag {
     /// Whether the compiled form is held.
     pub fn is_compiled(&self) -> bool {
         self.compiled.load().is_some()
-    }
-
-    /// Whether the tier never drops this flag's compiled form.
-    pub(crate) fn pinned(&self) -> bool {
-        self.tier.is_hot(&self.flag_set, &self.key)
     }
 
     /// Whether the flag was used since last asked (and forgets it).

@@ -17,7 +17,7 @@
 //! older state was still being served) is compiled from what the store
 //! holds and not kept.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -39,7 +39,8 @@ pub struct Tier {
     /// The store, until [`Tier::close`] lets go of it.
     store: arc_swap::ArcSwapOption<sled::Tree>,
     budget: usize,
-    hot: HashSet<(String, String)>,
+    /// Hot flags: keys by set (looked up without building a key).
+    hot: HashMap<String, HashSet<String>>,
     used: AtomicUsize,
     resident: AtomicUsize,
     clock: Mutex<VecDeque<Weak<PopFlag>>>,
@@ -147,7 +148,10 @@ impl Tier {
             in_store: store.is_some(),
             store: arc_swap::ArcSwapOption::from_pointee(store),
             budget: budget.unwrap_or(usize::MAX),
-            hot: hot.into_iter().collect(),
+            hot: hot.into_iter().fold(HashMap::new(), |mut m, (set, key)| {
+                m.entry(set).or_insert_with(HashSet::new).insert(key);
+                m
+            }),
             used: AtomicUsize::new(0),
             resident: AtomicUsize::new(0),
             clock: Mutex::new(VecDeque::new()),
@@ -177,7 +181,7 @@ impl Tier {
 
     /// Whether (set, key) was named hot.
     pub fn is_hot(&self, set: &str, key: &str) -> bool {
-        !self.hot.is_empty() && self.hot.contains(&(set.to_owned(), key.to_owned()))
+        self.hot.get(set).is_some_and(|keys| keys.contains(key))
     }
 
     /// The counters now.
@@ -221,7 +225,7 @@ impl Tier {
     pub(crate) fn admit(&self, flag: &Arc<PopFlag>, size: usize) {
         self.used.fetch_add(size, Ordering::Relaxed);
         self.resident.fetch_add(1, Ordering::Relaxed);
-        if !self.is_bounded() || flag.pinned() {
+        if !self.is_bounded() || flag.pinned {
             return;
         }
         let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
@@ -290,7 +294,11 @@ impl Tier {
     /// held compiled when the resident list was last saved (most recent
     /// first), as (set, key).
     pub fn warm_list(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = self.hot.iter().cloned().collect();
+        let mut out: Vec<(String, String)> = self
+            .hot
+            .iter()
+            .flat_map(|(set, keys)| keys.iter().map(move |key| (set.clone(), key.clone())))
+            .collect();
         out.sort();
         let saved = self
             .store
@@ -301,7 +309,7 @@ impl Tier {
                 .split(|b| *b == b'\n')
                 .filter_map(keys::parse_flag)
                 .map(|(set, key)| (set.to_owned(), key.to_owned()))
-                .filter(|id| !self.hot.contains(id))
+                .filter(|(set, key)| !self.is_hot(set, key))
                 .collect();
             recent.reverse();
             out.extend(recent);

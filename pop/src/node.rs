@@ -107,10 +107,9 @@ fn warm(
 ) {
     let (state, tier) = (state.clone(), tier.clone());
     tasks.spawn(async move {
-        let warming = (state.clone(), tier.clone());
+        let warming = tier.clone();
         let warmed = tokio::task::spawn_blocking(move || {
-            let (state, tier) = warming;
-            let state = state.load();
+            let (state, tier) = (state.load(), warming);
             let mut warmed = 0usize;
             for (set, key) in tier.warm_list() {
                 if !tier.has_room() && !tier.is_hot(&set, &key) {
