@@ -33,11 +33,7 @@ pub async fn run(
         realistic_flag
     };
     let mut mesh = Mesh::start(spec).await.map_err(|e| e.to_string())?;
-    let pid = mesh.pops[0]
-        .process
-        .as_ref()
-        .map(|p| p.pid())
-        .ok_or("no PoP process")?;
+    let pid = pop_pid(&mesh)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (empty_kib, _) = rss_kib(pid);
     let mut admin = mesh.admin().await.map_err(|e| e.to_string())?;
@@ -75,8 +71,12 @@ pub async fn run(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (steady_kib, peak_kib) = rss_kib(pid);
     let per_flag = (steady_kib.saturating_sub(empty_kib) * 1024) as f64 / flags.max(1) as f64;
-    let held_compiled = metric(&mesh, "flagmesh_compiled_flags").await;
-    let estimated = metric(&mesh, "flagmesh_compiled_flags_bytes").await;
+    let held_compiled = mesh
+        .metric(NodeRef::Pop(0), "flagmesh_compiled_flags")
+        .await;
+    let estimated = mesh
+        .metric(NodeRef::Pop(0), "flagmesh_compiled_flags_bytes")
+        .await;
     let hit_rate = skewed_hit_rate(&mesh, &mut eval, flags).await?;
     let restarted_kib = restarted(&mut mesh, set).await?;
     Ok((
@@ -101,12 +101,13 @@ pub async fn run(
     ))
 }
 
-async fn metric(mesh: &Mesh, name: &str) -> f64 {
-    mesh.metrics(NodeRef::Pop(0))
-        .await
-        .ok()
-        .and_then(|m| m.get(name).copied())
-        .unwrap_or(0.0)
+/// The process id of PoP 0.
+fn pop_pid(mesh: &Mesh) -> Result<u32, String> {
+    mesh.pops[0]
+        .process
+        .as_ref()
+        .map(|p| p.pid())
+        .ok_or_else(|| "no PoP process".to_owned())
 }
 
 /// The flag `i` of the benchmark's sets.
@@ -157,8 +158,10 @@ async fn skewed_hit_rate(
 ) -> Result<Value, String> {
     let hot = (flags / 100).max(1);
     let (h0, m0) = (
-        metric(mesh, "flagmesh_compiled_flag_hits_total").await,
-        metric(mesh, "flagmesh_compiled_flag_misses_total").await,
+        mesh.metric(NodeRef::Pop(0), "flagmesh_compiled_flag_hits_total")
+            .await,
+        mesh.metric(NodeRef::Pop(0), "flagmesh_compiled_flag_misses_total")
+            .await,
     );
     let mut x: usize = 12_345;
     for k in 0..5_000usize {
@@ -175,8 +178,10 @@ async fn skewed_hit_rate(
             .map_err(|e| e.to_string())?;
     }
     let (h1, m1) = (
-        metric(mesh, "flagmesh_compiled_flag_hits_total").await,
-        metric(mesh, "flagmesh_compiled_flag_misses_total").await,
+        mesh.metric(NodeRef::Pop(0), "flagmesh_compiled_flag_hits_total")
+            .await,
+        mesh.metric(NodeRef::Pop(0), "flagmesh_compiled_flag_misses_total")
+            .await,
     );
     let (hits, misses) = (h1 - h0, m1 - m0);
     Ok(if hits + misses > 0.0 && hits > 0.0 {
@@ -194,11 +199,7 @@ async fn restarted(mesh: &mut Mesh, sets: usize) -> Result<u64, String> {
         return Err("the PoP did not stop cleanly".into());
     }
     mesh.restart(NodeRef::Pop(0)).map_err(|e| e.to_string())?;
-    let pid = mesh.pops[0]
-        .process
-        .as_ref()
-        .map(|p| p.pid())
-        .ok_or("no PoP process")?;
+    let pid = pop_pid(mesh)?;
     let mut eval = mesh.eval(0).await.map_err(|e| e.to_string())?;
     evaluate_every_set(&mut eval, sets).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
