@@ -567,6 +567,37 @@ async fn testbed_flags_with_malformed_rules_evaluate_as_flagd_at_a_pop() {
             "{f}"
         );
     }
+    // every entry of the bulk answer (written flag by flag, with metadata
+    // rendered once per compiled flag) is the flag's single-flag answer,
+    // errors and metadata included; twice, so that the second bulk answer
+    // reuses what the first rendered
+    for round in 0..2 {
+        let (code, _, body) = http_post(
+            http,
+            "/ofrep/v1/evaluate/flags?flagSet=testbed",
+            &json!({"context": ctx}).to_string(),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 200, "{body}");
+        let bulk: Value = serde_json::from_str(&body).unwrap();
+        let entries = bulk["flags"].as_array().unwrap();
+        assert!(entries.len() > 20, "{body}");
+        for f in entries {
+            let key = f["key"].as_str().unwrap();
+            let (_, _, single) = http_post(
+                http,
+                &format!("/ofrep/v1/evaluate/flags/{key}?flagSet=testbed"),
+                &json!({"context": ctx}).to_string(),
+                &[],
+            )
+            .await
+            .unwrap();
+            let single: Value = serde_json::from_str(&single).unwrap();
+            assert_eq!(f, &single, "round {round}, {key}");
+        }
+    }
 
     // the well-formed flags beside them are unaffected
     let (code, v) = eval(

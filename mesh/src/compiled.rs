@@ -8,8 +8,8 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::SourceSnapshot;
 use crate::tier::{Tier, Uncompiled, estimated_size};
@@ -20,11 +20,16 @@ use flagmesh_engine::{
 use flagmesh_proto::convert::{json_to_value, struct_to_map};
 use flagmesh_proto::v1 as pb;
 use flagmesh_proto::v1::{Delta, Flag, FlagSet};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::Xxh3Builder;
 
 /// A flag's compiled form, or why it has none.
 pub type Compiled = Result<CompiledFlag, Uncompiled>;
+
+/// A compiled form lent from a flag's slot (or made for one evaluation):
+/// `Some` whenever a [`PopFlag`] hands it out.
+pub type HeldGuard = arc_swap::Guard<Option<Arc<Held>>>;
 
 /// A compiled form and the bytes charged for it to the tier (released
 /// with exactly this value when it is dropped, whoever drops it).
@@ -32,6 +37,32 @@ pub type Compiled = Result<CompiledFlag, Uncompiled>;
 pub struct Held {
     compiled: Compiled,
     charged: usize,
+    /// The flag's metadata as JSON, rendered by the first answer written
+    /// as JSON and reused by the next (`None` inside: no compiled form).
+    metadata_json: OnceLock<Option<Box<RawValue>>>,
+}
+
+impl Held {
+    fn new(compiled: Compiled, charged: usize) -> Self {
+        Self {
+            compiled,
+            charged,
+            metadata_json: OnceLock::new(),
+        }
+    }
+
+    /// The metadata of every answer the compiled flag resolves without
+    /// error (the set's under the flag's own), as a JSON object rendered
+    /// once: a bulk answer is mostly these bytes. `None` when the flag did
+    /// not compile.
+    pub fn metadata_json(&self) -> Option<&RawValue> {
+        self.metadata_json
+            .get_or_init(|| {
+                let flag = self.compiled.as_ref().ok()?;
+                serde_json::value::to_raw_value(&flag.metadata()).ok()
+            })
+            .as_deref()
+    }
 }
 
 impl std::ops::Deref for Held {
@@ -172,24 +203,28 @@ impl PopFlag {
     }
 
     /// The compiled flag, compiled now if it is not held (its first use,
-    /// or its first since the budget dropped it).
-    pub fn compiled(self: &Arc<Self>) -> Arc<Held> {
+    /// or its first since the budget dropped it). Always `Some`.
+    pub fn compiled(self: &Arc<Self>) -> HeldGuard {
         self.compiled_at().0
     }
 
     /// [`PopFlag::compiled`] and the revision it was compiled from: the
     /// flag's own, or a newer one when the store moved on while an older
-    /// state is served (then it is not kept).
-    fn compiled_at(self: &Arc<Self>) -> (Arc<Held>, u64) {
-        if let Some(c) = self.compiled.load_full() {
+    /// state is served (then it is not kept). A held form is lent without
+    /// touching its reference count, which every core evaluating the flag
+    /// would otherwise contend on.
+    fn compiled_at(self: &Arc<Self>) -> (HeldGuard, u64) {
+        let held = self.compiled.load();
+        if held.is_some() {
             if self.tier.is_bounded() {
                 self.tier.hit();
                 if !self.referenced.load(Ordering::Relaxed) {
                     self.referenced.store(true, Ordering::Relaxed);
                 }
             }
-            return (c, self.mod_revision);
+            return (held, self.mod_revision);
         }
+        drop(held);
         let started = std::time::Instant::now();
         let compiled = match self.definition() {
             Ok((d, revision)) => {
@@ -199,21 +234,18 @@ impl PopFlag {
                 } else {
                     estimated_size(d.len())
                 };
-                let held = Arc::new(Held {
-                    compiled: compile(&self.flag_set, &self.key, &d, &self.set_metadata),
+                let held = Arc::new(Held::new(
+                    compile(&self.flag_set, &self.key, &d, &self.set_metadata),
                     charged,
-                });
+                ));
                 // a newer revision read back is answered, never kept here
                 if revision == self.mod_revision {
                     self.keep(&held);
                 }
-                (held, revision)
+                (HeldGuard::from_inner(Some(held)), revision)
             }
             Err(e) => (
-                Arc::new(Held {
-                    compiled: Err(e),
-                    charged: 0,
-                }),
+                HeldGuard::from_inner(Some(Arc::new(Held::new(Err(e), 0)))),
                 self.mod_revision,
             ),
         };
@@ -481,7 +513,7 @@ pub struct Outcome<'a> {
 /// the evaluation (the tier may drop it meanwhile), or why there is none.
 pub enum Target<'s> {
     /// The flag's compiled form and the revision it is of.
-    Flag(Arc<Held>, u64),
+    Flag(HeldGuard, u64),
     /// No such flag (or no state at all).
     Missing(ErrorCode, String, Metadata<'s>),
 }
@@ -519,6 +551,15 @@ impl<'s> Target<'s> {
         }
     }
 
+    /// The metadata of the flag's answers without error, as JSON rendered
+    /// once ([`Held::metadata_json`]); `None` for a missing flag.
+    pub fn metadata_json(&self) -> Option<&RawValue> {
+        match self {
+            Self::Flag(held, _) => held.as_deref().and_then(Held::metadata_json),
+            Self::Missing(..) => None,
+        }
+    }
+
     /// Resolves the target for an already validated context (a context
     /// that failed validation is passed as `context_error`).
     pub fn resolve<'a>(
@@ -532,13 +573,19 @@ impl<'s> Target<'s> {
                 resolution: Resolution::error(*code, message.clone(), *metadata),
                 mod_revision: 0,
             },
-            Self::Flag(compiled, revision) => resolve_compiled(
-                &compiled.compiled,
-                *revision,
-                context,
-                context_error,
-                expected,
-            ),
+            Self::Flag(held, revision) => match held.as_deref() {
+                Some(held) => {
+                    resolve_compiled(&held.compiled, *revision, context, context_error, expected)
+                }
+                None => Outcome {
+                    resolution: Resolution::error(
+                        ErrorCode::General,
+                        "the flag's compiled form is missing".to_owned(),
+                        Metadata::empty(),
+                    ),
+                    mod_revision: *revision,
+                },
+            },
         }
     }
 }
@@ -722,7 +769,9 @@ mod tests {
         let f = &next.sets["x"].flags["f"];
         let ctx = serde_json::json!({});
         let compiled = f.compiled();
-        let r = (**compiled)
+        let r = compiled
+            .as_deref()
+            .expect("compiled")
             .as_ref()
             .map(|c| c.resolve(&ctx).string_value().map(str::to_owned));
         assert_eq!(r, Ok(Some("B".to_owned())));

@@ -457,7 +457,8 @@ mod tests {
                         let key = format!("f{}", x % 200);
                         let f = &state.sets["s"].flags[key.as_str()];
                         let held = f.compiled();
-                        assert!(held.is_ok(), "{key}: {:?}", *held);
+                        let held = held.as_deref().expect("compiled");
+                        assert!(held.is_ok(), "{key}: {held:?}");
                     }
                 })
             })

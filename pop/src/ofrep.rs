@@ -27,6 +27,7 @@ use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
 use flagmesh_server::credentials::Authenticator;
 use flagmesh_server::http_access::HttpAccess;
 use flagmesh_server::policy::Requirement;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::evaluation::{EvalContext, Outcome, Target};
@@ -133,12 +134,25 @@ struct FlagJson<'a> {
     error_code: Option<&'static str>,
     #[serde(rename = "errorDetails", skip_serializing_if = "Option::is_none")]
     error_details: Option<&'a str>,
-    metadata: flagmesh_engine::Metadata<'a>,
+    metadata: MetadataJson<'a>,
 }
 
-/// One flag's evaluation as OFREP JSON, with the status a single-flag
-/// answer has.
-fn flag_json<'a>(key: &'a str, o: &'a Outcome<'_>) -> (StatusCode, FlagJson<'a>) {
+/// A flag's metadata in an answer: from the resolution's view, or the
+/// JSON its compiled form rendered once (answers without error).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum MetadataJson<'a> {
+    View(flagmesh_engine::Metadata<'a>),
+    Rendered(&'a RawValue),
+}
+
+/// One flag's evaluation of `target` as OFREP JSON, with the status a
+/// single-flag answer has.
+fn flag_json<'a>(
+    key: &'a str,
+    target: &'a Target<'_>,
+    o: &'a Outcome<'_>,
+) -> (StatusCode, FlagJson<'a>) {
     let r = &o.resolution;
     let mut json = FlagJson {
         key,
@@ -147,12 +161,16 @@ fn flag_json<'a>(key: &'a str, o: &'a Outcome<'_>) -> (StatusCode, FlagJson<'a>)
         reason: None,
         error_code: None,
         error_details: None,
-        metadata: r.metadata,
+        metadata: MetadataJson::View(r.metadata),
     };
     if let Some(e) = &r.error {
         json.error_code = Some(e.code.as_str());
         json.error_details = Some(&e.message);
         return (status_for(e.code), json);
+    }
+    // without error, the metadata is the compiled flag's own
+    if let Some(rendered) = target.metadata_json() {
+        json.metadata = MetadataJson::Rendered(rendered);
     }
     json.reason = Some(r.reason.as_str());
     // value and variant are omitted when the caller's default applies
@@ -252,7 +270,7 @@ async fn single(
     let target = Target::lookup(&state, &set, &key);
     let o = target.resolve(&context, None, ValueType::Any);
     s.ctx.stats.record(o.resolution.reason, started.elapsed());
-    let (code, json) = flag_json(&key, &o);
+    let (code, json) = flag_json(&key, &target, &o);
     let mut response = match serde_json::to_vec(&json) {
         Ok(body) => json_response(code, body),
         Err(e) => internal(&key, &e),
@@ -295,27 +313,8 @@ async fn bulk(
     }
     let empty = SetState::default();
     let set_state = state.sets.get(&set).map_or(&empty, |s| s.as_ref());
-    let targets: Vec<Target<'_>> = set_state.sorted().iter().map(Target::of).collect();
-    let outcomes: Vec<Outcome<'_>> = targets
-        .iter()
-        .map(|t| t.resolve(&context, None, ValueType::Any))
-        .collect();
-    #[derive(serde::Serialize)]
-    struct Bulk<'a> {
-        flags: Vec<FlagJson<'a>>,
-        metadata: &'a Map<String, Value>,
-    }
-    let answer = Bulk {
-        flags: set_state
-            .sorted()
-            .iter()
-            .zip(&outcomes)
-            .map(|(f, o)| flag_json(f.key(), o).1)
-            .collect(),
-        metadata: &set_state.metadata,
-    };
     s.ctx.stats.record_bulk(false);
-    let mut response = match serde_json::to_vec(&answer) {
+    let mut response = match bulk_json(set_state, &context) {
         Ok(body) => json_response(StatusCode::OK, body),
         Err(e) => return internal("", &e),
     };
@@ -324,6 +323,28 @@ async fn bulk(
         .insert(header::ETAG, header_value(&tag));
     versions(&mut response, &s.ctx.pop_id, state.revision);
     response
+}
+
+/// The bulk answer: every flag of the set, resolved and written one after
+/// the other into one buffer, then the set's metadata.
+fn bulk_json(set: &SetState, context: &Value) -> serde_json::Result<Vec<u8>> {
+    let flags = set.sorted();
+    // about what a flag with a little metadata takes, so that a usual
+    // answer is written without growing the buffer
+    let mut out = Vec::with_capacity(64 + flags.len() * 192);
+    out.extend_from_slice(b"{\"flags\":[");
+    for (i, f) in flags.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let target = Target::of(f);
+        let o = target.resolve(context, None, ValueType::Any);
+        serde_json::to_writer(&mut out, &flag_json(f.key(), &target, &o).1)?;
+    }
+    out.extend_from_slice(b"],\"metadata\":");
+    serde_json::to_writer(&mut out, &*set.metadata)?;
+    out.push(b'}');
+    Ok(out)
 }
 
 /// An answer that could not be encoded (never expected: every value came
