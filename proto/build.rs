@@ -45,6 +45,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&shared_dir)
         .compile_fds(sync_only)?;
 
+    // A second server for flagmesh.v1.Evaluation whose EvaluateAll answer
+    // is `crate::encoded::EncodedEvaluateAllResponse`: wire-identical to
+    // `EvaluateAllResponse`, written flag by flag into one buffer by the
+    // PoP. Clients keep decoding the generated message.
+    let encoded_dir = out_dir.join("encoded");
+    std::fs::create_dir_all(&encoded_dir)?;
+    let mut evaluation_only = fds.clone();
+    evaluation_only
+        .file
+        .retain(|f| f.name() == "flagmesh/v1/evaluation.proto");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .extern_path(
+            ".flagmesh.v1.EvaluateAllResponse",
+            "crate::encoded::EncodedEvaluateAllResponse",
+        )
+        .extern_path(".flagmesh.v1", "crate::v1")
+        .out_dir(&encoded_dir)
+        .compile_fds(evaluation_only)?;
+
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -484,6 +484,20 @@ async fn evaluate_all_and_watch_follow_changes() {
     let keys: Vec<&str> = all.flags.iter().map(|f| f.flag_key.as_str()).collect();
     assert_eq!(keys, ["a-flag", "b-flag"]);
     assert_eq!((all.revision, all.stale), (2, false));
+    assert_eq!(all.pop_id, "pop-1");
+    // the answer is written by hand, flag by flag: each flag's part is
+    // what Evaluate answers for it
+    for f in &all.flags {
+        let one = e
+            .evaluate(EvaluateRequest {
+                flag_key: f.flag_key.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&one, f);
+    }
 
     let mut watch = e.watch(WatchRequest::default()).await.unwrap().into_inner();
     let first = tokio::time::timeout(Duration::from_secs(5), watch.message())

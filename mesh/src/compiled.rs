@@ -40,6 +40,8 @@ pub struct Held {
     /// The flag's metadata as JSON, rendered by the first answer written
     /// as JSON and reused by the next (`None` inside: no compiled form).
     metadata_json: OnceLock<Option<Box<RawValue>>>,
+    /// The same as a protobuf `Struct`'s encoding, for gRPC answers.
+    metadata_proto: OnceLock<Option<Box<[u8]>>>,
 }
 
 impl Held {
@@ -48,7 +50,19 @@ impl Held {
             compiled,
             charged,
             metadata_json: OnceLock::new(),
+            metadata_proto: OnceLock::new(),
         }
+    }
+
+    /// The same metadata as the body of a protobuf `Struct`, encoded once
+    /// (`None` when the flag did not compile).
+    pub fn metadata_proto(&self) -> Option<&[u8]> {
+        self.metadata_proto
+            .get_or_init(|| {
+                let flag = self.compiled.as_ref().ok()?;
+                Some(prost::Message::encode_to_vec(&metadata_struct(flag.metadata())).into())
+            })
+            .as_deref()
     }
 
     /// The metadata of every answer the compiled flag resolves without
@@ -551,6 +565,16 @@ impl<'s> Target<'s> {
         }
     }
 
+    /// The metadata of the flag's answers without error, as a protobuf
+    /// `Struct` encoded once ([`Held::metadata_proto`]); `None` for a
+    /// missing flag.
+    pub fn metadata_proto(&self) -> Option<&[u8]> {
+        match self {
+            Self::Flag(held, _) => held.as_deref().and_then(Held::metadata_proto),
+            Self::Missing(..) => None,
+        }
+    }
+
     /// The metadata of the flag's answers without error, as JSON rendered
     /// once ([`Held::metadata_json`]); `None` for a missing flag.
     pub fn metadata_json(&self) -> Option<&RawValue> {
@@ -639,6 +663,46 @@ pub fn evaluate_response(key: &str, o: &Outcome<'_>) -> pb::EvaluateResponse {
     }
 }
 
+/// Writes into `buf` the encoding of [`evaluate_response`] for the outcome
+/// of `target`, with the node's `revision`, `pop_id` and `stale` filled in:
+/// the same fields prost writes for that message, without building it. The
+/// metadata of an answer without error is the compiled flag's, encoded
+/// once ([`Target::metadata_proto`]).
+#[allow(clippy::too_many_arguments)]
+pub fn write_evaluate_response(
+    buf: &mut Vec<u8>,
+    key: &str,
+    target: &Target<'_>,
+    o: &Outcome<'_>,
+    revision: u64,
+    pop_id: &str,
+    stale: bool,
+) {
+    use flagmesh_proto::wire;
+    let r = &o.resolution;
+    wire::bytes(1, key.as_bytes(), buf);
+    if let Some(v) = r.value {
+        wire::message(2, &json_to_value(v), buf);
+    }
+    wire::bytes(3, r.variant.unwrap_or_default().as_bytes(), buf);
+    // enums are int32 on the wire: prost writes them sign-extended
+    wire::varint(4, i64::from(reason(r.reason) as i32) as u64, buf);
+    if let Some(e) = &r.error {
+        wire::varint(5, i64::from(error_code(e.code) as i32) as u64, buf);
+        wire::bytes(6, e.message.as_bytes(), buf);
+    }
+    if !r.metadata.is_empty() {
+        match target.metadata_proto().filter(|_| r.error.is_none()) {
+            Some(body) => wire::message_body(7, body, buf),
+            None => wire::message(7, &metadata_struct(r.metadata), buf),
+        }
+    }
+    wire::varint(8, o.mod_revision, buf);
+    wire::varint(9, revision, buf);
+    wire::bytes(10, pop_id.as_bytes(), buf);
+    wire::boolean(11, stale, buf);
+}
+
 /// Metadata as a protobuf `Struct`.
 pub fn metadata_struct(m: Metadata<'_>) -> prost_types::Struct {
     prost_types::Struct {
@@ -697,7 +761,7 @@ impl crate::subscriber::ReplicaObserver for StateSwap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flagmesh_proto::v1::FlagRef;
+    use flagmesh_proto::v1::{FlagRef, FlagSet};
 
     fn flag(set: &str, key: &str, default: &str) -> Flag {
         Flag {
@@ -743,6 +807,136 @@ mod tests {
         assert_eq!(keys(&next.sets["x"]), ["a", "aa", "c"]);
         // the earlier state's listing is its own
         assert_eq!(keys(&s.sets["x"]), ["a", "b", "c"]);
+    }
+
+    /// The answer written field by field decodes as the message
+    /// `evaluate_response` builds, for every kind of outcome: values of
+    /// each type, targeting, disabled, no default variant, errors, a
+    /// targeting rule that does not compile, metadata of the set and the
+    /// flag, a missing flag; twice, so that the second uses the metadata
+    /// encoded once.
+    #[test]
+    fn a_written_answer_decodes_as_the_built_one() {
+        let def = |set: &str, key: &str, json: serde_json::Value| Flag {
+            flag_set: set.into(),
+            key: key.into(),
+            definition_json: json.to_string().into_bytes(),
+            mod_revision: 3,
+            create_revision: 2,
+        };
+        let flags = vec![
+            def(
+                "s",
+                "bool",
+                serde_json::json!({"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"off",
+                "targeting":{"if":[{"ends_with":[{"var":"email"},"@example.com"]},"on"]},"metadata":{"owner":"web","n":2}}),
+            ),
+            def(
+                "s",
+                "string",
+                serde_json::json!({"state":"ENABLED","variants":{"a":"A é\"","b":""},"defaultVariant":"a"}),
+            ),
+            def(
+                "s",
+                "number",
+                serde_json::json!({"state":"ENABLED","variants":{"x":1.5,"y":-3},"defaultVariant":"y"}),
+            ),
+            def(
+                "s",
+                "object",
+                serde_json::json!({"state":"ENABLED","variants":{"o":{"k":[1,null,{"z":true}]}},"defaultVariant":"o"}),
+            ),
+            def(
+                "s",
+                "disabled",
+                serde_json::json!({"state":"DISABLED","variants":{"a":1},"defaultVariant":"a"}),
+            ),
+            def(
+                "s",
+                "no-default",
+                serde_json::json!({"state":"ENABLED","variants":{"a":1}}),
+            ),
+            def(
+                "s",
+                "missing-variant",
+                serde_json::json!({"state":"ENABLED","variants":{"a":1},"defaultVariant":"a",
+                "targeting":{"if":[true,"nope"]}}),
+            ),
+            def(
+                "s",
+                "bad-rule",
+                serde_json::json!({"state":"ENABLED","variants":{"a":1},"defaultVariant":"a",
+                "targeting":{"no-such-operator":[1]}}),
+            ),
+            def("s", "undecodable", serde_json::json!("not a flag")),
+        ];
+        let state = PopState::from_snapshot(&SourceSnapshot {
+            history_id: "h".into(),
+            revision: 9,
+            digest: 0,
+            flags,
+            flag_sets: vec![FlagSet {
+                id: "s".into(),
+                metadata: Some(flagmesh_proto::convert::map_to_struct(
+                    serde_json::json!({"team":"core","owner":"set"})
+                        .as_object()
+                        .expect("object"),
+                )),
+                ..Default::default()
+            }],
+        });
+        let contexts = [
+            serde_json::json!({"targetingKey":"u1","email":"a@example.com"}),
+            serde_json::json!({"email":"b@mail.test"}),
+            serde_json::json!([1]),
+        ];
+        for round in 0..2 {
+            for ctx in &contexts {
+                let keys = [
+                    "bool",
+                    "string",
+                    "number",
+                    "object",
+                    "disabled",
+                    "no-default",
+                    "missing-variant",
+                    "bad-rule",
+                    "undecodable",
+                    "not-there",
+                ];
+                for key in keys {
+                    let target = Target::lookup(&state, "s", key);
+                    for stale in [false, true] {
+                        let o = target.resolve(ctx, None, ValueType::Any);
+                        let built = pb::EvaluateResponse {
+                            revision: state.revision,
+                            pop_id: "pop-é".into(),
+                            stale,
+                            ..evaluate_response(key, &o)
+                        };
+                        let mut buf = Vec::new();
+                        write_evaluate_response(
+                            &mut buf,
+                            key,
+                            &target,
+                            &o,
+                            state.revision,
+                            "pop-é",
+                            stale,
+                        );
+                        let decoded =
+                            <pb::EvaluateResponse as prost::Message>::decode(buf.as_slice())
+                                .expect("decodes");
+                        assert_eq!(decoded, built, "round {round}, {key}, {ctx}");
+                        assert_eq!(
+                            buf,
+                            prost::Message::encode_to_vec(&built),
+                            "{key}: the same bytes"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -14,14 +14,16 @@ use flagmesh_client::identity::principal;
 use flagmesh_engine::{ValueType, validate_context};
 use flagmesh_mesh::subscriber::SyncStatus;
 use flagmesh_proto::convert::{map_to_struct, struct_to_map};
+use flagmesh_proto::encoded::EncodedEvaluateAllResponse;
+use flagmesh_proto::encoded::evaluation_server::Evaluation;
 use flagmesh_proto::v1 as pb;
-use flagmesh_proto::v1::evaluation_server::Evaluation;
+use flagmesh_proto::wire;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-pub use flagmesh_mesh::compiled::{Outcome, Target, evaluate_response};
+pub use flagmesh_mesh::compiled::{Outcome, Target, evaluate_response, write_evaluate_response};
 use flagmesh_mesh::compiled::{PopFlag, PopState, SetState};
 
 /// What the evaluation service reads.
@@ -140,7 +142,7 @@ impl Evaluation for EvaluationService {
     async fn evaluate_all(
         &self,
         request: Request<pb::EvaluateAllRequest>,
-    ) -> Result<Response<pb::EvaluateAllResponse>, Status> {
+    ) -> Result<Response<EncodedEvaluateAllResponse>, Status> {
         let set_name = self.ctx.set_name(&request.get_ref().flag_set).to_owned();
         self.check_access(&request, &set_name)?;
         let r = request.into_inner();
@@ -155,29 +157,40 @@ impl Evaluation for EvaluationService {
             .map(|s| s.as_ref())
             .unwrap_or(&empty);
         let mut batch = crate::stats::EvalBatch::default();
+        // each flag's answer is written into `flag`, then into the answer
+        // as one element of its repeated field 1 (`flags`), in key order
+        let flags = set.sorted();
+        let mut out = Vec::with_capacity(64 + flags.len() * 160);
+        let mut flag = Vec::with_capacity(256);
         let mut started = std::time::Instant::now();
-        let flags = set
-            .sorted()
-            .iter()
-            .map(|f| {
-                let target = Target::of(f);
-                let o = target.resolve(&context, context_error.as_ref(), ValueType::Any);
-                // one clock read per flag: a flag's time runs from the end of the
-                // one before (its answer built included) to its own resolution
-                let now = std::time::Instant::now();
-                batch.record(o.resolution.reason, now - started);
-                started = now;
-                self.response(f.key(), &o, &state, stale)
-            })
-            .collect();
+        for f in flags {
+            let target = Target::of(f);
+            let o = target.resolve(&context, context_error.as_ref(), ValueType::Any);
+            // one clock read per flag: a flag's time runs from the end of the
+            // one before (its answer written included) to its own resolution
+            let now = std::time::Instant::now();
+            batch.record(o.resolution.reason, now - started);
+            started = now;
+            flag.clear();
+            write_evaluate_response(
+                &mut flag,
+                f.key(),
+                &target,
+                &o,
+                state.revision,
+                &self.ctx.pop_id,
+                stale,
+            );
+            wire::message_body(1, &flag, &mut out);
+        }
         self.ctx.stats.record_batch(&batch);
-        Ok(Response::new(pb::EvaluateAllResponse {
-            flags,
-            revision: state.revision,
-            pop_id: self.ctx.pop_id.clone(),
-            stale,
-            metadata: (!set.metadata.is_empty()).then(|| map_to_struct(&set.metadata)),
-        }))
+        wire::varint(2, state.revision, &mut out);
+        wire::bytes(3, self.ctx.pop_id.as_bytes(), &mut out);
+        wire::boolean(4, stale, &mut out);
+        if !set.metadata.is_empty() {
+            wire::message(5, &map_to_struct(&set.metadata), &mut out);
+        }
+        Ok(Response::new(EncodedEvaluateAllResponse::from_encoded(out)))
     }
 
     type WatchStream = WatchStream;

@@ -13,7 +13,7 @@ use flagmesh_mesh::relay::{Relay, RelayConfig};
 use flagmesh_mesh::replica::ReplicaStore;
 use flagmesh_mesh::sync_service::SyncService;
 use flagmesh_mesh::tier::{Tier, TierMetrics};
-use flagmesh_proto::v1::evaluation_server::EvaluationServer;
+use flagmesh_proto::encoded::evaluation_server::EvaluationServer;
 use flagmesh_server::{
     MethodPolicy, NodeBuilder, Requirement, RunningNode, Security, ServicePolicy,
 };

@@ -129,6 +129,107 @@ pub mod shared {
     include!(concat!(env!("OUT_DIR"), "/shared/flagmesh.v1.rs"));
 }
 
+/// The `flagmesh.v1.Evaluation` server whose `EvaluateAll` answers with an
+/// [`EncodedEvaluateAllResponse`](encoded::EncodedEvaluateAllResponse): the
+/// PoP writes every flag's answer straight into one buffer instead of
+/// building a message per flag. Clients decode it as `EvaluateAllResponse`.
+pub mod encoded {
+    use prost::bytes::{Buf, BufMut, Bytes};
+    use prost::encoding::{DecodeContext, WireType, skip_field};
+
+    /// A `flagmesh.v1.EvaluateAllResponse` already encoded; sending it
+    /// encodes nothing more. Made with [`crate::wire`].
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct EncodedEvaluateAllResponse {
+        encoded: Bytes,
+    }
+
+    impl EncodedEvaluateAllResponse {
+        /// The answer whose encoding is `encoded` (the caller wrote valid
+        /// `EvaluateAllResponse` fields).
+        pub fn from_encoded(encoded: Vec<u8>) -> Self {
+            Self {
+                encoded: Bytes::from(encoded),
+            }
+        }
+
+        /// The encoded bytes.
+        pub fn bytes(&self) -> &Bytes {
+            &self.encoded
+        }
+    }
+
+    impl prost::Message for EncodedEvaluateAllResponse {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            buf.put_slice(&self.encoded);
+        }
+
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: WireType,
+            buf: &mut impl Buf,
+            ctx: DecodeContext,
+        ) -> Result<(), prost::DecodeError> {
+            // Only ever sent by servers; clients decode `EvaluateAllResponse`.
+            skip_field(wire_type, tag, buf, ctx)
+        }
+
+        fn encoded_len(&self) -> usize {
+            self.encoded.len()
+        }
+
+        fn clear(&mut self) {
+            self.encoded = Bytes::new();
+        }
+    }
+
+    include!(concat!(env!("OUT_DIR"), "/encoded/flagmesh.v1.rs"));
+}
+
+/// Writing protobuf fields by hand, for answers assembled from parts
+/// encoded ahead ([`encoded`]): each writes what prost writes for a proto3
+/// field of that kind, and nothing for a default value.
+pub mod wire {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+
+    /// A `uint64`, `int32` (non-negative) or enum field.
+    pub fn varint(tag: u32, value: u64, buf: &mut Vec<u8>) {
+        if value != 0 {
+            encode_key(tag, WireType::Varint, buf);
+            encode_varint(value, buf);
+        }
+    }
+
+    /// A `bool` field.
+    pub fn boolean(tag: u32, value: bool, buf: &mut Vec<u8>) {
+        varint(tag, u64::from(value), buf);
+    }
+
+    /// A `string` or `bytes` field.
+    pub fn bytes(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
+        if !value.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(value.len() as u64, buf);
+            buf.extend_from_slice(value);
+        }
+    }
+
+    /// A message field whose body (the message's own encoding) is
+    /// `body`; an empty body is still written, as prost writes a present
+    /// message.
+    pub fn message_body(tag: u32, body: &[u8], buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(body.len() as u64, buf);
+        buf.extend_from_slice(body);
+    }
+
+    /// A message field.
+    pub fn message(tag: u32, message: &impl prost::Message, buf: &mut Vec<u8>) {
+        prost::encoding::message::encode(tag, message, buf);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
