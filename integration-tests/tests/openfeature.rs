@@ -483,16 +483,14 @@ async fn testbed_flags_with_malformed_rules_evaluate_as_flagd_at_a_pop() {
     }
     mesh.converged(Duration::from_secs(30)).await.unwrap();
     let http = mesh.pops[0].http.unwrap();
-    let eval = |key: &'static str, ctx: Value| async move {
-        let (code, _, body) = http_post(
-            http,
-            &format!("/ofrep/v1/evaluate/flags/{key}?flagSet=testbed"),
-            &json!({"context": ctx}).to_string(),
-            &[],
-        )
-        .await
-        .unwrap();
-        (code, serde_json::from_str::<Value>(&body).unwrap())
+    let eval = |key: &str, ctx: Value| {
+        let path = format!("/ofrep/v1/evaluate/flags/{key}?flagSet=testbed");
+        async move {
+            let (code, _, body) = http_post(http, &path, &json!({"context": ctx}).to_string(), &[])
+                .await
+                .unwrap();
+            (code, serde_json::from_str::<Value>(&body).unwrap())
+        }
     };
     let ctx = json!({"targetingKey": "u1", "version": "1.0.0", "num": 7});
     for (key, status, error) in [
@@ -541,36 +539,11 @@ async fn testbed_flags_with_malformed_rules_evaluate_as_flagd_at_a_pop() {
         );
         assert!(v.get("errorCode").is_none(), "{key}: {v}");
     }
-    let (code, _, body) = http_post(
-        http,
-        "/ofrep/v1/evaluate/flags?flagSet=testbed",
-        &json!({"context": ctx}).to_string(),
-        &[],
-    )
-    .await
-    .unwrap();
-    assert_eq!(code, 200, "{body}");
-    let bulk: Value = serde_json::from_str(&body).unwrap();
-    let entry = |key: &str| {
-        bulk["flags"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["key"] == key)
-            .cloned()
-            .unwrap_or_else(|| panic!("{key} not in the bulk answer"))
-    };
-    for key in ["disabled-string-flag", "null-default-flag"] {
-        let f = entry(key);
-        assert!(
-            f.get("value").is_none() && f.get("variant").is_none(),
-            "{f}"
-        );
-    }
-    // every entry of the bulk answer (written flag by flag, with metadata
-    // rendered once per compiled flag) is the flag's single-flag answer,
-    // errors and metadata included; twice, so that the second bulk answer
-    // reuses what the first rendered
+    // in the bulk answer too, those two leave value and variant out; and
+    // every entry of it (written flag by flag, with metadata rendered once
+    // per compiled flag) is the flag's single-flag answer, errors and
+    // metadata included; twice, so that the second bulk answer reuses what
+    // the first rendered
     for round in 0..2 {
         let (code, _, body) = http_post(
             http,
@@ -584,17 +557,19 @@ async fn testbed_flags_with_malformed_rules_evaluate_as_flagd_at_a_pop() {
         let bulk: Value = serde_json::from_str(&body).unwrap();
         let entries = bulk["flags"].as_array().unwrap();
         assert!(entries.len() > 20, "{body}");
+        for key in ["disabled-string-flag", "null-default-flag"] {
+            let f = entries
+                .iter()
+                .find(|f| f["key"] == key)
+                .unwrap_or_else(|| panic!("{key} not in the bulk answer"));
+            assert!(
+                f.get("value").is_none() && f.get("variant").is_none(),
+                "{f}"
+            );
+        }
         for f in entries {
             let key = f["key"].as_str().unwrap();
-            let (_, _, single) = http_post(
-                http,
-                &format!("/ofrep/v1/evaluate/flags/{key}?flagSet=testbed"),
-                &json!({"context": ctx}).to_string(),
-                &[],
-            )
-            .await
-            .unwrap();
-            let single: Value = serde_json::from_str(&single).unwrap();
+            let (_, single) = eval(key, ctx.clone()).await;
             assert_eq!(f, &single, "round {round}, {key}");
         }
     }

@@ -46,12 +46,43 @@ pub mod flagd {
 
 pub use flagmesh::v1;
 
+/// `prost::Message` for a type holding a message already encoded (its
+/// field `encoded: Bytes`): encoding writes those bytes; it is only ever
+/// sent by servers, and clients decode the message it was made from, so
+/// decoding skips every field.
+macro_rules! pre_encoded_message {
+    ($type:ty) => {
+        impl prost::Message for $type {
+            fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+                buf.put_slice(&self.encoded);
+            }
+
+            fn merge_field(
+                &mut self,
+                tag: u32,
+                wire_type: prost::encoding::WireType,
+                buf: &mut impl prost::bytes::Buf,
+                ctx: prost::encoding::DecodeContext,
+            ) -> Result<(), prost::DecodeError> {
+                prost::encoding::skip_field(wire_type, tag, buf, ctx)
+            }
+
+            fn encoded_len(&self) -> usize {
+                self.encoded.len()
+            }
+
+            fn clear(&mut self) {
+                self.encoded = prost::bytes::Bytes::new();
+            }
+        }
+    };
+}
+
 /// The `flagmesh.v1.Sync` server whose `Subscribe` stream carries
 /// [`SharedSyncEvent`](shared::SharedSyncEvent)s: each event is encoded once
 /// and its bytes are shared by every subscriber it is sent to.
 pub mod shared {
-    use prost::bytes::{Buf, BufMut, Bytes};
-    use prost::encoding::{DecodeContext, WireType, skip_field};
+    use prost::bytes::Bytes;
 
     /// A `flagmesh.v1.SyncEvent` already encoded; sending it copies no
     /// message and encodes nothing. The wire bytes are exactly those of the
@@ -101,30 +132,7 @@ pub mod shared {
         }
     }
 
-    impl prost::Message for SharedSyncEvent {
-        fn encode_raw(&self, buf: &mut impl BufMut) {
-            buf.put_slice(&self.encoded);
-        }
-
-        fn merge_field(
-            &mut self,
-            tag: u32,
-            wire_type: WireType,
-            buf: &mut impl Buf,
-            ctx: DecodeContext,
-        ) -> Result<(), prost::DecodeError> {
-            // Only ever sent by servers; decoding goes through `SyncEvent`.
-            skip_field(wire_type, tag, buf, ctx)
-        }
-
-        fn encoded_len(&self) -> usize {
-            self.encoded.len()
-        }
-
-        fn clear(&mut self) {
-            self.encoded = Bytes::new();
-        }
-    }
+    pre_encoded_message!(SharedSyncEvent);
 
     include!(concat!(env!("OUT_DIR"), "/shared/flagmesh.v1.rs"));
 }
@@ -134,8 +142,7 @@ pub mod shared {
 /// PoP writes every flag's answer straight into one buffer instead of
 /// building a message per flag. Clients decode it as `EvaluateAllResponse`.
 pub mod encoded {
-    use prost::bytes::{Buf, BufMut, Bytes};
-    use prost::encoding::{DecodeContext, WireType, skip_field};
+    use prost::bytes::Bytes;
 
     /// A `flagmesh.v1.EvaluateAllResponse` already encoded; sending it
     /// encodes nothing more. Made with [`crate::wire`].
@@ -159,30 +166,7 @@ pub mod encoded {
         }
     }
 
-    impl prost::Message for EncodedEvaluateAllResponse {
-        fn encode_raw(&self, buf: &mut impl BufMut) {
-            buf.put_slice(&self.encoded);
-        }
-
-        fn merge_field(
-            &mut self,
-            tag: u32,
-            wire_type: WireType,
-            buf: &mut impl Buf,
-            ctx: DecodeContext,
-        ) -> Result<(), prost::DecodeError> {
-            // Only ever sent by servers; clients decode `EvaluateAllResponse`.
-            skip_field(wire_type, tag, buf, ctx)
-        }
-
-        fn encoded_len(&self) -> usize {
-            self.encoded.len()
-        }
-
-        fn clear(&mut self) {
-            self.encoded = Bytes::new();
-        }
-    }
+    pre_encoded_message!(EncodedEvaluateAllResponse);
 
     include!(concat!(env!("OUT_DIR"), "/encoded/flagmesh.v1.rs"));
 }
