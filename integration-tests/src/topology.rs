@@ -774,3 +774,14 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn reads_chunked_bodies() {
+        assert_eq!(dechunk("5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\n"), "{\"a\":1}");
+        assert_eq!(dechunk("{\"a\":1}"), "{\"a\":1}");
+    }
+}

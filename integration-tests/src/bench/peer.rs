@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::load::run_wrk;
+use crate::topology::http_post;
 
 /// Flags in the comparison.
 pub const FLAGS: usize = 100;
@@ -151,7 +152,7 @@ impl Drop for Edge {
 impl Edge {
     /// Starts `binary` in offline mode on the comparison's features
     /// (written under `dir`) and waits until it answers.
-    pub fn start(binary: &Path, dir: &Path) -> Result<Self, String> {
+    pub async fn start(binary: &Path, dir: &Path) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let features: Vec<Value> = (0..FLAGS).map(unleash_feature).collect();
         let file = dir.join("features.json");
@@ -184,7 +185,13 @@ impl Edge {
         let deadline = Instant::now() + Duration::from_secs(30);
         let (path, body) = edge_calls(true).swap_remove(0);
         loop {
-            if let Ok((200, answer)) = post(edge.addr, &path, &body, Some(FRONTEND_TOKEN))
+            if let Ok((200, _, answer)) = http_post(
+                edge.addr,
+                &path,
+                &body,
+                &[("Authorization", FRONTEND_TOKEN)],
+            )
+            .await
                 && answer.contains("\"toggles\"")
             {
                 return Ok(edge);
@@ -195,7 +202,7 @@ impl Edge {
                     dir.join("edge.log").display()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -215,25 +222,23 @@ impl Edge {
 /// Flags on for every user at each server: (flagmesh, Edge). The clauses
 /// are the same, the rollouts bucket users by different hashes, so the
 /// counts agree only roughly (about 10% of the users who match).
-pub fn flags_on(pop: SocketAddr, set: &str, edge: &Edge) -> Result<(usize, usize), String> {
+pub async fn flags_on(pop: SocketAddr, set: &str, edge: &Edge) -> Result<(usize, usize), String> {
     let mut ours = 0;
     for (path, body) in ofrep_calls(set, true) {
-        let (status, answer) = post(pop, &path, &body, None)?;
-        let v: Value = serde_json::from_str(&answer).map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("the PoP answered {status}: {answer}"));
-        }
+        let v = answer(pop, &path, &body, &[]).await?;
         ours += v["flags"].as_array().map_or(0, |f| {
             f.iter().filter(|f| f["value"] == json!(true)).count()
         });
     }
     let mut theirs = 0;
     for (path, body) in edge_calls(true) {
-        let (status, answer) = post(edge.addr, &path, &body, Some(FRONTEND_TOKEN))?;
-        let v: Value = serde_json::from_str(&answer).map_err(|e| e.to_string())?;
-        if status != 200 {
-            return Err(format!("Edge answered {status}: {answer}"));
-        }
+        let v = answer(
+            edge.addr,
+            &path,
+            &body,
+            &[("Authorization", FRONTEND_TOKEN)],
+        )
+        .await?;
         theirs += v["toggles"].as_array().map_or(0, |t| {
             t.iter().filter(|t| t["enabled"] == json!(true)).count()
         });
@@ -241,60 +246,20 @@ pub fn flags_on(pop: SocketAddr, set: &str, edge: &Edge) -> Result<(usize, usize
     Ok((ours, theirs))
 }
 
-/// One JSON POST on a fresh connection: status and body.
-fn post(
+/// The JSON a server answers a POST with; `Err` unless it answers 200.
+async fn answer(
     addr: SocketAddr,
     path: &str,
     body: &str,
-    authorization: Option<&str>,
-) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
+    headers: &[(&str, &str)],
+) -> Result<Value, String> {
+    let (status, _, answer) = http_post(addr, path, body, headers)
+        .await
         .map_err(|e| e.to_string())?;
-    let auth = authorization
-        .map(|a| format!("Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no HTTP status in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, dechunk(&body)))
-}
-
-/// The body of a chunked answer (Edge's are), or the text as it is.
-fn dechunk(body: &str) -> String {
-    let trimmed = body.trim_start();
-    if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        return body.to_owned();
+    if status != 200 {
+        return Err(format!("{addr} answered {status}: {answer}"));
     }
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
+    serde_json::from_str(&answer).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -320,11 +285,5 @@ mod tests {
         assert_eq!(f["targeting"]["if"][1]["fractional"][0], json!(["on", 10]));
         assert_eq!(ofrep_calls("s", true).len(), USERS);
         assert_eq!(edge_calls(false)[3].0, "/api/frontend/features/flag-3");
-    }
-
-    #[test]
-    fn reads_chunked_bodies() {
-        assert_eq!(dechunk("5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\n"), "{\"a\":1}");
-        assert_eq!(dechunk("{\"a\":1}"), "{\"a\":1}");
     }
 }

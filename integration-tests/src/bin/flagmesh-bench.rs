@@ -259,9 +259,12 @@ async fn run_peer(args: &Args) -> anyhow::Result<Value> {
         .await
         .map_err(anyhow::Error::msg)?;
     let pop = mesh.pops[0].http.context("the PoP has no HTTP listener")?;
-    let edge =
-        bench::peer::Edge::start(&edge_bin, &dir.join("edge")).map_err(anyhow::Error::msg)?;
-    let (ours, theirs) = bench::peer::flags_on(pop, "peer", &edge).map_err(anyhow::Error::msg)?;
+    let edge = bench::peer::Edge::start(&edge_bin, &dir.join("edge"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (ours, theirs) = bench::peer::flags_on(pop, "peer", &edge)
+        .await
+        .map_err(anyhow::Error::msg)?;
     eprintln!("flags on over every user: flagmesh {ours}, Unleash Edge {theirs}");
     let d = Duration::from_secs(args.seconds);
     let mut rows = Vec::new();
