@@ -565,21 +565,12 @@ impl<'s> Target<'s> {
         }
     }
 
-    /// The metadata of the flag's answers without error, as a protobuf
-    /// `Struct` encoded once ([`Held::metadata_proto`]); `None` for a
-    /// missing flag.
-    pub fn metadata_proto(&self) -> Option<&[u8]> {
+    /// The compiled form resolved (with the metadata it renders once for
+    /// answers: [`Held::metadata_json`], [`Held::metadata_proto`]); `None`
+    /// for a missing flag.
+    pub fn held(&self) -> Option<&Held> {
         match self {
-            Self::Flag(held, _) => held.as_deref().and_then(Held::metadata_proto),
-            Self::Missing(..) => None,
-        }
-    }
-
-    /// The metadata of the flag's answers without error, as JSON rendered
-    /// once ([`Held::metadata_json`]); `None` for a missing flag.
-    pub fn metadata_json(&self) -> Option<&RawValue> {
-        match self {
-            Self::Flag(held, _) => held.as_deref().and_then(Held::metadata_json),
+            Self::Flag(held, _) => held.as_deref(),
             Self::Missing(..) => None,
         }
     }
@@ -597,7 +588,7 @@ impl<'s> Target<'s> {
                 resolution: Resolution::error(*code, message.clone(), *metadata),
                 mod_revision: 0,
             },
-            Self::Flag(held, revision) => match held.as_deref() {
+            Self::Flag(_, revision) => match self.held() {
                 Some(held) => {
                     resolve_compiled(&held.compiled, *revision, context, context_error, expected)
                 }
@@ -667,8 +658,7 @@ pub fn evaluate_response(key: &str, o: &Outcome<'_>) -> pb::EvaluateResponse {
 /// of `target`, with the node's `revision`, `pop_id` and `stale` filled in:
 /// the same fields prost writes for that message, without building it. The
 /// metadata of an answer without error is the compiled flag's, encoded
-/// once ([`Target::metadata_proto`]).
-#[allow(clippy::too_many_arguments)]
+/// once ([`Held::metadata_proto`]).
 pub fn write_evaluate_response(
     buf: &mut Vec<u8>,
     key: &str,
@@ -692,7 +682,8 @@ pub fn write_evaluate_response(
         wire::bytes(6, e.message.as_bytes(), buf);
     }
     if !r.metadata.is_empty() {
-        match target.metadata_proto().filter(|_| r.error.is_none()) {
+        let rendered = target.held().filter(|_| r.error.is_none());
+        match rendered.and_then(Held::metadata_proto) {
             Some(body) => wire::message_body(7, body, buf),
             None => wire::message(7, &metadata_struct(r.metadata), buf),
         }

@@ -31,7 +31,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::evaluation::{EvalContext, Outcome, Target};
-use flagmesh_mesh::compiled::SetState;
+use flagmesh_mesh::compiled::{Held, SetState};
 
 /// The PoP that answered.
 pub const POP_HEADER: &str = "x-flagmesh-pop";
@@ -169,7 +169,7 @@ fn flag_json<'a>(
         return (status_for(e.code), json);
     }
     // without error, the metadata is the compiled flag's own
-    if let Some(rendered) = target.metadata_json() {
+    if let Some(rendered) = target.held().and_then(Held::metadata_json) {
         json.metadata = MetadataJson::Rendered(rendered);
     }
     json.reason = Some(r.reason.as_str());
