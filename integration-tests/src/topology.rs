@@ -561,9 +561,12 @@ impl Mesh {
             })
             .await?
             .into_inner();
-        while let Some(ev) = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        // heartbeats keep coming from a node that holds no state yet: the
+        // wait is bounded as a whole, not per message
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Some(ev) = tokio::time::timeout_at(deadline, stream.message())
             .await
-            .map_err(|_| tonic::Status::deadline_exceeded("no snapshot"))??
+            .map_err(|_| tonic::Status::deadline_exceeded("no snapshot within 10 s"))??
         {
             if let Some(Event::Snapshot(s)) = ev.event
                 && s.last

@@ -415,6 +415,48 @@ async fn scope_changes_converge_to_exactly_the_in_scope_flags() {
     );
 }
 
+/// With sync writes (the default), what a PoP served just before a SIGKILL
+/// it serves after the restart, cut off from its hub: sled had not flushed
+/// the last changes (it is flushed by the journal's checkpoints, tens of
+/// seconds apart), so the journal is what brings them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_killed_right_after_applying_serves_what_it_served() {
+    use flagmesh_integration_tests::relay::LinkMode;
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(TopologySpec::test(root.path(), 1, 1))
+        .await
+        .unwrap();
+    for round in 0..3 {
+        for i in 0..20 {
+            set(&mesh, &format!("k{}", i % 5), &format!("r{round}-{i}")).await;
+        }
+        mesh.converged(CONVERGE).await.unwrap();
+        let served = mesh.served_state(NodeRef::Pop(0)).await.unwrap();
+        assert_eq!(served, mesh.control_head().await.unwrap());
+        mesh.kill(NodeRef::Pop(0));
+        for link in &mesh.pop_links[0] {
+            link.set(LinkMode::Cut);
+        }
+        mesh.restart(NodeRef::Pop(0)).unwrap();
+        assert_eq!(
+            mesh.served_state(NodeRef::Pop(0)).await.unwrap(),
+            served,
+            "round {round}: the restarted PoP lost what it served"
+        );
+        assert!(
+            mesh.metric(NodeRef::Pop(0), "flagmesh_journal_recovered_records")
+                .await
+                >= 1.0,
+            "round {round}: nothing was recovered from the journal"
+        );
+        for link in &mesh.pop_links[0] {
+            link.set(LinkMode::Pass);
+        }
+        mesh.converged(CONVERGE).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pop_crashed_without_flushes_restarts_at_a_state_control_had() {
     use flagmesh_integration_tests::relay::LinkMode;

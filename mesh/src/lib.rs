@@ -8,7 +8,8 @@
 //!   chunk as the subscriber takes them.
 //! - [`sync_service`]: the `flagmesh.v1.Sync` gRPC service.
 //! - [`subscriber`], [`replica`], [`compiled`]: following upstreams into a
-//!   sled replica with atomic apply, and the compiled in-memory state.
+//!   sled replica with atomic apply, and the compiled in-memory state;
+//!   [`journal`]: what makes each apply durable without flushing sled.
 //! - [`reporter`], [`relay`]: reports upward, and what hubs and PoPs share.
 //! - [`keys`]: the sled key layout of every flag store.
 //! - [`metrics`]: replication metrics as prometheus-client collectors.
@@ -19,6 +20,7 @@ pub mod args;
 pub mod coalesce;
 pub mod compiled;
 pub mod fanout;
+pub mod journal;
 pub mod keys;
 pub mod metrics;
 pub mod relay;

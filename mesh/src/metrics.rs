@@ -292,5 +292,17 @@ fn relay(e: &mut DescriptorEncoder<'_>, r: &RelayView) -> fmt::Result {
         "flagmesh_store_flags",
         "Flags held in the replica store.",
         r.replica.flag_count() as f64,
+    )?;
+    gauge(
+        e,
+        "flagmesh_journal_recovered_records",
+        "Journal records given to sled again when the replica opened (writes sled had not flushed before the node stopped).",
+        r.replica.journal_recovered().records as f64,
+    )?;
+    counter(
+        e,
+        "flagmesh_journal_checkpoints_total",
+        "Journal checkpoints: sled flushed and the journal before it deleted.",
+        r.replica.journal_checkpoints(),
     )
 }

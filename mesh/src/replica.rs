@@ -18,6 +18,7 @@ use flagmesh_proto::convert::struct_to_map;
 use flagmesh_proto::v1::{Delta, Flag, FlagSet, Snapshot, SyncEvent, sync_event::Event};
 use prost::Message;
 
+use crate::journal::{CHECKPOINT_EVERY, Journal, Recovered, Writes};
 use crate::keys;
 use crate::source::{SourceError, SourceSnapshot};
 
@@ -166,15 +167,22 @@ fn decode_scope(b: Option<&[u8]>) -> (bool, Vec<String>) {
 
 /// A replica of the mesh state on sled.
 pub struct ReplicaStore {
-    db: sled::Db,
+    /// Held open with the tree (its flusher and segment cleaning).
+    _db: sled::Db,
     tree: sled::Tree,
     inner: Mutex<Inner>,
-    sync_writes: bool,
+    /// With sync writes: every applied event is journaled (and synced)
+    /// before sled takes it (see [`crate::journal`]).
+    journal: Option<Journal>,
     /// A history an operator adopted: its snapshot may replace another.
     adopt: Mutex<Option<String>>,
 }
 
 const META: &[u8] = b"m:position";
+
+/// sled's own flush period while the journal makes writes durable: it only
+/// bounds how long sled's files lag, and runs its segment cleaning.
+const SLED_FLUSH_WITH_JOURNAL_MS: u64 = 60_000;
 
 fn encode_position(p: &Position) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + p.history_id.len());
@@ -228,8 +236,9 @@ pub fn set_hash(set: &FlagSet) -> u64 {
 
 impl ReplicaStore {
     /// Opens (or creates) a replica in `dir`. With `sync_writes`, every
-    /// applied event is flushed to disk before it is served, so a restarted
-    /// node never serves older state than it served before.
+    /// applied event is on disk (in the replica's journal) before it is
+    /// served, so a restarted node never serves older state than it served
+    /// before.
     pub fn open(dir: &Path, sync_writes: bool) -> Result<Self, ApplyError> {
         Self::open_with_state(dir, sync_writes).map(|(store, _)| store)
     }
@@ -240,21 +249,38 @@ impl ReplicaStore {
         dir: &Path,
         sync_writes: bool,
     ) -> Result<(Self, SourceSnapshot), ApplyError> {
-        // the state is also held in memory: sled's page cache need not be big
-        let db = keys::open_db(
-            &sled::Config::new().path(dir).cache_capacity(2 << 20),
-            keys::LOCK_WAIT,
-        )?;
-        Self::from_db(db, sync_writes)
+        // the state is also held in memory: sled's page cache need not be
+        // big. With the journal, sled's own flusher runs rarely (its
+        // segment cleaning rides on it); the journal's checkpoints flush.
+        let config = sled::Config::new().path(dir).cache_capacity(2 << 20);
+        let config = if sync_writes {
+            config.flush_every_ms(Some(SLED_FLUSH_WITH_JOURNAL_MS))
+        } else {
+            config
+        };
+        let db = keys::open_db(&config, keys::LOCK_WAIT)?;
+        let journal = if sync_writes {
+            let tree = db.open_tree("replica")?;
+            Some(
+                Journal::open(&dir.join("journal"), &db, &tree, CHECKPOINT_EVERY)
+                    .map_err(|e| ApplyError::Storage(format!("the replica's journal: {e}")))?,
+            )
+        } else {
+            None
+        };
+        Self::from_db(db, journal)
     }
 
     /// A replica that lives in memory only (gone when dropped).
     pub fn open_temporary() -> Result<Self, ApplyError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, false).map(|(store, _)| store)
+        Self::from_db(db, None).map(|(store, _)| store)
     }
 
-    fn from_db(db: sled::Db, sync_writes: bool) -> Result<(Self, SourceSnapshot), ApplyError> {
+    fn from_db(
+        db: sled::Db,
+        journal: Option<Journal>,
+    ) -> Result<(Self, SourceSnapshot), ApplyError> {
         let tree = db.open_tree("replica")?;
         let position = match tree.get(META)? {
             Some(b) => {
@@ -277,7 +303,7 @@ impl ReplicaStore {
             .map(|s| (s.id.clone(), set_hash(s)))
             .collect();
         let store = Self {
-            db,
+            _db: db,
             tree,
             inner: Mutex::new(Inner {
                 position,
@@ -287,7 +313,7 @@ impl ReplicaStore {
                 scope: Vec::new(),
                 needs_snapshot: false,
             }),
-            sync_writes,
+            journal,
             adopt: Mutex::new(None),
         };
         Ok((store, state))
@@ -351,7 +377,9 @@ impl ReplicaStore {
         let (complete, held) = decode_scope(self.tree.get(SCOPE)?.as_deref());
         inner.scope = new.clone();
         if inner.position.revision == 0 {
-            self.tree.insert(SCOPE, encode_scope(true, &new))?;
+            let mut writes = Writes::default();
+            writes.insert(SCOPE, encode_scope(true, &new));
+            self.persist(writes)?;
             inner.needs_snapshot = false;
             return Ok(false);
         }
@@ -363,7 +391,7 @@ impl ReplicaStore {
             && (held.is_empty() || (!new.is_empty() && new.iter().all(|s| held.contains(s))));
         let keep = |set: &str| new.is_empty() || new.iter().any(|s| s == set);
         let mut digest = StateDigest(inner.position.digest);
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::default();
         // the index holds no names: the sets left out are found in the store
         let mut flags_out = 0usize;
         for kv in self.tree.scan_prefix(keys::FLAGS) {
@@ -434,10 +462,30 @@ impl ReplicaStore {
         read_state(&self.tree, &inner.position)
     }
 
-    fn persist(&self, batch: sled::Batch) -> Result<(), ApplyError> {
-        self.tree.apply_batch(batch)?;
-        if self.sync_writes {
-            self.db.flush()?;
+    /// What was recovered from the journal when the replica opened.
+    pub fn journal_recovered(&self) -> Recovered {
+        self.journal
+            .as_ref()
+            .map(Journal::recovered)
+            .unwrap_or_default()
+    }
+
+    /// The journal's checkpoints since the replica opened.
+    pub fn journal_checkpoints(&self) -> u64 {
+        self.journal.as_ref().map(Journal::checkpoints).unwrap_or(0)
+    }
+
+    /// With the journal: journals `writes` (synced), then gives them to
+    /// sled; without: gives them to sled as one batch.
+    fn persist(&self, writes: Writes) -> Result<(), ApplyError> {
+        match &self.journal {
+            Some(journal) => {
+                journal
+                    .append(&writes.record())
+                    .map_err(|e| ApplyError::Storage(format!("the replica's journal: {e}")))?;
+                writes.apply_each(&self.tree)?;
+            }
+            None => self.tree.apply_batch(writes.into_batch())?,
         }
         Ok(())
     }
@@ -563,7 +611,7 @@ impl ReplicaStore {
                 computed: digest,
             });
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::default();
         for kv in self
             .tree
             .scan_prefix(keys::FLAGS)
@@ -622,7 +670,7 @@ impl ReplicaStore {
         // each flag's hash after this delta (None: deleted), by flag
         let mut flag_changes: HashMap<FlagId, Option<u64>> = HashMap::new();
         let mut set_changes: Vec<(String, Option<u64>)> = Vec::new();
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::default();
         for r in &d.deletes {
             let id = flag_id(&r.flag_set, &r.key);
             if let Some(old) = current_hash(&flag_changes, &inner.flag_hashes, &id) {
