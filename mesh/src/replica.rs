@@ -480,10 +480,12 @@ impl ReplicaStore {
     fn persist(&self, writes: Writes) -> Result<(), ApplyError> {
         match &self.journal {
             Some(journal) => {
+                let record = writes.record();
                 journal
-                    .append(&writes.record())
+                    .write(&record, || {
+                        writes.apply_each(&self.tree).map_err(std::io::Error::other)
+                    })
                     .map_err(|e| ApplyError::Storage(format!("the replica's journal: {e}")))?;
-                writes.apply_each(&self.tree)?;
             }
             None => self.tree.apply_batch(writes.into_batch())?,
         }
