@@ -104,9 +104,10 @@ pub struct RelayArgs {
     /// Flag sets to follow (comma-separated; default: all).
     #[arg(long = "flag-sets", env = "FLAGMESH_FLAG_SETS", value_delimiter = ',')]
     pub flag_sets: Vec<String>,
-    /// Flush every applied change to disk before serving it (`false`: sled
-    /// flushes in the background; faster, but a crashed node may restart up
-    /// to half a second behind what it served).
+    /// Make every applied change durable (in the replica's journal) before
+    /// serving it (`false`: one sled batch per change, flushed by sled in
+    /// the background; no cheaper, and a crashed node may restart up to
+    /// half a second behind what it served).
     #[arg(long = "sync-writes", env = "FLAGMESH_SYNC_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
     pub sync_writes: bool,
 }
