@@ -434,7 +434,7 @@ fn substr<'a>(args: &'a [Node], data: &'a Value, env: &Env<'a>) -> Cow<'a, Value
     let len = chars.len() as i64;
     let start = to_number(&args[1].eval(data, env)).unwrap_or(0.0) as i64;
     let start = if start < 0 {
-        (len + start).max(0)
+        len.saturating_add(start).max(0)
     } else {
         start.min(len)
     };
@@ -442,9 +442,9 @@ fn substr<'a>(args: &'a [Node], data: &'a Value, env: &Env<'a>) -> Cow<'a, Value
         Some(n) => {
             let count = to_number(&n.eval(data, env)).unwrap_or(0.0) as i64;
             if count < 0 {
-                (len + count).max(start)
+                len.saturating_add(count).max(start)
             } else {
-                (start + count).min(len)
+                start.saturating_add(count).min(len)
             }
         }
         None => len,
@@ -528,6 +528,21 @@ mod tests {
             run(json!({"substr": ["jsonlogic", -5, 2]}), json!({})),
             json!("lo")
         );
+        // lengths and starts beyond any string's, either way, clamp to it
+        // (an overflow here once panicked, and wrapped to "" in release)
+        for (start, count, out) in [
+            (json!(2), json!(1e300), "onlogic"),
+            (json!(2), json!(-1e300), ""),
+            (json!(1e300), json!(1e300), ""),
+            (json!(-1e300), json!(1e300), "jsonlogic"),
+            (json!(-1e300), json!(-1e300), ""),
+        ] {
+            assert_eq!(
+                run(json!({"substr": ["jsonlogic", start, count]}), json!({})),
+                json!(out),
+                "substr from {start} for {count}"
+            );
+        }
         assert_eq!(run(json!({"or": [0, "", "x"]}), json!({})), json!("x"));
         assert_eq!(run(json!({"and": [1, 0, 2]}), json!({})), json!(0));
         assert_eq!(run(json!({"!!": [[]]}), json!({})), json!(false));

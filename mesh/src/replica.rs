@@ -1,6 +1,7 @@
 //! The replica store of a hub or PoP: the flag state, its revision, history
-//! and digest on sled, written together in one batch per applied event, so a
-//! crash at any point recovers to a consistent revision.
+//! and digest on sled, written together per applied event (through the
+//! replica's journal, or as one sled batch without sync writes), so a crash
+//! at any point recovers to a consistent revision.
 //!
 //! [`ReplicaStore::apply`] enforces the subscriber's rules: a delta whose
 //! `to` is not above the local revision is dropped; one whose `from` equals
@@ -391,7 +392,7 @@ impl ReplicaStore {
             && (held.is_empty() || (!new.is_empty() && new.iter().all(|s| held.contains(s))));
         let keep = |set: &str| new.is_empty() || new.iter().any(|s| s == set);
         let mut digest = StateDigest(inner.position.digest);
-        let mut batch = Writes::default();
+        let mut writes = Writes::default();
         // the index holds no names: the sets left out are found in the store
         let mut flags_out = 0usize;
         for kv in self.tree.scan_prefix(keys::FLAGS) {
@@ -405,7 +406,7 @@ impl ReplicaStore {
             if let Some(h) = inner.flag_hashes.remove(&flag_id(set, key)) {
                 digest.remove(h);
             }
-            batch.remove(k);
+            writes.remove(k);
             flags_out += 1;
         }
         let sets_out: Vec<String> = inner
@@ -418,12 +419,12 @@ impl ReplicaStore {
             if let Some(h) = inner.set_hashes.remove(set) {
                 digest.remove(h);
             }
-            batch.remove(keys::flag_set(set));
+            writes.remove(keys::flag_set(set));
         }
         inner.position.digest = digest.0;
-        batch.insert(META, encode_position(&inner.position));
-        batch.insert(SCOPE, encode_scope(covered, &new));
-        self.persist(batch)?;
+        writes.insert(META, encode_position(&inner.position));
+        writes.insert(SCOPE, encode_scope(covered, &new));
+        self.persist(writes)?;
         inner.needs_snapshot = !covered;
         tracing::info!(
             from = ?held,
@@ -613,29 +614,29 @@ impl ReplicaStore {
                 computed: digest,
             });
         }
-        let mut batch = Writes::default();
+        let mut writes = Writes::default();
         for kv in self
             .tree
             .scan_prefix(keys::FLAGS)
             .chain(self.tree.scan_prefix(keys::FLAG_SETS))
         {
-            batch.remove(kv?.0);
+            writes.remove(kv?.0);
         }
         for f in &flags {
-            batch.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec());
+            writes.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec());
         }
         for s in &flag_sets {
-            batch.insert(keys::flag_set(&s.id), s.encode_to_vec());
+            writes.insert(keys::flag_set(&s.id), s.encode_to_vec());
         }
         let position = Position {
             history_id: chunk.history_id.clone(),
             revision: chunk.revision,
             digest,
         };
-        batch.insert(META, encode_position(&position));
+        writes.insert(META, encode_position(&position));
         // a snapshot is the whole state of the scope it was asked for
-        batch.insert(SCOPE, encode_scope(true, &inner.scope));
-        self.persist(batch)?;
+        writes.insert(SCOPE, encode_scope(true, &inner.scope));
+        self.persist(writes)?;
         inner.needs_snapshot = false;
         inner.position = position.clone();
         inner.flag_hashes = flag_hashes;
@@ -672,13 +673,13 @@ impl ReplicaStore {
         // each flag's hash after this delta (None: deleted), by flag
         let mut flag_changes: HashMap<FlagId, Option<u64>> = HashMap::new();
         let mut set_changes: Vec<(String, Option<u64>)> = Vec::new();
-        let mut batch = Writes::default();
+        let mut writes = Writes::default();
         for r in &d.deletes {
             let id = flag_id(&r.flag_set, &r.key);
             if let Some(old) = current_hash(&flag_changes, &inner.flag_hashes, &id) {
                 digest.remove(old);
             }
-            batch.remove(keys::flag(&r.flag_set, &r.key));
+            writes.remove(keys::flag(&r.flag_set, &r.key));
             flag_changes.insert(id, None);
         }
         for f in &d.upserts {
@@ -686,20 +687,20 @@ impl ReplicaStore {
             let old = current_hash(&flag_changes, &inner.flag_hashes, &id);
             let new = flag_hash(&f.flag_set, &f.key, &f.definition_json);
             digest.replace(old, Some(new));
-            batch.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec());
+            writes.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec());
             flag_changes.insert(id, Some(new));
         }
         for s in &d.flag_set_deletes {
             if let Some(old) = inner.set_hashes.get(s) {
                 digest.remove(*old);
             }
-            batch.remove(keys::flag_set(s));
+            writes.remove(keys::flag_set(s));
             set_changes.push((s.clone(), None));
         }
         for s in &d.flag_set_upserts {
             let new = set_hash(s);
             digest.replace(inner.set_hashes.get(&s.id).copied(), Some(new));
-            batch.insert(keys::flag_set(&s.id), s.encode_to_vec());
+            writes.insert(keys::flag_set(&s.id), s.encode_to_vec());
             set_changes.push((s.id.clone(), Some(new)));
         }
         if let Some(expected) = d.digest
@@ -716,8 +717,8 @@ impl ReplicaStore {
             revision: d.to_revision,
             digest: digest.0,
         };
-        batch.insert(META, encode_position(&position));
-        self.persist(batch)?;
+        writes.insert(META, encode_position(&position));
+        self.persist(writes)?;
         inner.position = position;
         for (id, h) in flag_changes {
             match h {

@@ -3,7 +3,7 @@
 //!
 //! The bucketing string (by default `flagKey + targetingKey`) is hashed with
 //! MurmurHash3 x86_32, seed 0; with `total` the sum of the integer weights,
-//! the bucket is `(hash as u64 * total) >> 32`, walked against the
+//! the bucket is `(hash * total) >> 32` (in 128 bits), walked against the
 //! cumulative weights. Weights default to 1, negative weights count as 0, and
 //! a split whose weights are all 0 selects nothing (`null`).
 
@@ -122,7 +122,9 @@ pub fn pick(hash: u32, cumulative: &[u64]) -> Option<usize> {
     if total == 0 {
         return None;
     }
-    let bucket = (u64::from(hash) * total) >> 32;
+    // in 128 bits: weights are clamped to u32::MAX each, so the total may
+    // pass 2^32, and the product 2^64; the quotient is below `total`
+    let bucket = ((u128::from(hash) * u128::from(total)) >> 32) as u64;
     cumulative.iter().position(|&c| bucket < c)
 }
 
@@ -148,5 +150,16 @@ mod tests {
         assert_eq!(pick(7, &[]), None);
         // a zero-weight bucket is never selected
         assert_eq!(pick(0, &[0, 100]), Some(1));
+    }
+
+    /// Weights are clamped to u32::MAX each, so their total can pass 2^32:
+    /// the bucket is still in range, and the split still even.
+    #[test]
+    fn totals_beyond_32_bits_still_pick_in_proportion() {
+        let w = u64::from(u32::MAX);
+        assert_eq!(pick(u32::MAX, &[w, 2 * w]), Some(1));
+        assert_eq!(pick(u32::MAX / 2 - 1, &[w, 2 * w]), Some(0));
+        assert_eq!(pick(u32::MAX / 2 + 2, &[w, 2 * w]), Some(1));
+        assert_eq!(pick(u32::MAX, &[w, 2 * w, 3 * w]), Some(2));
     }
 }
