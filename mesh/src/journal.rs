@@ -1,14 +1,15 @@
 //! The replica's journal: what makes an applied event durable before it is
-//! served, without flushing sled for every event.
+//! served, without a sled batch or a sled flush for every event.
 //!
-//! Flushing sled hands its buffer to sled's I/O thread pool, whose seven
-//! idle threads all wake for every flush; at one flush per applied change
-//! that was about half of a PoP's CPU per change (BENCHMARKS.md, "CPU per
-//! change"). Instead, each applied event's writes are appended to a file of
-//! the replica's own and synced there, on the applying thread, before they
-//! are given to sled as one batch; sled is flushed in the background now and
-//! then (a checkpoint), after which the journal written before it is
-//! deleted.
+//! Every sled batch (`apply_batch`, flushed or not) seals sled's log buffer
+//! and hands it to sled's I/O thread pool, whose seven idle threads all
+//! wake for it; at one batch per applied change that was about a third
+//! of a whole mesh's CPU on one machine (BENCHMARKS.md, "Propagation").
+//! Instead, each applied event's writes are appended to a file of the
+//! replica's own and synced there, on the applying thread, and then given
+//! to sled key by key (the journal is what makes the event atomic across a
+//! crash); sled is flushed in the background now and then (a checkpoint),
+//! after which the journal written before it is deleted.
 //!
 //! Recovery: when the replica opens, the journal's records are given to
 //! sled again in the order they were written. That is correct whatever
