@@ -392,18 +392,27 @@ impl Drop for Journal {
 }
 
 fn create_segment(dir: &Path, sequence: u64) -> io::Result<File> {
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(segment_path(dir, sequence))?;
-    let zeros = vec![0u8; 64 << 10];
-    for _ in 0..SEGMENT_BYTES / zeros.len() {
-        file.write_all(&zeros)?;
+    let path = segment_path(dir, sequence);
+    let made = (|| {
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)?;
+        let zeros = vec![0u8; 64 << 10];
+        for _ in 0..SEGMENT_BYTES / zeros.len() {
+            file.write_all(&zeros)?;
+        }
+        file.sync_all()?;
+        // the new name must outlive a crash as surely as what is written to it
+        sync_dir(dir)?;
+        Ok(file)
+    })();
+    if made.is_err() {
+        // a segment half made (a full disk) would refuse the next attempt;
+        // one left behind by a crash holds no record and is read as empty
+        let _ = fs::remove_file(&path);
     }
-    file.sync_all()?;
-    // the new name must outlive a crash as surely as what is written to it
-    sync_dir(dir)?;
-    Ok(file)
+    made
 }
 
 /// The checkpointing thread: once journaled writes are about `every` old
