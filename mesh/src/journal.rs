@@ -74,14 +74,15 @@ impl Writes {
         self.ops.push((key.as_ref().to_vec(), None));
     }
 
-    /// The journal record's payload.
+    /// The journal record of these writes, its header included.
     pub fn record(&self) -> Vec<u8> {
-        let size = self
+        let size: usize = self
             .ops
             .iter()
             .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
             .sum();
-        let mut out = Vec::with_capacity(size);
+        let mut out = Vec::with_capacity(HEADER + size);
+        out.resize(HEADER, 0);
         for (key, value) in &self.ops {
             match value {
                 Some(v) => {
@@ -95,6 +96,10 @@ impl Writes {
                 }
             }
         }
+        let (header, payload) = out.split_at_mut(HEADER);
+        let len = (payload.len() as u32).to_le_bytes();
+        header[..4].copy_from_slice(&len);
+        header[4..].copy_from_slice(&checksum(&len, payload).to_le_bytes());
         out
     }
 
@@ -156,16 +161,6 @@ fn checksum(len: &[u8], payload: &[u8]) -> u64 {
     h.update(len);
     h.update(payload);
     h.digest()
-}
-
-fn framed(payload: &[u8]) -> Vec<u8> {
-    let len = (payload.len() as u32).to_le_bytes();
-    let sum = checksum(&len, payload);
-    let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&sum.to_le_bytes());
-    out.extend_from_slice(payload);
-    out
 }
 
 /// The whole records at the start of `bytes`, and where they end.
@@ -267,10 +262,13 @@ impl Journal {
         let found = segments(dir)?;
         let mut recovered = Recovered::default();
         let mut cut = false;
+        // whether the last segment is still as it was made: no record
+        let mut last_blank = false;
         for (_, path) in &found {
             if cut {
                 let len = fs::metadata(path)?.len();
                 recovered.ignored_bytes += len;
+                last_blank = false;
                 continue;
             }
             let mut bytes = Vec::new();
@@ -291,6 +289,7 @@ impl Journal {
                 recovered.ignored_bytes += (bytes.len() - end) as u64;
                 cut = true;
             }
+            last_blank = end == 0 && !cut && bytes.len() == SEGMENT_BYTES;
         }
         if recovered.ignored_bytes > 0 {
             tracing::warn!(
@@ -304,12 +303,29 @@ impl Journal {
                 "recovered the journal's records"
             );
         }
-        db.flush().map_err(io::Error::other)?;
-        for (_, path) in &found {
-            fs::remove_file(path)?;
+        // nothing recovered: sled took nothing to flush, and a last segment
+        // still blank is written into rather than made again
+        let reuse = match found.last() {
+            Some((sequence, path)) if recovered.records == 0 && last_blank => {
+                Some((*sequence, path.clone()))
+            }
+            _ => None,
+        };
+        if recovered.records > 0 {
+            db.flush().map_err(io::Error::other)?;
         }
-        let sequence = found.last().map(|(s, _)| s + 1).unwrap_or(1);
-        let file = create_segment(dir, sequence)?;
+        for (sequence, path) in &found {
+            if reuse.as_ref().map(|(s, _)| s) != Some(sequence) {
+                fs::remove_file(path)?;
+            }
+        }
+        let (sequence, file) = match reuse {
+            Some((sequence, path)) => (sequence, OpenOptions::new().write(true).open(path)?),
+            None => {
+                let sequence = found.last().map(|(s, _)| s + 1).unwrap_or(1);
+                (sequence, create_segment(dir, sequence)?)
+            }
+        };
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             every,
@@ -348,14 +364,13 @@ impl Journal {
         self.shared.checkpoints.load(Ordering::Relaxed)
     }
 
-    /// Appends one record, syncs it to disk, then runs `apply` (giving
+    /// Appends one record (made by [`Writes::record`]), syncs it to disk, then runs `apply` (giving
     /// the same writes to sled), all before a checkpoint can start a new
     /// segment: a checkpoint's flush thus covers every record of the
     /// segments it deletes. When the append fails, nothing is taken to be
     /// journaled, `apply` does not run, and the journal accepts nothing
     /// more.
-    pub fn write(&self, payload: &[u8], apply: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
-        let record = framed(payload);
+    pub fn write(&self, record: &[u8], apply: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let mut open = self.shared.lock();
         if let Some(why) = &open.broken {
             return Err(io::Error::other(format!(
@@ -365,7 +380,7 @@ impl Journal {
         let at = open.bytes;
         if let Err(e) = open
             .file
-            .write_all_at(&record, at)
+            .write_all_at(record, at)
             .and_then(|_| open.file.sync_data())
         {
             open.broken = Some(e.to_string());
@@ -523,11 +538,12 @@ mod tests {
 
     #[test]
     fn a_record_reads_back_as_its_batch_and_a_cut_record_is_not_read() {
-        let one = framed(&writes(&[("a", Some("1")), ("b", None)]));
-        let two = framed(&writes(&[("c", Some(""))]));
+        let one = writes(&[("a", Some("1")), ("b", None)]);
+        let two = writes(&[("c", Some(""))]);
         let mut bytes = [one.clone(), two.clone()].concat();
         let (whole, end) = records(&bytes);
         assert_eq!((whole.len(), end), (2, bytes.len()));
+        assert_eq!((whole[0], whole[1]), (&one[HEADER..], &two[HEADER..]));
         // cut anywhere inside the second record: only the first is whole
         for cut in one.len() + 1..bytes.len() {
             let (whole, end) = records(&bytes[..cut]);
@@ -550,16 +566,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal_dir = dir.path().join("journal");
         fs::create_dir_all(&journal_dir).expect("dir");
-        let mut first = framed(&writes(&[("a", Some("1")), ("b", Some("1"))]));
-        first.extend(framed(&writes(&[("a", Some("2")), ("b", None)])));
+        let mut first = writes(&[("a", Some("1")), ("b", Some("1"))]);
+        first.extend(writes(&[("a", Some("2")), ("b", None)]));
         fs::write(segment_path(&journal_dir, 4), &first).expect("write");
-        let mut second = framed(&writes(&[("c", Some("3"))]));
-        let cut = framed(&writes(&[("a", Some("lost"))]));
+        let mut second = writes(&[("c", Some("3"))]);
+        let cut = writes(&[("a", Some("lost"))]);
         second.extend_from_slice(&cut[..cut.len() - 2]);
         fs::write(segment_path(&journal_dir, 5), &second).expect("write");
         fs::write(
             segment_path(&journal_dir, 6),
-            framed(&writes(&[("d", Some("after the cut"))])),
+            writes(&[("d", Some("after the cut"))]),
         )
         .expect("write");
 
@@ -595,8 +611,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let journal_dir = dir.path().join("journal");
         fs::create_dir_all(&journal_dir).expect("dir");
-        let mut bytes = framed(&writes(&[("a", Some("1"))]));
-        bytes.extend(framed(&writes(&[("b", Some("2"))])));
+        let mut bytes = writes(&[("a", Some("1"))]);
+        bytes.extend(writes(&[("b", Some("2"))]));
         bytes.resize(bytes.len() + 4096, 0);
         fs::write(segment_path(&journal_dir, 1), &bytes).expect("write");
         let db = sled::Config::new()
@@ -648,5 +664,12 @@ mod tests {
         let journal = Journal::open(&journal_dir, &db, &tree, every).expect("reopen");
         assert_eq!(journal.recovered(), Recovered::default());
         assert_eq!(contents(&tree).len(), 3);
+        // the blank segment the checkpoint made is written into, not made again
+        let left: Vec<u64> = segments(&journal_dir)
+            .expect("segments")
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(left, vec![2]);
     }
 }

@@ -181,6 +181,9 @@ pub struct ReplicaStore {
 
 const META: &[u8] = b"m:position";
 
+/// The sled tree a replica keeps its state in.
+const TREE: &str = "replica";
+
 /// sled's own flush period while the journal makes writes durable: it only
 /// bounds how long sled's files lag, and runs its segment cleaning.
 const SLED_FLUSH_WITH_JOURNAL_MS: u64 = 60_000;
@@ -253,15 +256,13 @@ impl ReplicaStore {
         // the state is also held in memory: sled's page cache need not be
         // big. With the journal, sled's own flusher runs rarely (its
         // segment cleaning rides on it); the journal's checkpoints flush.
-        let config = sled::Config::new().path(dir).cache_capacity(2 << 20);
-        let config = if sync_writes {
-            config.flush_every_ms(Some(SLED_FLUSH_WITH_JOURNAL_MS))
-        } else {
-            config
-        };
+        let mut config = sled::Config::new().path(dir).cache_capacity(2 << 20);
+        if sync_writes {
+            config = config.flush_every_ms(Some(SLED_FLUSH_WITH_JOURNAL_MS));
+        }
         let db = keys::open_db(&config, keys::LOCK_WAIT)?;
+        let tree = db.open_tree(TREE)?;
         let journal = if sync_writes {
-            let tree = db.open_tree("replica")?;
             Some(
                 Journal::open(&dir.join("journal"), &db, &tree, CHECKPOINT_EVERY)
                     .map_err(|e| ApplyError::Storage(format!("the replica's journal: {e}")))?,
@@ -269,20 +270,21 @@ impl ReplicaStore {
         } else {
             None
         };
-        Self::from_db(db, journal)
+        Self::from_db(db, tree, journal)
     }
 
     /// A replica that lives in memory only (gone when dropped).
     pub fn open_temporary() -> Result<Self, ApplyError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, None).map(|(store, _)| store)
+        let tree = db.open_tree(TREE)?;
+        Self::from_db(db, tree, None).map(|(store, _)| store)
     }
 
     fn from_db(
         db: sled::Db,
+        tree: sled::Tree,
         journal: Option<Journal>,
     ) -> Result<(Self, SourceSnapshot), ApplyError> {
-        let tree = db.open_tree("replica")?;
         let position = match tree.get(META)? {
             Some(b) => {
                 decode_position(&b).ok_or_else(|| ApplyError::Storage("corrupt position".into()))?
