@@ -30,6 +30,8 @@ pub struct Target {
     pub keys: Vec<String>,
     /// TLS to the PoP's gRPC listener (`None`: plaintext).
     pub tls: Option<flagmesh_client::ClientTls>,
+    /// Evaluation contexts to rotate over.
+    pub contexts: Arc<Vec<Value>>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -38,21 +40,48 @@ fn histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
-/// One gRPC client per task.
-async fn grpc_client(
-    addr: SocketAddr,
-    tls: Option<&flagmesh_client::ClientTls>,
-) -> EvaluationClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
-> {
+/// A channel to the PoP's gRPC listener, with the (empty) bearer token.
+type Channel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>;
+
+/// One gRPC channel per task.
+fn grpc_channel(addr: SocketAddr, tls: Option<&flagmesh_client::ClientTls>) -> Channel {
     // a socket address is a valid URI; TLS files were checked by the caller
     let channel = flagmesh_client::endpoint(&addr.to_string(), tls)
         .map(|e| e.tcp_nodelay(true).connect_lazy())
         .unwrap_or_else(|e| unreachable!("{e}"));
-    EvaluationClient::with_interceptor(
+    tonic::service::interceptor::InterceptedService::new(
         channel,
         BearerToken::new(None).unwrap_or_else(|_| unreachable!()),
     )
+}
+
+/// An `EvaluateAll` answer as the load tool reads it: each flag's
+/// resolution (field 1 of `EvaluateAllResponse`) kept encoded, the other
+/// fields skipped. Decoding 100 `EvaluateResponse`s with their `Struct`
+/// values cost the tool more CPU than the PoP spent answering, on the same
+/// two cores, so the row measured the client; the answers' contents are
+/// checked by the tests, not here.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EncodedFlags {
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    flags: Vec<prost::bytes::Bytes>,
+}
+
+/// `flagmesh.v1.Evaluation/EvaluateAll`, its answer left encoded per flag.
+async fn evaluate_all_encoded(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    request: EvaluateAllRequest,
+) -> Result<EncodedFlags, tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<EvaluateAllRequest, EncodedFlags>::default();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/flagmesh.v1.Evaluation/EvaluateAll");
+    grpc.unary(tonic::Request::new(request), path, codec)
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// A keep-alive HTTP/1.1 connection for OFREP posts.
@@ -72,8 +101,22 @@ impl HttpConn {
     }
 
     async fn post(&mut self, path: &str, body: &str) -> std::io::Result<u16> {
+        self.post_with(path, body, &[]).await
+    }
+
+    /// A POST with extra `headers` (name, value); the status.
+    async fn post_with(
+        &mut self,
+        path: &str,
+        body: &str,
+        headers: &[(String, String)],
+    ) -> std::io::Result<u16> {
+        let extra: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
         let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
             self.addr,
             body.len()
         );
@@ -117,33 +160,36 @@ pub enum Protocol {
 
 /// A client of either protocol.
 enum Client {
-    Grpc(
-        EvaluationClient<
-            tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
-        >,
-    ),
+    Grpc(EvaluationClient<Channel>),
+    GrpcAll(tonic::client::Grpc<Channel>),
     Http(HttpConn),
 }
 
 impl Client {
     async fn new(t: &Target, p: Protocol) -> std::io::Result<Self> {
         Ok(match p {
-            Protocol::Grpc | Protocol::GrpcAll => {
-                Client::Grpc(grpc_client(t.grpc, t.tls.as_ref()).await)
+            Protocol::Grpc => {
+                Client::Grpc(EvaluationClient::new(grpc_channel(t.grpc, t.tls.as_ref())))
             }
+            Protocol::GrpcAll => Client::GrpcAll(tonic::client::Grpc::new(grpc_channel(
+                t.grpc,
+                t.tls.as_ref(),
+            ))),
             Protocol::Ofrep | Protocol::OfrepBulk => Client::Http(HttpConn::open(t.http).await?),
         })
     }
 
     async fn call(&mut self, t: &Target, p: Protocol, key: &str, ctx: &Value) -> bool {
         match self {
-            Client::Grpc(c) if p == Protocol::GrpcAll => c
-                .evaluate_all(EvaluateAllRequest {
+            Client::GrpcAll(c) => evaluate_all_encoded(
+                c,
+                EvaluateAllRequest {
                     flag_set: t.flag_set.clone(),
                     context: ctx.as_object().map(map_to_struct),
-                })
-                .await
-                .is_ok_and(|r| !r.get_ref().flags.is_empty()),
+                },
+            )
+            .await
+            .is_ok_and(|r| !r.flags.is_empty()),
             Client::Http(c) if p == Protocol::OfrepBulk => {
                 let body = json!({"context": ctx}).to_string();
                 let path = format!("/ofrep/v1/evaluate/flags?flagSet={}", t.flag_set);
@@ -169,7 +215,7 @@ impl Client {
 
 /// Closed loop: `concurrency` tasks each sending requests back to back for `duration`.
 pub async fn closed_loop(t: &Target, p: Protocol, concurrency: usize, duration: Duration) -> Value {
-    let ctxs = Arc::new(contexts(4096));
+    let ctxs = t.contexts.clone();
     let merged = Arc::new(Mutex::new(histogram()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
@@ -218,23 +264,85 @@ const TIMER_SLACK: Duration = Duration::from_millis(2);
 /// Open loop: requests due every `1/rate` s for `duration`, each latency
 /// measured from when it was due (less the timer's own granularity).
 pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -> Value {
-    let ctxs = Arc::new(contexts(4096));
     // a pool of clients; each request takes one, so slow answers queue up
     // requests (and that waiting counts in their latency)
-    let pool_size = 64;
-    let (tx, rx) = async_channel_pool(pool_size, t, p).await;
+    let mut pool = Vec::with_capacity(POOL);
+    for _ in 0..POOL {
+        if let Ok(c) = Client::new(t, p).await {
+            pool.push(c);
+        }
+    }
+    let t = Arc::new(t.clone());
+    open_loop_with(pool, rate, duration, move |mut client: Client, n| {
+        let t = t.clone();
+        async move {
+            let (key, ctx) = (&t.keys[n % t.keys.len()], &t.contexts[n % t.contexts.len()]);
+            let ok = client.call(&t, p, key, ctx).await;
+            (client, ok)
+        }
+    })
+    .await
+}
+
+/// Open loop over HTTP POSTs rotating over `calls` (path, body), each
+/// with `headers`, against any server (answers other than 200 count as
+/// errors): two servers can be driven at the same rate.
+pub async fn open_loop_http(
+    addr: SocketAddr,
+    calls: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    rate: u64,
+    duration: Duration,
+) -> Value {
+    let mut pool = Vec::with_capacity(POOL);
+    for _ in 0..POOL {
+        if let Ok(c) = HttpConn::open(addr).await {
+            pool.push(c);
+        }
+    }
+    let shared = Arc::new((calls, headers));
+    open_loop_with(pool, rate, duration, move |mut conn: HttpConn, n| {
+        let shared = shared.clone();
+        async move {
+            let (calls, headers) = &*shared;
+            let (path, body) = &calls[n % calls.len().max(1)];
+            let ok = conn
+                .post_with(path, body, headers)
+                .await
+                .is_ok_and(|s| s == 200);
+            (conn, ok)
+        }
+    })
+    .await
+}
+
+/// Clients kept open by an open loop.
+const POOL: usize = 64;
+
+/// Drives `call` (request number → a client back, and whether it
+/// succeeded) at `rate` per second for `duration` over a pool of clients.
+async fn open_loop_with<C, F, Fut>(pool: Vec<C>, rate: u64, duration: Duration, call: F) -> Value
+where
+    C: Send + 'static,
+    F: Fn(C, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = (C, bool)> + Send,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(pool.len().max(1));
+    for c in pool {
+        let _ = tx.send(c).await;
+    }
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let merged = Arc::new(Mutex::new(histogram()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = tokio::time::Instant::now();
     let total = (duration.as_secs_f64() * rate as f64) as u64;
     let mut handles = Vec::with_capacity(total as usize);
     for n in 0..total {
         let due = start + interval * (n as u32);
         tokio::time::sleep_until(due).await;
-        let (t, ctxs, merged, errors, tx, rx) = (
-            t.clone(),
-            ctxs.clone(),
+        let (call, merged, errors, tx, rx) = (
+            call.clone(),
             merged.clone(),
             errors.clone(),
             tx.clone(),
@@ -250,13 +358,10 @@ pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -
             } else {
                 due
             };
-            let Some(mut client) = rx.lock().await.recv().await else {
+            let Some(client) = rx.lock().await.recv().await else {
                 return;
             };
-            let i = n as usize;
-            let ok = client
-                .call(&t, p, &t.keys[i % t.keys.len()], &ctxs[i % ctxs.len()])
-                .await;
+            let (client, ok) = call(client, n as usize).await;
             let latency = from.elapsed();
             let _ = tx.send(client).await;
             if !ok {
@@ -280,21 +385,6 @@ pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -
     out["achieved_rps"] = json!((h.len() as f64 / elapsed).round());
     out["errors"] = json!(errors.load(std::sync::atomic::Ordering::Relaxed));
     out
-}
-
-type Pool = (
-    tokio::sync::mpsc::Sender<Client>,
-    Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Client>>>,
-);
-
-async fn async_channel_pool(size: usize, t: &Target, p: Protocol) -> Pool {
-    let (tx, rx) = tokio::sync::mpsc::channel(size);
-    for _ in 0..size {
-        if let Ok(c) = Client::new(t, p).await {
-            let _ = tx.send(c).await;
-        }
-    }
-    (tx, Arc::new(tokio::sync::Mutex::new(rx)))
 }
 
 /// `wrk` (the HTTP load generator, `apt-get install wrk`) driving OFREP
@@ -422,7 +512,34 @@ fn parse_wrk(text: &str) -> Option<Value> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_wrk;
+    use super::{EncodedFlags, parse_wrk};
+    use flagmesh_proto::v1::{EvaluateAllResponse, EvaluateResponse};
+    use prost::Message as _;
+
+    #[test]
+    fn an_evaluate_all_answer_reads_as_its_flags_left_encoded() {
+        let flags: Vec<EvaluateResponse> = (0..3)
+            .map(|i| EvaluateResponse {
+                flag_key: format!("flag-{i}"),
+                variant: "on".into(),
+                ..Default::default()
+            })
+            .collect();
+        let answer = EvaluateAllResponse {
+            flags: flags.clone(),
+            revision: 7,
+            pop_id: "pop-0".into(),
+            stale: true,
+            metadata: None,
+        };
+        let read = EncodedFlags::decode(answer.encode_to_vec().as_slice()).expect("decodes");
+        let back: Vec<EvaluateResponse> = read
+            .flags
+            .iter()
+            .map(|b| EvaluateResponse::decode(b.as_ref()).expect("a flag"))
+            .collect();
+        assert_eq!(back, flags);
+    }
 
     #[test]
     fn reads_wrk_latency_reports() {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::load::run_wrk;
+use super::load::{self, run_wrk};
 use crate::topology::http_post;
 
 /// Flags in the comparison.
@@ -100,19 +100,27 @@ fn users() -> Vec<(String, &'static str, String, String)> {
         .collect()
 }
 
-/// OFREP calls of the users: every flag, or one flag each (rotating).
-pub fn ofrep_calls(set: &str, bulk: bool) -> Vec<(String, String)> {
+/// The users' evaluation contexts (as the OFREP and Edge calls carry them).
+pub fn contexts() -> Vec<Value> {
     users()
         .into_iter()
+        .map(|(id, country, email, version)| {
+            json!({"targetingKey": id, "country": country, "email": email, "version": version})
+        })
+        .collect()
+}
+
+/// OFREP calls of the users: every flag, or one flag each (rotating).
+pub fn ofrep_calls(set: &str, bulk: bool) -> Vec<(String, String)> {
+    contexts()
+        .into_iter()
         .enumerate()
-        .map(|(i, (id, country, email, version))| {
+        .map(|(i, ctx)| {
             let path = if bulk {
                 format!("/ofrep/v1/evaluate/flags?flagSet={set}")
             } else {
                 format!("/ofrep/v1/evaluate/flags/flag-{}?flagSet={set}", i % FLAGS)
             };
-            let ctx =
-                json!({"targetingKey": id, "country": country, "email": email, "version": version});
             (path, json!({ "context": ctx }).to_string())
         })
         .collect()
@@ -216,6 +224,19 @@ impl Edge {
             duration,
             &dir.join(format!("wrk-edge-{bulk}.lua")),
         )
+    }
+
+    /// The same calls as [`Edge::wrk`] at a fixed `rate` (the project's
+    /// open-loop HTTP driver).
+    pub async fn open_loop(&self, bulk: bool, rate: u64, duration: Duration) -> Value {
+        load::open_loop_http(
+            self.addr,
+            edge_calls(bulk),
+            vec![("Authorization".into(), FRONTEND_TOKEN.into())],
+            rate,
+            duration,
+        )
+        .await
     }
 }
 

@@ -3,6 +3,7 @@
 //! `target/bench-results/*.json` and rewrites the tables of BENCHMARKS.md.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -127,6 +128,7 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
         flag_set: "bench".into(),
         keys: (0..200).map(|i| format!("flag-{i}")).collect(),
         tls: None,
+        contexts: Arc::new(bench::contexts(4096)),
     };
     let d = Duration::from_secs(args.seconds);
     let mut closed = Vec::new();
@@ -243,6 +245,12 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
     Ok(result)
 }
 
+/// Fixed rates of the side-by-side run's open-loop rows: about half of
+/// what Unleash Edge serves at saturation on this machine (every flag about
+/// 5,500 req/s, one flag 16,000-19,000).
+const PEER_RATE_EVERY_FLAG: u64 = 2_500;
+const PEER_RATE_ONE_FLAG: u64 = 8_000;
+
 async fn run_peer(args: &Args) -> anyhow::Result<Value> {
     let edge_bin = flagmesh_integration_tests::flagd_kit::workspace_root()
         .join("target/tools/unleash-edge/bin/unleash-edge");
@@ -266,6 +274,16 @@ async fn run_peer(args: &Args) -> anyhow::Result<Value> {
         .await
         .map_err(anyhow::Error::msg)?;
     eprintln!("flags on over every user: flagmesh {ours}, Unleash Edge {theirs}");
+    let all_target = load::Target {
+        grpc: mesh.pops[0].grpc,
+        http: pop,
+        flag_set: "peer".into(),
+        keys: (0..bench::peer::FLAGS)
+            .map(|i| format!("flag-{i}"))
+            .collect(),
+        tls: None,
+        contexts: Arc::new(bench::peer::contexts()),
+    };
     let d = Duration::from_secs(args.seconds);
     let mut rows = Vec::new();
     // alternate the two servers, twice, so that both see the same minutes
@@ -287,10 +305,48 @@ async fn run_peer(args: &Args) -> anyhow::Result<Value> {
             r["round"] = json!(round + 1);
             eprintln!("peer: {r}");
             rows.push(r);
+            if bulk {
+                // the gRPC bulk call, in the same minutes (wrk speaks no
+                // gRPC: the project's load tool, 16 tasks, as wrk's 16
+                // connections)
+                let mut r = load::closed_loop(&all_target, load::Protocol::GrpcAll, 16, d).await;
+                r["server"] = json!("flagmesh PoP, gRPC EvaluateAll");
+                r["endpoint"] = json!(endpoint);
+                r["round"] = json!(round + 1);
+                eprintln!("peer: {r}");
+                rows.push(r);
+            }
             let mut r = edge.wrk(bulk, d, &dir).map_err(anyhow::Error::msg)?;
             r["server"] = json!("Unleash Edge 20.1.0, frontend API");
             r["endpoint"] = json!(endpoint);
             r["round"] = json!(round + 1);
+            eprintln!("peer: {r}");
+            rows.push(r);
+        }
+    }
+    // the same request rate at both, below either one's saturation: the
+    // latency each adds, rather than the wait for a core that a saturating
+    // load measures
+    for round in 0..2 {
+        for (bulk, rate) in [(true, PEER_RATE_EVERY_FLAG), (false, PEER_RATE_ONE_FLAG)] {
+            let endpoint = if bulk {
+                format!("every flag (100), at {rate}/s")
+            } else {
+                format!("one flag, at {rate}/s")
+            };
+            let calls = bench::peer::ofrep_calls("peer", bulk);
+            let mut r = load::open_loop_http(pop, calls, Vec::new(), rate, d).await;
+            r["server"] = json!("flagmesh PoP, OFREP");
+            r["endpoint"] = json!(endpoint);
+            r["round"] = json!(round + 1);
+            r["throughput_rps"] = r["achieved_rps"].clone();
+            eprintln!("peer: {r}");
+            rows.push(r);
+            let mut r = edge.open_loop(bulk, rate, d).await;
+            r["server"] = json!("Unleash Edge 20.1.0, frontend API");
+            r["endpoint"] = json!(endpoint);
+            r["round"] = json!(round + 1);
+            r["throughput_rps"] = r["achieved_rps"].clone();
             eprintln!("peer: {r}");
             rows.push(r);
         }
