@@ -72,7 +72,8 @@ enum What {
         subscribers: usize,
     },
     /// The PoP's OFREP and Unleash Edge (offline mode) side by side under
-    /// wrk (`make bench-peer` installs both tools).
+    /// wrk and at the same fixed rate, with the PoP's EvaluateAll in the
+    /// same minutes (`make bench-peer` installs both tools).
     Peer,
     /// Hub CPU per change delivered to many subscribers.
     Fanout {
