@@ -246,6 +246,19 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
     Ok(result)
 }
 
+/// One row of the side-by-side table: `r` labelled (an open loop's achieved
+/// rate as its throughput) and printed.
+fn peer_row(mut r: Value, server: &str, endpoint: &str, round: usize) -> Value {
+    r["server"] = json!(server);
+    r["endpoint"] = json!(endpoint);
+    r["round"] = json!(round);
+    if r.get("throughput_rps").is_none() {
+        r["throughput_rps"] = r["achieved_rps"].clone();
+    }
+    eprintln!("peer: {r}");
+    r
+}
+
 /// Fixed rates of the side-by-side run's open-loop rows: about half of
 /// what Unleash Edge serves at saturation on this machine (every flag about
 /// 5,500 req/s, one flag 16,000-19,000).
@@ -288,47 +301,36 @@ async fn run_peer(args: &Args) -> anyhow::Result<Value> {
     let d = Duration::from_secs(args.seconds);
     let mut rows = Vec::new();
     // alternate the two servers, twice, so that both see the same minutes
-    for round in 0..2 {
+    const POP: &str = "flagmesh PoP, OFREP";
+    const EDGE: &str = "Unleash Edge 20.1.0, frontend API";
+    for round in 1..=2 {
         for bulk in [true, false] {
             let endpoint = if bulk { "every flag (100)" } else { "one flag" };
             let calls = bench::peer::ofrep_calls("peer", bulk);
-            let mut r = load::run_wrk(
-                pop,
-                &calls,
-                &[],
-                16,
-                d,
-                &dir.join(format!("wrk-pop-{bulk}.lua")),
-            )
-            .map_err(anyhow::Error::msg)?;
-            r["server"] = json!("flagmesh PoP, OFREP");
-            r["endpoint"] = json!(endpoint);
-            r["round"] = json!(round + 1);
-            eprintln!("peer: {r}");
-            rows.push(r);
+            let wrk_file = dir.join(format!("wrk-pop-{bulk}.lua"));
+            let r =
+                load::run_wrk(pop, &calls, &[], 16, d, &wrk_file).map_err(anyhow::Error::msg)?;
+            rows.push(peer_row(r, POP, endpoint, round));
             if bulk {
                 // the gRPC bulk call, in the same minutes (wrk speaks no
                 // gRPC: the project's load tool, 16 tasks, as wrk's 16
                 // connections)
-                let mut r = load::closed_loop(&all_target, load::Protocol::GrpcAll, 16, d).await;
-                r["server"] = json!("flagmesh PoP, gRPC EvaluateAll");
-                r["endpoint"] = json!(endpoint);
-                r["round"] = json!(round + 1);
-                eprintln!("peer: {r}");
-                rows.push(r);
+                let r = load::closed_loop(&all_target, load::Protocol::GrpcAll, 16, d).await;
+                rows.push(peer_row(
+                    r,
+                    "flagmesh PoP, gRPC EvaluateAll",
+                    endpoint,
+                    round,
+                ));
             }
-            let mut r = edge.wrk(bulk, d, &dir).map_err(anyhow::Error::msg)?;
-            r["server"] = json!("Unleash Edge 20.1.0, frontend API");
-            r["endpoint"] = json!(endpoint);
-            r["round"] = json!(round + 1);
-            eprintln!("peer: {r}");
-            rows.push(r);
+            let r = edge.wrk(bulk, d, &dir).map_err(anyhow::Error::msg)?;
+            rows.push(peer_row(r, EDGE, endpoint, round));
         }
     }
     // the same request rate at both, below either one's saturation: the
     // latency each adds, rather than the wait for a core that a saturating
     // load measures
-    for round in 0..2 {
+    for round in 1..=2 {
         for (bulk, rate) in [(true, PEER_RATE_EVERY_FLAG), (false, PEER_RATE_ONE_FLAG)] {
             let endpoint = if bulk {
                 format!("every flag (100), at {rate}/s")
@@ -336,20 +338,10 @@ async fn run_peer(args: &Args) -> anyhow::Result<Value> {
                 format!("one flag, at {rate}/s")
             };
             let calls = bench::peer::ofrep_calls("peer", bulk);
-            let mut r = load::open_loop_http(pop, calls, Vec::new(), rate, d).await;
-            r["server"] = json!("flagmesh PoP, OFREP");
-            r["endpoint"] = json!(endpoint);
-            r["round"] = json!(round + 1);
-            r["throughput_rps"] = r["achieved_rps"].clone();
-            eprintln!("peer: {r}");
-            rows.push(r);
-            let mut r = edge.open_loop(bulk, rate, d).await;
-            r["server"] = json!("Unleash Edge 20.1.0, frontend API");
-            r["endpoint"] = json!(endpoint);
-            r["round"] = json!(round + 1);
-            r["throughput_rps"] = r["achieved_rps"].clone();
-            eprintln!("peer: {r}");
-            rows.push(r);
+            let r = load::open_loop_http(pop, calls, Vec::new(), rate, d).await;
+            rows.push(peer_row(r, POP, &endpoint, round));
+            let r = edge.open_loop(bulk, rate, d).await;
+            rows.push(peer_row(r, EDGE, &endpoint, round));
         }
     }
     // a server answering errors is not measured: its figures mean nothing
