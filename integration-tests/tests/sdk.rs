@@ -354,3 +354,70 @@ async fn openfeature_provider_maps_results_and_emits_events() {
     p.stop().await;
     control.stop().await;
 }
+
+/// The next provider event within `within_ms`, if any.
+async fn next_event(
+    events: &mut flagmesh_sdk::ProviderEvents,
+    within_ms: u64,
+) -> Option<ProviderEvent> {
+    tokio::time::timeout(Duration::from_millis(within_ms), events.recv())
+        .await
+        .ok()
+        .map(|r| r.unwrap())
+}
+
+/// A provider followed after it became ready still reports `Ready` first
+/// (an OpenFeature handler added late runs for the state it missed), and a
+/// revision is reported changed once, not again at every staleness check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_followed_late_reports_ready_and_each_change_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = control(dir.path(), dev()).await;
+    let mut a = admin(control.grpc_addr).await;
+    let flag = |default: &str| {
+        format!(
+            r#"{{"state":"ENABLED","variants":{{"on":true,"off":false}},"defaultVariant":"{default}"}}"#
+        )
+    };
+    put(&mut a, "web", "flag", &flag("on")).await.unwrap();
+    let p = pop(
+        relay(
+            dir.path(),
+            "pop-1",
+            NodeRole::Pop,
+            vec![control.grpc_addr.to_string()],
+            None,
+        ),
+        "web",
+        dev(),
+    )
+    .await;
+    let local_client =
+        LocalClient::start(LocalConfig::new(vec![p.grpc_addr.to_string()], "web")).unwrap();
+    let local = FlagmeshProvider::local(local_client);
+    eventually("the provider is ready", 10, || {
+        local.status() == open_feature::provider::ProviderStatus::Ready
+    })
+    .await;
+    // past the provider's one-second staleness check, which re-sent the
+    // last change
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut events = local.events();
+    assert_eq!(
+        next_event(&mut events, 5000).await,
+        Some(ProviderEvent::Ready)
+    );
+    assert_eq!(
+        next_event(&mut events, 2500).await,
+        None,
+        "no change, no event"
+    );
+    put(&mut a, "web", "flag", &flag("off")).await.unwrap();
+    assert_eq!(
+        next_event(&mut events, 10_000).await,
+        Some(ProviderEvent::ConfigurationChanged { revision: 2 })
+    );
+    assert_eq!(next_event(&mut events, 2500).await, None, "reported once");
+    p.stop().await;
+    control.stop().await;
+}

@@ -37,5 +37,5 @@ pub mod remote;
 pub use bootstrap::{bootstrap, script_tag};
 pub use details::{Details, FromJson};
 pub use local::{LocalClient, LocalConfig, LocalError};
-pub use provider::{FlagmeshProvider, ProviderEvent};
+pub use provider::{FlagmeshProvider, ProviderEvent, ProviderEvents};
 pub use remote::{BreakerState, RemoteClient, RemoteConfig, RemoteError};

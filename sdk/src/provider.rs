@@ -4,7 +4,7 @@
 //! broadcast channel.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use open_feature::provider::{
     FeatureProvider, ProviderMetadata, ProviderStatus, ResolutionDetails,
@@ -44,6 +44,32 @@ pub struct FlagmeshProvider {
     mode: Mode,
     metadata: ProviderMetadata,
     events: broadcast::Sender<ProviderEvent>,
+    /// Whether `Ready` was sent; set and sent under this lock, so that a
+    /// follower added later knows whether it missed it.
+    ready: Arc<Mutex<bool>>,
+}
+
+/// Provider events from when they were followed ([`FlagmeshProvider::events`]),
+/// starting with `Ready` when the provider was ready already.
+pub struct ProviderEvents {
+    missed_ready: bool,
+    rx: broadcast::Receiver<ProviderEvent>,
+}
+
+impl ProviderEvents {
+    /// The next event; `Err` once the provider is gone, or when this
+    /// follower fell more than 64 events behind (`Lagged`).
+    pub async fn recv(&mut self) -> Result<ProviderEvent, broadcast::error::RecvError> {
+        if std::mem::take(&mut self.missed_ready) {
+            return Ok(ProviderEvent::Ready);
+        }
+        self.rx.recv().await
+    }
+}
+
+/// Locks `m`, also when a holder panicked (a flag is never left half set).
+fn lock(m: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl FlagmeshProvider {
@@ -54,6 +80,7 @@ impl FlagmeshProvider {
             mode: Mode::Remote(Box::new(client)),
             metadata: ProviderMetadata::new("flagmesh-remote"),
             events,
+            ready: Arc::default(),
         }
     }
 
@@ -62,19 +89,24 @@ impl FlagmeshProvider {
     pub fn local(client: LocalClient) -> Self {
         let (events, _) = broadcast::channel(64);
         let client = Arc::new(client);
-        let (c, tx) = (client.clone(), events.clone());
+        let ready_sent = Arc::new(Mutex::new(false));
+        let (c, tx, sent) = (client.clone(), events.clone(), ready_sent.clone());
         tokio::spawn(async move {
             let mut changes = c.changes();
             let mut was_stale = None;
             let mut ready = false;
+            let mut reported = 0;
             loop {
                 let revision = *changes.borrow_and_update();
                 if revision > 0 && !ready {
                     ready = true;
+                    let mut sent = lock(&sent);
+                    *sent = true;
                     let _ = tx.send(ProviderEvent::Ready);
-                } else if revision > 0 {
+                } else if revision > 0 && revision != reported {
                     let _ = tx.send(ProviderEvent::ConfigurationChanged { revision });
                 }
+                reported = revision;
                 let stale = c.stale();
                 if was_stale != Some(stale) && stale && ready {
                     let _ = tx.send(ProviderEvent::Stale);
@@ -98,12 +130,18 @@ impl FlagmeshProvider {
             mode: Mode::Local(client),
             metadata: ProviderMetadata::new("flagmesh-local"),
             events,
+            ready: ready_sent,
         }
     }
 
-    /// Follows provider events.
-    pub fn events(&self) -> broadcast::Receiver<ProviderEvent> {
-        self.events.subscribe()
+    /// Follows provider events from now on, starting with `Ready` when the
+    /// provider is ready already (as an OpenFeature handler added late runs).
+    pub fn events(&self) -> ProviderEvents {
+        let sent = lock(&self.ready);
+        ProviderEvents {
+            missed_ready: *sent,
+            rx: self.events.subscribe(),
+        }
     }
 
     async fn details<T: FromJson>(
