@@ -187,18 +187,7 @@ async fn local_mode_agrees_with_remote_on_the_test_kit_and_follows_changes() {
         }
     }
     assert!(accepted >= 45, "only {accepted} test-kit flags accepted");
-    let p = pop(
-        relay(
-            dir.path(),
-            "pop-1",
-            NodeRole::Pop,
-            vec![control.grpc_addr.to_string()],
-            None,
-        ),
-        "kit",
-        dev(),
-    )
-    .await;
+    let p = pop_1(dir.path(), control.grpc_addr, "kit").await;
     let state = p.state.clone();
     eventually("the PoP syncs", 10, || state.load().revision == accepted).await;
 
@@ -266,18 +255,7 @@ async fn openfeature_provider_maps_results_and_emits_events() {
     put(&mut a, "web", "flag", r#"{"state":"ENABLED","variants":{"on":true,"off":false},"defaultVariant":"on","metadata":{"owner":"team-a"}}"#)
         .await
         .unwrap();
-    let p = pop(
-        relay(
-            dir.path(),
-            "pop-1",
-            NodeRole::Pop,
-            vec![control.grpc_addr.to_string()],
-            None,
-        ),
-        "web",
-        dev(),
-    )
-    .await;
+    let p = pop_1(dir.path(), control.grpc_addr, "web").await;
     let state = p.state.clone();
     eventually("the PoP syncs", 10, || state.load().revision == 1).await;
 
@@ -355,6 +333,26 @@ async fn openfeature_provider_maps_results_and_emits_events() {
     control.stop().await;
 }
 
+/// PoP `pop-1` following control at `upstream`, serving `set` by default.
+async fn pop_1(
+    dir: &std::path::Path,
+    upstream: std::net::SocketAddr,
+    set: &str,
+) -> flagmesh_pop::node::RunningPop {
+    pop(
+        relay(
+            dir,
+            "pop-1",
+            NodeRole::Pop,
+            vec![upstream.to_string()],
+            None,
+        ),
+        set,
+        dev(),
+    )
+    .await
+}
+
 /// The next provider event within `within_ms`, if any.
 async fn next_event(
     events: &mut flagmesh_sdk::ProviderEvents,
@@ -380,18 +378,7 @@ async fn a_provider_followed_late_reports_ready_and_each_change_once() {
         )
     };
     put(&mut a, "web", "flag", &flag("on")).await.unwrap();
-    let p = pop(
-        relay(
-            dir.path(),
-            "pop-1",
-            NodeRole::Pop,
-            vec![control.grpc_addr.to_string()],
-            None,
-        ),
-        "web",
-        dev(),
-    )
-    .await;
+    let p = pop_1(dir.path(), control.grpc_addr, "web").await;
     let local_client =
         LocalClient::start(LocalConfig::new(vec![p.grpc_addr.to_string()], "web")).unwrap();
     let local = FlagmeshProvider::local(local_client);
