@@ -58,7 +58,7 @@ const REMOVE: u8 = 0;
 
 /// The writes of one applied event, in order: journaled, then given to
 /// sled.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Writes {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
@@ -103,6 +103,28 @@ impl Writes {
         out
     }
 
+    /// The writes a record's payload holds (what [`Writes::record`] wrote
+    /// after the header); `None` when it does not parse.
+    fn parse(mut payload: &[u8]) -> Option<Self> {
+        fn take<'a>(p: &mut &'a [u8]) -> Option<&'a [u8]> {
+            let len = u32::from_le_bytes(p.get(..4)?.try_into().ok()?) as usize;
+            let bytes = p.get(4..4 + len)?;
+            *p = &p[4 + len..];
+            Some(bytes)
+        }
+        let mut writes = Self::default();
+        while let Some((&op, rest)) = payload.split_first() {
+            payload = rest;
+            let key = take(&mut payload)?;
+            match op {
+                SET => writes.insert(key, take(&mut payload)?.to_vec()),
+                REMOVE => writes.remove(key),
+                _ => return None,
+            }
+        }
+        Some(writes)
+    }
+
     /// The writes as one sled batch (atomic across a crash on its own).
     pub fn into_batch(self) -> sled::Batch {
         let mut batch = sled::Batch::default();
@@ -133,27 +155,6 @@ impl Writes {
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(bytes);
-}
-
-/// A record's payload as a sled batch; `None` when it does not parse.
-fn batch_of(mut payload: &[u8]) -> Option<sled::Batch> {
-    fn take<'a>(p: &mut &'a [u8]) -> Option<&'a [u8]> {
-        let len = u32::from_le_bytes(p.get(..4)?.try_into().ok()?) as usize;
-        let bytes = p.get(4..4 + len)?;
-        *p = &p[4 + len..];
-        Some(bytes)
-    }
-    let mut batch = sled::Batch::default();
-    while let Some((&op, rest)) = payload.split_first() {
-        payload = rest;
-        let key = take(&mut payload)?;
-        match op {
-            SET => batch.insert(key, take(&mut payload)?),
-            REMOVE => batch.remove(key),
-            _ => return None,
-        }
-    }
-    Some(batch)
 }
 
 fn checksum(len: &[u8], payload: &[u8]) -> u64 {
@@ -275,13 +276,14 @@ impl Journal {
             File::open(path)?.read_to_end(&mut bytes)?;
             let (whole, end) = records(&bytes);
             for payload in whole {
-                let batch = batch_of(payload).ok_or_else(|| {
+                let writes = Writes::parse(payload).ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("an unreadable journal record in {}", path.display()),
                     )
                 })?;
-                tree.apply_batch(batch).map_err(io::Error::other)?;
+                tree.apply_batch(writes.into_batch())
+                    .map_err(io::Error::other)?;
                 recovered.records += 1;
             }
             if bytes[end..].iter().any(|b| *b != 0) {
@@ -525,7 +527,7 @@ mod tests {
             .collect()
     }
 
-    fn writes(ops: &[(&str, Option<&str>)]) -> Vec<u8> {
+    fn writes_of(ops: &[(&str, Option<&str>)]) -> Writes {
         let mut w = Writes::default();
         for (k, v) in ops {
             match v {
@@ -533,17 +535,26 @@ mod tests {
                 None => w.remove(k),
             }
         }
-        w.record()
+        w
+    }
+
+    fn writes(ops: &[(&str, Option<&str>)]) -> Vec<u8> {
+        writes_of(ops).record()
     }
 
     #[test]
-    fn a_record_reads_back_as_its_batch_and_a_cut_record_is_not_read() {
+    fn a_record_reads_back_as_its_writes_and_a_cut_record_is_not_read() {
         let one = writes(&[("a", Some("1")), ("b", None)]);
         let two = writes(&[("c", Some(""))]);
         let mut bytes = [one.clone(), two.clone()].concat();
         let (whole, end) = records(&bytes);
         assert_eq!((whole.len(), end), (2, bytes.len()));
         assert_eq!((whole[0], whole[1]), (&one[HEADER..], &two[HEADER..]));
+        assert_eq!(
+            Writes::parse(whole[0]),
+            Some(writes_of(&[("a", Some("1")), ("b", None)]))
+        );
+        assert_eq!(Writes::parse(whole[1]), Some(writes_of(&[("c", Some(""))])));
         // cut anywhere inside the second record: only the first is whole
         for cut in one.len() + 1..bytes.len() {
             let (whole, end) = records(&bytes[..cut]);
@@ -554,8 +565,8 @@ mod tests {
         bytes[last] ^= 1;
         assert_eq!(records(&bytes).0.len(), 1);
         // an operation of no known kind
-        assert!(batch_of(&[7, 1, 0, 0, 0, b'k']).is_none());
-        assert!(batch_of(&[SET, 9, 0, 0, 0, b'k']).is_none());
+        assert!(Writes::parse(&[7, 1, 0, 0, 0, b'k']).is_none());
+        assert!(Writes::parse(&[SET, 9, 0, 0, 0, b'k']).is_none());
     }
 
     /// Records appended but never given to sled (as after a crash that
