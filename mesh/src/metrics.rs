@@ -221,6 +221,12 @@ fn relay(e: &mut DescriptorEncoder<'_>, r: &RelayView) -> fmt::Result {
     )?;
     counter(
         e,
+        "flagmesh_upstream_stream_renewals_total",
+        "Upstream streams renewed on the same connection once quiet after a large message, releasing the receive buffer it grew.",
+        n(&stats.stream_renewals),
+    )?;
+    counter(
+        e,
         "flagmesh_digest_mismatches_total",
         "Digest mismatches detected (each followed by a resync).",
         n(&stats.digest_mismatches),

@@ -737,6 +737,11 @@ impl ReplicaStore {
         Ok(Applied::Delta(Arc::new(d)))
     }
 
+    /// Whether part of a snapshot was received and awaits the rest.
+    pub fn has_pending(&self) -> bool {
+        !self.lock().pending.is_empty()
+    }
+
     /// Drops a half-received snapshot (the stream it came on ended).
     pub fn discard_pending(&self) {
         self.lock().pending.clear();

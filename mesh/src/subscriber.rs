@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flagmesh_proto::v1::sync_client::SyncClient;
-use flagmesh_proto::v1::{NodeRole, SubscribeRequest};
+use flagmesh_proto::v1::{NodeRole, SubscribeRequest, SyncEvent};
 use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -142,7 +142,19 @@ pub struct SubscriberStats {
     pub delta_bytes: AtomicU64,
     /// Snapshots of another history refused.
     pub history_conflicts: AtomicU64,
+    /// Streams renewed on the same connection, once quiet, after a large
+    /// message grew their receive buffer ([`RENEW_AFTER_BYTES`]).
+    pub stream_renewals: AtomicU64,
 }
+
+/// A message larger than this grows the stream's receive buffer to its
+/// size, and the buffer keeps that size as long as the stream lives: a
+/// node that received one large delta (a bulk import) would hold several
+/// MiB it no longer needs. Once the stream is quiet again (its next
+/// heartbeat), the subscriber opens a new stream on the same connection,
+/// resuming from the revision it holds, and drops the old one with its
+/// buffer. Snapshots come in small chunks and never reach this.
+pub const RENEW_AFTER_BYTES: u64 = 1 << 20;
 
 /// Orders upstreams for `node_id` by rendezvous hashing, best first.
 pub fn rendezvous_order(node_id: &str, upstreams: &[String]) -> Vec<String> {
@@ -159,6 +171,11 @@ pub fn rendezvous_order(node_id: &str, upstreams: &[String]) -> Vec<String> {
     scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
     scored.into_iter().map(|(_, u)| u.clone()).collect()
 }
+
+/// A `Sync` client carrying the mesh credential.
+type UpstreamClient = SyncClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
 
 /// A subscriber.
 pub struct Subscriber {
@@ -295,6 +312,38 @@ impl Subscriber {
         }
     }
 
+    /// Opens a `Subscribe` stream on `client`, resuming from the revision
+    /// the replica holds (from scratch when a snapshot is needed).
+    async fn open_stream(
+        &self,
+        client: &mut UpstreamClient,
+        force_snapshot: &mut bool,
+    ) -> Result<tonic::Streaming<SyncEvent>, String> {
+        let position = self.replica.position();
+        // a widened scope is made whole by a snapshot only
+        if self.replica.needs_snapshot() {
+            *force_snapshot = true;
+        }
+        let (history_id, resume_revision) = if *force_snapshot {
+            (String::new(), 0)
+        } else {
+            (position.history_id, position.revision)
+        };
+        let request = SubscribeRequest {
+            node_id: self.config.node_id.clone(),
+            role: self.config.role as i32,
+            region: self.config.region.clone(),
+            history_id,
+            resume_revision,
+            flag_sets: self.config.flag_sets.clone(),
+        };
+        match tokio::time::timeout(self.config.stall_timeout, client.subscribe(request)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(format!("subscribe: {:?}: {}", s.code(), s.message())),
+            Err(_) => Err("subscribe timed out".into()),
+        }
+    }
+
     async fn follow(&self, upstream: &str, force_snapshot: &mut bool) -> Ended {
         // TLS files are read at every attempt: a rotated certificate is
         // used from the next connection on
@@ -318,45 +367,17 @@ impl Subscriber {
         };
         let mut client =
             SyncClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
-        let position = self.replica.position();
-        // a widened scope is made whole by a snapshot only
-        if self.replica.needs_snapshot() {
-            *force_snapshot = true;
-        }
-        let (history_id, resume_revision) = if *force_snapshot {
-            (String::new(), 0)
-        } else {
-            (position.history_id.clone(), position.revision)
-        };
-        let request = SubscribeRequest {
-            node_id: self.config.node_id.clone(),
-            role: self.config.role as i32,
-            region: self.config.region.clone(),
-            history_id,
-            resume_revision,
-            flag_sets: self.config.flag_sets.clone(),
-        };
-        let mut stream = match tokio::time::timeout(
-            self.config.stall_timeout,
-            client.subscribe(request),
-        )
-        .await
-        {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => {
-                return Ended::WithoutProgress(format!(
-                    "subscribe: {:?}: {}",
-                    s.code(),
-                    s.message()
-                ));
-            }
-            Err(_) => return Ended::WithoutProgress("subscribe timed out".into()),
+        let mut stream = match self.open_stream(&mut client, force_snapshot).await {
+            Ok(s) => s,
+            Err(reason) => return Ended::WithoutProgress(reason),
         };
         self.status.send_modify(|s| {
             s.connected = true;
             s.upstream = upstream.to_owned();
         });
         let mut delivered = false;
+        // a message above RENEW_AFTER_BYTES came since the stream opened
+        let mut grown = false;
         let mut cut_off_since: Option<Instant> = None;
         let alternatives = self.config.upstreams.len() > 1;
         let ended = |delivered: bool, reason: String| {
@@ -387,6 +408,7 @@ impl Subscriber {
                 false
             });
             let size = prost::Message::encoded_len(&message) as u64;
+            grown |= size > RENEW_AFTER_BYTES;
             let replica = self.replica.clone();
             let result = match tokio::task::spawn_blocking(move || replica.apply(message)).await {
                 Ok(r) => r,
@@ -417,6 +439,18 @@ impl Subscriber {
                                 self.config.stall_timeout
                             ));
                         }
+                    }
+                    // quiet after a large message: a new stream, without
+                    // the buffer it grew (never in a half-received snapshot)
+                    if grown && !self.replica.has_pending() {
+                        drop(stream);
+                        stream = match self.open_stream(&mut client, force_snapshot).await {
+                            Ok(s) => s,
+                            Err(reason) => return ended(delivered, reason),
+                        };
+                        grown = false;
+                        self.stats.stream_renewals.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(upstream, "stream renewed after a large message");
                     }
                 }
                 Ok(applied @ (Applied::Snapshot(_) | Applied::Delta(_))) => {
