@@ -179,5 +179,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() {
     let args: Args = config::parse();
-    process::run_main("flagmesh-control", run(args));
+    process::run_main("flagmesh-control", 2, run(args));
 }

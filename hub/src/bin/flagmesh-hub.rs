@@ -40,5 +40,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() {
     let args: Args = config::parse();
-    process::run_main("flagmesh-hub", run(args));
+    process::run_main("flagmesh-hub", 2, run(args));
 }
