@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{distinct_flag, document_of, realistic_flag, rss_kib};
+use super::{distinct_flag, document_of, realistic_flag, rss_file_kib, rss_kib};
 use crate::topology::{Mesh, NodeRef, TopologySpec};
 
 /// Flags per ApplyFlagSet call (keeps each request well under 4 MiB).
@@ -70,6 +70,7 @@ pub async fn run(
     // freed after a burst of work back to the system within a second)
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (steady_kib, peak_kib) = rss_kib(pid);
+    let steady_file_kib = rss_file_kib(pid);
     let per_flag = (steady_kib.saturating_sub(empty_kib) * 1024) as f64 / flags.max(1) as f64;
     let held_compiled = mesh
         .metric(NodeRef::Pop(0), "flagmesh_compiled_flags")
@@ -93,6 +94,7 @@ pub async fn run(
             "empty_rss_mib": empty_kib as f64 / 1024.0,
             "loaded_rss_mib": loaded_kib as f64 / 1024.0,
             "steady_rss_mib": steady_kib as f64 / 1024.0,
+            "steady_file_mib": steady_file_kib as f64 / 1024.0,
             "restarted_rss_mib": restarted_kib as f64 / 1024.0,
             "peak_rss_mib": peak_kib as f64 / 1024.0,
             "bytes_per_flag": per_flag.round(),

@@ -156,15 +156,28 @@ fn update_file(path: &Path, name: &str, text: &str) {
 
 /// Resident memory of a process now and at its peak, in KiB (VmRSS, VmHWM).
 pub fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let status = proc_status(pid);
+    (kib_field(&status, "VmRSS:"), kib_field(&status, "VmHWM:"))
+}
+
+/// The file-backed part of a process's resident size, in KiB (`RssFile`:
+/// the pages of its binary and shared libraries it has mapped, which the
+/// page cache shares with every process mapping the same files).
+pub fn rss_file_kib(pid: u32) -> u64 {
+    kib_field(&proc_status(pid), "RssFile:")
+}
+
+fn proc_status(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+}
+
+/// The value of a `Name:   1234 kB` line of `/proc/PID/status` (0 if absent).
+fn kib_field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// CPU time a process has used (user + system), in seconds.
