@@ -104,6 +104,18 @@ pub struct Services {
     names: Vec<String>,
 }
 
+/// Builds a node's HTTP/JSON gateway routes from its gRPC stack. The
+/// builder holds this instead of calling [`crate::json_gateway::routes`]
+/// itself, so only the binaries that serve a gateway (control) link the
+/// gateway and its protobuf reflection; a PoP's and a hub's code stay
+/// without them.
+type GatewayRoutes = Box<
+    dyn FnOnce(
+            crate::json_gateway::GrpcService,
+        ) -> Result<axum::Router, crate::json_gateway::GatewayError>
+        + Send,
+>;
+
 /// Assembles a node; see the module documentation.
 pub struct NodeBuilder {
     security: Security,
@@ -114,7 +126,7 @@ pub struct NodeBuilder {
     http_addr: Option<SocketAddr>,
     services: Option<Services>,
     http_routes: axum::Router,
-    json_gateway: Option<(String, Vec<&'static str>)>,
+    json_gateway: Option<GatewayRoutes>,
     registry: Registry,
     readiness: Readiness,
     stop: CancellationToken,
@@ -248,7 +260,15 @@ impl NodeBuilder {
     /// `prefix` (see [`crate::json_gateway`]), through the same access
     /// layer as gRPC.
     pub fn json_gateway(mut self, prefix: &str, services: &[&'static str]) -> Self {
-        self.json_gateway = Some((prefix.to_owned(), services.to_vec()));
+        let (prefix, services) = (prefix.to_owned(), services.to_vec());
+        self.json_gateway = Some(Box::new(move |grpc| {
+            crate::json_gateway::routes(
+                &prefix,
+                grpc,
+                flagmesh_proto::FILE_DESCRIPTOR_SET,
+                &services,
+            )
+        }));
         self
     }
 
@@ -282,16 +302,11 @@ impl NodeBuilder {
         let routes = with_health_and_reflection(routes, &names, &mut policy)?;
         security.spawn_tls_watchers(&tasks, &stop);
         let layer = AuthLayer::new(&security, policy.shared());
-        if let Some((prefix, services)) = json_gateway {
+        if let Some(gateway) = json_gateway {
             let grpc = tower::ServiceBuilder::new()
                 .layer(layer.clone())
                 .service(routes.clone());
-            http_routes = http_routes.merge(crate::json_gateway::routes(
-                &prefix,
-                tower::util::BoxCloneSyncService::new(grpc),
-                flagmesh_proto::FILE_DESCRIPTOR_SET,
-                &services,
-            )?);
+            http_routes = http_routes.merge(gateway(tower::util::BoxCloneSyncService::new(grpc))?);
         }
         let (grpc_security, grpc_stop) = (security.clone(), stop.clone());
         tasks.spawn(async move {
