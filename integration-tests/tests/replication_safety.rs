@@ -563,3 +563,38 @@ async fn a_stream_that_carried_a_large_delta_is_renewed_and_misses_nothing() {
         "only the large delta renews the stream"
     );
 }
+
+/// A node stopped cleanly (SIGTERM) checkpoints its journal before it
+/// exits: restarted, it has nothing to recover, and serves what it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_leaves_nothing_for_the_journal_to_recover() {
+    const RECOVERED: &str = "flagmesh_journal_recovered_records";
+    let _guard = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(TopologySpec::test(root.path(), 1, 1))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        set(&mesh, &format!("k{}", i % 3), &format!("v{i}")).await;
+    }
+    mesh.converged(CONVERGE).await.unwrap();
+    let served = mesh.served_state(NodeRef::Pop(0)).await.unwrap();
+    for node in [NodeRef::Pop(0), NodeRef::Hub(0)] {
+        assert!(mesh.stop(node), "{node:?} did not stop cleanly");
+        mesh.restart(node).unwrap();
+        assert_eq!(
+            mesh.metric(node, RECOVERED).await,
+            0.0,
+            "{node:?}: a clean stop left journal records behind"
+        );
+    }
+    assert_eq!(mesh.served_state(NodeRef::Pop(0)).await.unwrap(), served);
+    // the journal still works after such a stop: a change after it is
+    // recovered by a kill
+    set(&mesh, "k0", "after").await;
+    mesh.converged(CONVERGE).await.unwrap();
+    mesh.kill(NodeRef::Pop(0));
+    mesh.restart(NodeRef::Pop(0)).unwrap();
+    assert!(mesh.metric(NodeRef::Pop(0), RECOVERED).await >= 1.0);
+    assert_eq!(value_at(&mesh, 0, "k0").await.as_deref(), Some("after"));
+}
