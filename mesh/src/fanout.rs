@@ -212,12 +212,14 @@ impl Fanout {
     pub fn publish_shared(&self, delta: Arc<Delta>) {
         // nobody to send it to, and nothing kept for later: the head
         // moves and a later subscriber catches up from the source
-        let keep = self.config.ring_without_subscribers
-            || self.stats.subscribers.load(Ordering::Relaxed) > 0;
-        let event = keep.then(|| SharedSyncEvent::from_delta(&delta));
+        let event = self
+            .keeps_ring()
+            .then(|| SharedSyncEvent::from_delta(&delta));
         // the head is read and moved under the ring's lock: two publishers
         // never interleave between the check and the move
         let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+        // the last subscriber may have left meanwhile (and emptied the ring)
+        let event = event.filter(|_| self.keeps_ring());
         let head = self.head();
         let same_history = *head.history_id == delta.history_id;
         if same_history && delta.to_revision <= head.revision {
@@ -247,6 +249,24 @@ impl Fanout {
             }
         }
         self.move_head(&delta, same_history);
+    }
+
+    /// Whether deltas are kept for catching up: always, or (a PoP) while
+    /// something subscribes.
+    fn keeps_ring(&self) -> bool {
+        self.config.ring_without_subscribers || self.stats.subscribers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Empties the ring once its last subscriber left, where deltas are
+    /// kept only for subscribers: otherwise the last deltas (a bulk change
+    /// can be several MiB, encoded and decoded) would stay until the next
+    /// change.
+    fn release_ring_if_unused(&self) {
+        let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+        if !self.keeps_ring() {
+            ring.entries.clear();
+            ring.bytes = 0;
+        }
     }
 
     fn move_head(&self, delta: &Delta, same_history: bool) {
@@ -318,7 +338,9 @@ impl Fanout {
             fanout.stats.subscribers.fetch_add(1, Ordering::Relaxed);
             let node = req.node_id.clone();
             let outcome = fanout.session(req, &tx).await;
-            fanout.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
+            if fanout.stats.subscribers.fetch_sub(1, Ordering::Relaxed) == 1 {
+                fanout.release_ring_if_unused();
+            }
             match outcome {
                 Ok(()) => tracing::debug!(node = %node, "subscriber left"),
                 Err(reason) => tracing::info!(node = %node, reason, "subscriber stream ended"),
@@ -690,6 +712,51 @@ mod tests {
         f.stats.subscribers.fetch_add(1, Ordering::Relaxed);
         f.publish(delta("h", 6));
         assert_eq!(f.ring_usage().0, 1);
+    }
+
+    #[tokio::test]
+    async fn a_pop_empties_its_ring_when_its_last_subscriber_leaves() {
+        let f = fanout_at(
+            0,
+            FanoutConfig {
+                ring_without_subscribers: false,
+                heartbeat: Duration::from_millis(20),
+                ..FanoutConfig::default()
+            },
+        );
+        async fn subscribers_become(f: &Fanout, n: i64) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while f.stats.subscribers.load(Ordering::Relaxed) != n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never {n} subscribers"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let request = SubscribeRequest {
+            node_id: "sdk".into(),
+            ..Default::default()
+        };
+        let stream = f.subscribe(request.clone()).expect("subscribe");
+        let other = f.subscribe(request).expect("subscribe");
+        subscribers_become(&f, 2).await;
+        for to in 1..=3 {
+            f.publish(delta("h", to));
+        }
+        assert_eq!(f.ring_usage().0, 3, "kept while subscribed");
+        drop(stream);
+        subscribers_become(&f, 1).await;
+        assert_eq!(f.ring_usage().0, 3, "kept while one still subscribes");
+        drop(other);
+        subscribers_become(&f, 0).await;
+        assert_eq!(
+            f.ring_usage(),
+            (0, 0),
+            "the deltas outlived the subscribers"
+        );
+        // the head stays where it was
+        assert_eq!(f.head().revision, 3);
     }
 
     #[test]
