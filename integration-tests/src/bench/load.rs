@@ -266,12 +266,7 @@ const TIMER_SLACK: Duration = Duration::from_millis(2);
 pub async fn open_loop(t: &Target, p: Protocol, rate: u64, duration: Duration) -> Value {
     // a pool of clients; each request takes one, so slow answers queue up
     // requests (and that waiting counts in their latency)
-    let mut pool = Vec::with_capacity(POOL);
-    for _ in 0..POOL {
-        if let Ok(c) = Client::new(t, p).await {
-            pool.push(c);
-        }
-    }
+    let pool = pool_of(|| Client::new(t, p)).await;
     let t = Arc::new(t.clone());
     open_loop_with(pool, rate, duration, move |mut client: Client, n| {
         let t = t.clone();
@@ -294,12 +289,7 @@ pub async fn open_loop_http(
     rate: u64,
     duration: Duration,
 ) -> Value {
-    let mut pool = Vec::with_capacity(POOL);
-    for _ in 0..POOL {
-        if let Ok(c) = HttpConn::open(addr).await {
-            pool.push(c);
-        }
-    }
+    let pool = pool_of(|| HttpConn::open(addr)).await;
     let shared = Arc::new((calls, headers));
     open_loop_with(pool, rate, duration, move |mut conn: HttpConn, n| {
         let shared = shared.clone();
@@ -318,6 +308,20 @@ pub async fn open_loop_http(
 
 /// Clients kept open by an open loop.
 const POOL: usize = 64;
+
+/// Up to [`POOL`] clients made by `open` (those that fail are left out).
+async fn pool_of<C, Fut>(open: impl Fn() -> Fut) -> Vec<C>
+where
+    Fut: std::future::Future<Output = std::io::Result<C>>,
+{
+    let mut pool = Vec::with_capacity(POOL);
+    for _ in 0..POOL {
+        if let Ok(c) = open().await {
+            pool.push(c);
+        }
+    }
+    pool
+}
 
 /// Drives `call` (request number → a client back, and whether it
 /// succeeded) at `rate` per second for `duration` over a pool of clients.
