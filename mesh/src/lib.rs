@@ -11,7 +11,8 @@
 //!   sled replica with atomic apply, and the compiled in-memory state;
 //!   [`journal`]: what makes each apply durable without flushing sled.
 //! - [`reporter`], [`relay`]: reports upward, and what hubs and PoPs share.
-//! - [`keys`]: the sled key layout of every flag store.
+//! - [`keys`]: the sled key layout of every flag store; [`stored`]: how a
+//!   replica stores a flag (compressed against the format's words).
 //! - [`metrics`]: replication metrics as prometheus-client collectors.
 //! - `args` (feature `cli`): the command-line options of relays.
 
@@ -28,6 +29,7 @@ pub mod replica;
 pub mod reporter;
 pub mod snapshot_stream;
 pub mod source;
+pub mod stored;
 pub mod subscriber;
 pub mod sync_service;
 pub mod tier;

@@ -22,6 +22,7 @@ use prost::Message;
 use crate::journal::{CHECKPOINT_EVERY, Journal, Recovered, Writes};
 use crate::keys;
 use crate::source::{SourceError, SourceSnapshot};
+use crate::stored;
 
 /// What applying an event did.
 #[derive(Debug, Clone)]
@@ -625,7 +626,7 @@ impl ReplicaStore {
             writes.remove(kv?.0);
         }
         for f in &flags {
-            writes.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec());
+            writes.insert(keys::flag(&f.flag_set, &f.key), stored::encode_flag(f));
         }
         for s in &flag_sets {
             writes.insert(keys::flag_set(&s.id), s.encode_to_vec());
@@ -689,7 +690,7 @@ impl ReplicaStore {
             let old = current_hash(&flag_changes, &inner.flag_hashes, &id);
             let new = flag_hash(&f.flag_set, &f.key, &f.definition_json);
             digest.replace(old, Some(new));
-            writes.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec());
+            writes.insert(keys::flag(&f.flag_set, &f.key), stored::encode_flag(f));
             flag_changes.insert(id, Some(new));
         }
         for s in &d.flag_set_deletes {
@@ -752,7 +753,9 @@ impl ReplicaStore {
 fn read_state(tree: &sled::Tree, position: &Position) -> Result<SourceSnapshot, ApplyError> {
     let mut flags = Vec::new();
     for kv in tree.scan_prefix(keys::FLAGS) {
-        flags.push(Flag::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
+        flags.push(
+            stored::decode_flag(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?,
+        );
     }
     let mut flag_sets = Vec::new();
     for kv in tree.scan_prefix(keys::FLAG_SETS) {
@@ -1043,5 +1046,38 @@ mod tests {
         // from some sets to every set: a snapshot of everything is needed
         let (r, _) = ReplicaStore::open_scoped(&path, false, &[]).expect("open");
         assert!(r.needs_snapshot());
+    }
+
+    #[test]
+    fn flags_are_stored_compressed_and_a_store_of_plain_values_still_serves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let targeted = |key: &str, rev| {
+            flag(
+                key,
+                r#"{"defaultVariant":"off","state":"ENABLED","targeting":{"if":[{"ends_with":[{"var":"email"},"@acme.test"]},"on","off"]},"variants":{"off":false,"on":true}}"#,
+                rev,
+            )
+        };
+        let (a, b) = (targeted("a", 1), targeted("b", 2));
+        {
+            let r = ReplicaStore::open(dir.path(), true).expect("open");
+            assert!(r.apply(snapshot(1, vec![a.clone()])).is_ok());
+            let held = r
+                .tree()
+                .get(keys::flag("s", "a"))
+                .expect("get")
+                .expect("held");
+            assert_eq!(held[0], 0x01, "a targeted flag is stored compressed");
+            assert!(held.len() < a.encode_to_vec().len());
+            // as a replica written before compression would hold it
+            r.tree()
+                .insert(keys::flag("s", "a"), a.encode_to_vec())
+                .expect("insert");
+            let d = delta(1, vec![b.clone()], &[], &[a.clone(), b.clone()]);
+            assert!(matches!(r.apply(d), Ok(Applied::Delta(_))));
+        }
+        let (r, state) = ReplicaStore::open_with_state(dir.path(), true).expect("reopen");
+        assert_eq!(state.flags, [a.clone(), b.clone()], "both forms read back");
+        assert_eq!(r.position().digest, digest_of(&[a, b]));
     }
 }

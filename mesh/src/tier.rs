@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use flagmesh_proto::v1::Flag;
-use prost::Message as _;
 
 use crate::compiled::PopFlag;
 use crate::keys;
+use crate::stored;
 
 /// Where the resident list is kept in a store, for warming after a restart.
 const RESIDENT: &[u8] = b"m:resident";
@@ -216,7 +216,7 @@ impl Tier {
             .get(keys::flag(set, key))
             .map_err(|e| Uncompiled::Store(e.to_string()))?;
         bytes
-            .map(|b| Flag::decode(b.as_ref()).map_err(|e| Uncompiled::Store(e.to_string())))
+            .map(|b| stored::decode_flag(b.as_ref()).map_err(|e| Uncompiled::Store(e.to_string())))
             .transpose()
     }
 
@@ -426,7 +426,7 @@ mod tests {
         let tree = db.open_tree("replica").expect("tree");
         let flags: Vec<Flag> = (0..200).map(flag).collect();
         for f in &flags {
-            tree.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec())
+            tree.insert(keys::flag(&f.flag_set, &f.key), stored::encode_flag(f))
                 .expect("insert");
         }
         let budget = 20 * estimated_size(flags[0].definition_json.len());
