@@ -543,18 +543,29 @@ impl Mesh {
         Ok((r.revision, r.digest))
     }
 
-    /// The (revision, digest) a hub or PoP serves, read from the snapshot
-    /// its own Sync service sends a fresh subscriber.
-    pub async fn served_state(&self, n: NodeRef) -> Result<(u64, u64), tonic::Status> {
+    /// A Sync client of node `n`, with the mesh's token.
+    async fn sync_client(
+        &self,
+        n: NodeRef,
+    ) -> Result<SyncClient<InterceptedService<Channel, BearerToken>>, tonic::Status> {
         let addr = match n {
             NodeRef::Control => self.control.grpc,
             NodeRef::Hub(i) => self.hubs[i].grpc,
             NodeRef::Pop(i) => self.pops[i].grpc,
         };
         let ch = Self::channel(addr).await?;
-        let mut c = SyncClient::with_interceptor(ch, BearerToken::new(self.token(MESH_TOKEN))?)
-            .max_decoding_message_size(64 << 20);
-        let mut stream = c
+        Ok(
+            SyncClient::with_interceptor(ch, BearerToken::new(self.token(MESH_TOKEN))?)
+                .max_decoding_message_size(64 << 20),
+        )
+    }
+
+    /// The (revision, digest) a hub or PoP serves, read from the snapshot
+    /// its own Sync service sends a fresh subscriber.
+    pub async fn served_state(&self, n: NodeRef) -> Result<(u64, u64), tonic::Status> {
+        let mut stream = self
+            .sync_client(n)
+            .await?
             .subscribe(SubscribeRequest {
                 node_id: "harness-check".into(),
                 ..Default::default()
@@ -620,10 +631,49 @@ impl Mesh {
     }
 
     /// Waits until every running hub and PoP serves control's revision with
-    /// control's digest (the convergence check), at most `timeout`.
+    /// control's digest (the convergence check), at most `timeout`. Each
+    /// check reads a node's whole state (the snapshot a fresh subscriber
+    /// gets); [`Mesh::converged_at_head`] reads none.
     pub async fn converged(&self, timeout: Duration) -> Result<(u64, u64), String> {
-        let deadline = tokio::time::Instant::now() + timeout;
         let (revision, digest) = self.control_head().await.map_err(|e| e.to_string())?;
+        self.each_node_serves(timeout, revision, digest, |n| self.served_state(n))
+            .await?;
+        Ok((revision, digest))
+    }
+
+    /// [`Mesh::converged`] without making any node read its store: each
+    /// check resumes at control's revision and takes the digest from the
+    /// node's progress event (one heartbeat later), so a node holds only
+    /// what it received. For measuring a node's memory.
+    pub async fn converged_at_head(&self, timeout: Duration) -> Result<(u64, u64), String> {
+        let head = self
+            .admin()
+            .await
+            .map_err(|e| e.to_string())?
+            .get_revision(GetRevisionRequest {})
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        let (history, revision, digest) = (head.history_id, head.revision, head.digest);
+        self.each_node_serves(timeout, revision, digest, |n| {
+            self.progress_at(n, &history, revision)
+        })
+        .await?;
+        Ok((revision, digest))
+    }
+
+    async fn each_node_serves<F, Fut>(
+        &self,
+        timeout: Duration,
+        revision: u64,
+        digest: u64,
+        served: F,
+    ) -> Result<(), String>
+    where
+        F: Fn(NodeRef) -> Fut,
+        Fut: std::future::Future<Output = Result<(u64, u64), tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut nodes: Vec<NodeRef> = (0..self.hubs.len())
             .filter(|i| self.hubs[*i].is_running())
             .map(NodeRef::Hub)
@@ -635,7 +685,7 @@ impl Mesh {
         );
         for n in nodes {
             loop {
-                match self.served_state(n).await {
+                match served(n).await {
                     Ok(s) if s == (revision, digest) => break,
                     other => {
                         if tokio::time::Instant::now() > deadline {
@@ -648,7 +698,51 @@ impl Mesh {
                 }
             }
         }
-        Ok((revision, digest))
+        Ok(())
+    }
+
+    /// The (revision, digest) node `n` reports to a subscriber resuming at
+    /// `revision` of `history`: from its first progress event at its head.
+    /// `UNAVAILABLE` while the node is behind that revision.
+    async fn progress_at(
+        &self,
+        n: NodeRef,
+        history: &str,
+        revision: u64,
+    ) -> Result<(u64, u64), tonic::Status> {
+        let mut stream = self
+            .sync_client(n)
+            .await?
+            .subscribe(SubscribeRequest {
+                node_id: "harness-check".into(),
+                history_id: history.into(),
+                resume_revision: revision,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Some(ev) = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no progress within 10 s"))??
+        {
+            match ev.event {
+                Some(Event::Progress(p)) if p.revision == p.head_revision => {
+                    let digest = p.head_digest.ok_or_else(|| {
+                        tonic::Status::data_loss("progress at the head without a digest")
+                    })?;
+                    return Ok((p.revision, digest));
+                }
+                // another history: the node's state, whatever it is
+                Some(Event::Snapshot(s)) if s.last => {
+                    return Ok((s.revision, s.digest.unwrap_or(0)));
+                }
+                _ => {}
+            }
+        }
+        Err(tonic::Status::unavailable(
+            "stream ended before a progress event",
+        ))
     }
 }
 
