@@ -56,7 +56,7 @@ impl RunningHub {
 
 /// Opens the replica, binds, and starts following and serving.
 pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::Result<RunningHub> {
-    let (replica, _) = ReplicaStore::open_scoped(
+    let (replica, _) = ReplicaStore::open_scoped_without_definitions(
         &config.relay.data_dir,
         config.relay.sync_writes,
         &config.relay.subscriber.flag_sets,

@@ -141,6 +141,14 @@ struct Inner {
     needs_snapshot: bool,
 }
 
+/// Whether opening a replica returns the flags' definitions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Definitions {
+    Read,
+    /// Left in the store: the flags come with an empty definition.
+    Left,
+}
+
 /// Where the scope a replica's state is complete for is kept: a byte (1:
 /// complete, 0: waiting for a snapshot) and the sets, one per line.
 const SCOPE: &[u8] = b"m:scope";
@@ -254,6 +262,14 @@ impl ReplicaStore {
         dir: &Path,
         sync_writes: bool,
     ) -> Result<(Self, SourceSnapshot), ApplyError> {
+        Self::open_reading(dir, sync_writes, Definitions::Read)
+    }
+
+    fn open_reading(
+        dir: &Path,
+        sync_writes: bool,
+        definitions: Definitions,
+    ) -> Result<(Self, SourceSnapshot), ApplyError> {
         // the state is also held in memory: sled's page cache need not be
         // big. With the journal, sled's own flusher runs rarely (its
         // segment cleaning rides on it); the journal's checkpoints flush.
@@ -271,20 +287,21 @@ impl ReplicaStore {
         } else {
             None
         };
-        Self::from_db(db, tree, journal)
+        Self::from_db(db, tree, journal, definitions)
     }
 
     /// A replica that lives in memory only (gone when dropped).
     pub fn open_temporary() -> Result<Self, ApplyError> {
         let db = sled::Config::new().temporary(true).open()?;
         let tree = db.open_tree(TREE)?;
-        Self::from_db(db, tree, None).map(|(store, _)| store)
+        Self::from_db(db, tree, None, Definitions::Read).map(|(store, _)| store)
     }
 
     fn from_db(
         db: sled::Db,
         tree: sled::Tree,
         journal: Option<Journal>,
+        definitions: Definitions,
     ) -> Result<(Self, SourceSnapshot), ApplyError> {
         let position = match tree.get(META)? {
             Some(b) => {
@@ -292,15 +309,11 @@ impl ReplicaStore {
             }
             None => Position::default(),
         };
-        let state = read_state(&tree, &position)?;
-        let flag_hashes = state
-            .flags
-            .iter()
-            .map(|f| {
-                let id = flag_id(&f.flag_set, &f.key);
-                (id, flag_hash(&f.flag_set, &f.key, &f.definition_json))
-            })
-            .collect();
+        let mut flag_hashes = HashMap::new();
+        let state = read_state_with(&tree, &position, definitions, |f| {
+            let id = flag_id(&f.flag_set, &f.key);
+            flag_hashes.insert(id, flag_hash(&f.flag_set, &f.key, &f.definition_json));
+        })?;
         let set_hashes = state
             .flag_sets
             .iter()
@@ -358,9 +371,34 @@ impl ReplicaStore {
         sync_writes: bool,
         scope: &[String],
     ) -> Result<(Self, SourceSnapshot), ApplyError> {
-        let (store, state) = Self::open_with_state(dir, sync_writes)?;
+        Self::open_scoped_reading(dir, sync_writes, scope, Definitions::Read)
+    }
+
+    /// [`ReplicaStore::open_scoped`] for a node that reads definitions from
+    /// the store when it needs them: the flags returned carry their
+    /// identity and revisions, and an empty definition. Opening then holds
+    /// one flag's definition at a time, not every one (38 MB at 100,000
+    /// realistic flags).
+    pub fn open_scoped_without_definitions(
+        dir: &Path,
+        sync_writes: bool,
+        scope: &[String],
+    ) -> Result<(Self, SourceSnapshot), ApplyError> {
+        Self::open_scoped_reading(dir, sync_writes, scope, Definitions::Left)
+    }
+
+    fn open_scoped_reading(
+        dir: &Path,
+        sync_writes: bool,
+        scope: &[String],
+        definitions: Definitions,
+    ) -> Result<(Self, SourceSnapshot), ApplyError> {
+        let (store, state) = Self::open_reading(dir, sync_writes, definitions)?;
         if store.rescope(scope)? {
-            let state = store.load()?;
+            drop(state);
+            let inner = store.lock();
+            let state = read_state_with(&store.tree, &inner.position, definitions, |_| {})?;
+            drop(inner);
             return Ok((store, state));
         }
         Ok((store, state))
@@ -751,11 +789,26 @@ impl ReplicaStore {
 
 /// Every flag and flag set a replica tree holds, at `position`.
 fn read_state(tree: &sled::Tree, position: &Position) -> Result<SourceSnapshot, ApplyError> {
+    read_state_with(tree, position, Definitions::Read, |_| {})
+}
+
+/// [`read_state`], showing each flag to `each` as it is read, and keeping
+/// its definition only with [`Definitions::Read`].
+fn read_state_with(
+    tree: &sled::Tree,
+    position: &Position,
+    definitions: Definitions,
+    mut each: impl FnMut(&Flag),
+) -> Result<SourceSnapshot, ApplyError> {
     let mut flags = Vec::new();
     for kv in tree.scan_prefix(keys::FLAGS) {
-        flags.push(
-            stored::decode_flag(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?,
-        );
+        let mut flag =
+            stored::decode_flag(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?;
+        each(&flag);
+        if definitions == Definitions::Left {
+            flag.definition_json = Vec::new();
+        }
+        flags.push(flag);
     }
     let mut flag_sets = Vec::new();
     for kv in tree.scan_prefix(keys::FLAG_SETS) {
@@ -1079,5 +1132,34 @@ mod tests {
         let (r, state) = ReplicaStore::open_with_state(dir.path(), true).expect("reopen");
         assert_eq!(state.flags, [a.clone(), b.clone()], "both forms read back");
         assert_eq!(r.position().digest, digest_of(&[a, b]));
+    }
+
+    #[test]
+    fn opened_without_definitions_the_state_has_none_and_the_index_is_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (flag("a", "1", 1), flag("b", "2", 1));
+        {
+            let r = ReplicaStore::open(dir.path(), true).expect("open");
+            assert!(r.apply(snapshot(1, vec![a.clone(), b.clone()])).is_ok());
+        }
+        let (r, state) =
+            ReplicaStore::open_scoped_without_definitions(dir.path(), true, &[]).expect("reopen");
+        let held: Vec<(&str, u64, usize)> = state
+            .flags
+            .iter()
+            .map(|f| (f.key.as_str(), f.mod_revision, f.definition_json.len()))
+            .collect();
+        assert_eq!(held, [("a", 1, 0), ("b", 1, 0)]);
+        assert_eq!(state.digest, digest_of(&[a.clone(), b.clone()]));
+        // the index of flag hashes was made from the definitions: a delta
+        // replacing one is checked against the sender's digest
+        let a2 = flag("a", "3", 2);
+        let d = delta(1, vec![a2.clone()], &[], &[a2.clone(), b.clone()]);
+        assert!(matches!(r.apply(d), Ok(Applied::Delta(_))));
+        assert_eq!(
+            r.load().expect("load").flags,
+            [a2, b],
+            "the store keeps them"
+        );
     }
 }

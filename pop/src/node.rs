@@ -142,14 +142,15 @@ fn warm(
 
 /// Loads the replica, binds, serves at once, and starts following.
 pub async fn start(config: PopConfig, security: impl Into<Security>) -> anyhow::Result<RunningPop> {
-    let (replica, loaded) = ReplicaStore::open_scoped(
+    let (replica, loaded) = ReplicaStore::open_scoped_without_definitions(
         &config.relay.data_dir,
         config.relay.sync_writes,
         &config.relay.subscriber.flag_sets,
     )
     .with_context(|| format!("opening the replica in {}", config.relay.data_dir.display()))?;
     let replica = Arc::new(replica);
-    // definitions stay in sled; compiled flags are held up to the budget
+    // definitions stay in sled (read from it on first use, so opening
+    // reads none into memory); compiled flags are held up to the budget
     let tier = Arc::new(Tier::new(
         Some(replica.tree()),
         config.memory_budget,
