@@ -9,7 +9,7 @@
 //! none of it. Commits are serialized by a lock, under which the caller's
 //! plan reads the current state and checks its preconditions.
 
-use flagmesh_mesh::{keys, stored};
+use flagmesh_mesh::keys;
 
 use crate::change::Write;
 use std::path::Path;
@@ -317,7 +317,7 @@ impl SledStore {
     }
 
     fn decode_flag(bytes: &[u8]) -> Result<Flag, ControlError> {
-        stored::decode_flag(bytes).map_err(|e| ControlError::Storage(e.to_string()))
+        Ok(Flag::decode(bytes)?)
     }
 
     fn read_head(&self) -> Result<StoreHead, ControlError> {
@@ -445,9 +445,7 @@ impl FlagStore for SledStore {
         let mut batch = sled::Batch::default();
         for w in &c.writes {
             match w {
-                Write::Flag(f) => {
-                    batch.insert(keys::flag(&f.flag_set, &f.key), stored::encode_flag(f))
-                }
+                Write::Flag(f) => batch.insert(keys::flag(&f.flag_set, &f.key), f.encode_to_vec()),
                 Write::DeleteFlag { flag_set, key } => batch.remove(keys::flag(flag_set, key)),
                 Write::FlagSet(set) => batch.insert(keys::flag_set(&set.id), set.encode_to_vec()),
                 Write::DeleteFlagSet(id) => batch.remove(keys::flag_set(id)),
@@ -618,44 +616,6 @@ mod tests {
         let expected: Vec<(u64, u64)> = (1..=400).map(|r| (r - 1, r)).collect();
         assert_eq!(published, expected, "every revision once, in order");
         assert_eq!(store.head().expect("head").revision, 400);
-    }
-
-    #[test]
-    fn flags_are_stored_compressed_and_a_store_of_plain_values_still_reads() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("store");
-        let definition = br#"{"defaultVariant":"off","state":"ENABLED","targeting":{"if":[{"ends_with":[{"var":"email"},"@acme.test"]},"on","off"]},"variants":{"off":false,"on":true}}"#;
-        let flag = {
-            let store = SledStore::open(&path, 10, true).expect("store");
-            let mut plan = |_: &dyn StateView| {
-                Ok(ChangeRequest {
-                    flags: vec![FlagWrite {
-                        flag_set: "s".into(),
-                        key: "f".into(),
-                        definition: Some(definition.to_vec()),
-                    }],
-                    ..Default::default()
-                })
-            };
-            store.commit(&mut plan, false).expect("commit");
-            let held = store
-                .tree
-                .get(keys::flag("s", "f"))
-                .expect("get")
-                .expect("held");
-            assert_eq!(held[0], 0x01, "stored compressed");
-            let flag = store.flag("s", "f").expect("read").expect("held");
-            // as a store written before compression holds it
-            store
-                .tree
-                .insert(keys::flag("s", "f"), flag.encode_to_vec())
-                .expect("insert");
-            store.db.flush().expect("flush");
-            flag
-        };
-        let store = SledStore::open(&path, 10, false).expect("reopen");
-        assert_eq!(store.flag("s", "f").expect("read"), Some(flag.clone()));
-        assert_eq!(store.flags_of("s").expect("read"), [flag]);
     }
 
     #[test]
