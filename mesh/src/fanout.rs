@@ -147,7 +147,13 @@ pub struct Fanout {
     /// The state read for the snapshots being sent now, shared by them and
     /// dropped with the last one.
     snapshot: Mutex<Weak<SourceSnapshot>>,
+    /// The same for filtered subscribers, by the flag sets they follow:
+    /// each read holds those sets only.
+    filtered: Mutex<Vec<FilteredRead>>,
 }
+
+/// The flag sets a shared read holds, and the read.
+type FilteredRead = (Arc<HashSet<String>>, Weak<SourceSnapshot>);
 
 impl Fanout {
     /// A fan-out at `head`, serving from `source`, ending every stream when `stop` is cancelled.
@@ -166,6 +172,7 @@ impl Fanout {
             stop,
             stats: Arc::default(),
             snapshot: Mutex::new(Weak::new()),
+            filtered: Mutex::default(),
         })
     }
 
@@ -490,18 +497,39 @@ impl Fanout {
 
     /// The state for a snapshot: the one snapshots being sent now already
     /// read, if it is still the head, else one new consistent read of the
-    /// source (subscribers asking together wait for it and share it).
-    fn shared_state(&self) -> Result<Arc<SourceSnapshot>, SourceError> {
-        let mut shared = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+    /// source (subscribers asking together wait for it and share it). A
+    /// filtered subscriber's is a read of its flag sets only, shared with
+    /// those following the same sets.
+    fn shared_state(
+        &self,
+        filter: Option<&Arc<HashSet<String>>>,
+    ) -> Result<Arc<SourceSnapshot>, SourceError> {
         let head = self.head();
-        if let Some(state) = shared.upgrade()
-            && *state.history_id == *head.history_id
-            && state.revision >= head.revision
+        let current = |state: &Arc<SourceSnapshot>| {
+            *state.history_id == *head.history_id && state.revision >= head.revision
+        };
+        let Some(sets) = filter else {
+            let mut shared = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = shared.upgrade().filter(current) {
+                return Ok(state);
+            }
+            let state = Arc::new(self.source.snapshot()?);
+            *shared = Arc::downgrade(&state);
+            return Ok(state);
+        };
+        let mut shared = self.filtered.lock().unwrap_or_else(|p| p.into_inner());
+        shared.retain(|(_, state)| state.strong_count() > 0);
+        if let Some(state) = shared
+            .iter()
+            .find(|(s, _)| **s == **sets)
+            .and_then(|(_, state)| state.upgrade())
+            .filter(current)
         {
             return Ok(state);
         }
-        let state = Arc::new(self.source.snapshot()?);
-        *shared = Arc::downgrade(&state);
+        let state = Arc::new(self.source.snapshot_of(sets)?);
+        shared.retain(|(s, _)| **s != **sets);
+        shared.push((sets.clone(), Arc::downgrade(&state)));
         Ok(state)
     }
 
@@ -510,7 +538,7 @@ impl Fanout {
         filter: Option<&Arc<HashSet<String>>>,
     ) -> Result<(CatchUp, Cursor), SourceError> {
         let chunks = SnapshotChunks::new(
-            self.shared_state()?,
+            self.shared_state(filter)?,
             filter.cloned(),
             self.config.snapshot_chunk_bytes,
         );
@@ -757,6 +785,113 @@ mod tests {
         );
         // the head stays where it was
         assert_eq!(f.head().revision, 3);
+    }
+
+    /// Sets "a" and "b", one flag each, at revision 1; counts its reads.
+    #[derive(Default)]
+    struct Counting {
+        whole: AtomicU64,
+        filtered: Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Counting {
+        fn state(&self, keep: impl Fn(&str) -> bool) -> crate::SourceSnapshot {
+            crate::SourceSnapshot {
+                history_id: "h".into(),
+                revision: 1,
+                digest: 7,
+                flags: ["a", "b"]
+                    .into_iter()
+                    .filter(|s| keep(s))
+                    .map(|s| flagmesh_proto::v1::Flag {
+                        flag_set: s.into(),
+                        key: format!("in-{s}"),
+                        ..Default::default()
+                    })
+                    .collect(),
+                flag_sets: Vec::new(),
+            }
+        }
+    }
+
+    impl SyncSource for Counting {
+        fn snapshot(&self) -> Result<crate::SourceSnapshot, SourceError> {
+            self.whole.fetch_add(1, Ordering::Relaxed);
+            Ok(self.state(|_| true))
+        }
+
+        fn snapshot_of(
+            &self,
+            sets: &HashSet<String>,
+        ) -> Result<crate::SourceSnapshot, SourceError> {
+            let mut asked: Vec<String> = sets.iter().cloned().collect();
+            asked.sort();
+            self.filtered.lock().expect("lock").push(asked);
+            Ok(self.state(|s| sets.contains(s)))
+        }
+
+        fn deltas(&self, _: &str, _: u64, _: u64) -> Result<Option<Vec<Delta>>, SourceError> {
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn filtered_subscribers_read_only_their_sets_and_share_each_read() {
+        use prost::Message as _;
+        use tokio_stream::StreamExt as _;
+        let source = Arc::new(Counting::default());
+        let f = Fanout::new(
+            source.clone(),
+            Head {
+                history_id: "h".into(),
+                revision: 1,
+                upstream_connected: true,
+                digest: Some(7),
+            },
+            FanoutConfig::default(),
+            CancellationToken::new(),
+        );
+        let ask = |sets: &[&str]| SubscribeRequest {
+            node_id: "sdk".into(),
+            flag_sets: sets.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        };
+        // nothing is read from the streams yet: every snapshot stays in flight
+        let mut streams = vec![
+            f.subscribe(ask(&["a"])).expect("subscribe"),
+            f.subscribe(ask(&["a"])).expect("subscribe"),
+            f.subscribe(ask(&["b"])).expect("subscribe"),
+            f.subscribe(ask(&[])).expect("subscribe"),
+        ];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while f.stats.snapshots_sent.load(Ordering::Relaxed) < 4 {
+            assert!(tokio::time::Instant::now() < deadline, "snapshots not sent");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut filtered = source.filtered.lock().expect("lock").clone();
+        filtered.sort();
+        assert_eq!(filtered, [vec!["a".to_owned()], vec!["b".to_owned()]]);
+        assert_eq!(source.whole.load(Ordering::Relaxed), 1);
+        let mut keys = Vec::new();
+        for s in &mut streams {
+            let event = s.next().await.expect("an event").expect("not an error");
+            match SyncEvent::decode(event.bytes().as_ref()).map(|e| e.event) {
+                Ok(Some(Event::Snapshot(snap))) => {
+                    assert!(snap.last);
+                    keys.push(snap.flags.iter().map(|f| f.key.clone()).collect::<Vec<_>>());
+                }
+                other => panic!("not a snapshot: {other:?}"),
+            }
+        }
+        assert_eq!(
+            keys,
+            [
+                vec!["in-a"],
+                vec!["in-a"],
+                vec!["in-b"],
+                vec!["in-a", "in-b"]
+            ]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! digest, maintained in O(1) per changed flag, is checked against the
 //! sender's; a mismatch applies nothing and asks for a resync.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -504,6 +504,38 @@ impl ReplicaStore {
         read_state(&self.tree, &inner.position)
     }
 
+    /// The flags and records of `sets` only, at the replica's position
+    /// (its digest is the whole state's): what a subscriber following
+    /// those sets is sent, read without the other sets.
+    pub fn load_sets(&self, sets: &HashSet<String>) -> Result<SourceSnapshot, ApplyError> {
+        let inner = self.lock();
+        let mut sorted: Vec<&String> = sets.iter().collect();
+        sorted.sort();
+        let mut flags = Vec::new();
+        let mut flag_sets = Vec::new();
+        for set in sorted {
+            for kv in self.tree.scan_prefix(keys::flags_of(set)) {
+                flags.push(
+                    stored::decode_flag(kv?.1.as_ref())
+                        .map_err(|e| ApplyError::Storage(e.to_string()))?,
+                );
+            }
+            if let Some(record) = self.tree.get(keys::flag_set(set))? {
+                flag_sets.push(
+                    FlagSet::decode(record.as_ref())
+                        .map_err(|e| ApplyError::Storage(e.to_string()))?,
+                );
+            }
+        }
+        Ok(SourceSnapshot {
+            history_id: inner.position.history_id.clone(),
+            revision: inner.position.revision,
+            digest: inner.position.digest,
+            flags,
+            flag_sets,
+        })
+    }
+
     /// What was recovered from the journal when the replica opened.
     pub fn journal_recovered(&self) -> Recovered {
         self.journal
@@ -831,6 +863,12 @@ pub struct ReplicaSource(pub Arc<ReplicaStore>);
 impl crate::source::SyncSource for ReplicaSource {
     fn snapshot(&self) -> Result<SourceSnapshot, SourceError> {
         self.0.load().map_err(|e| SourceError(e.to_string()))
+    }
+
+    fn snapshot_of(&self, flag_sets: &HashSet<String>) -> Result<SourceSnapshot, SourceError> {
+        self.0
+            .load_sets(flag_sets)
+            .map_err(|e| SourceError(e.to_string()))
     }
 
     fn deltas(
@@ -1161,5 +1199,33 @@ mod tests {
             [a2, b],
             "the store keeps them"
         );
+    }
+
+    #[test]
+    fn a_read_of_some_sets_holds_those_sets_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let in_set = |set: &str, key: &str| Flag {
+            flag_set: set.into(),
+            ..flag(key, "1", 1)
+        };
+        // "ab" shares a prefix with "a" in the store's key order
+        let flags = vec![in_set("a", "x"), in_set("ab", "y"), in_set("b", "z")];
+        let r = ReplicaStore::open(dir.path(), false).expect("open");
+        assert!(r.apply(snapshot(4, flags.clone())).is_ok());
+        let whole = r.load().expect("load");
+        let some = r
+            .load_sets(&HashSet::from(["a".to_owned(), "b".to_owned()]))
+            .expect("load");
+        let keys: Vec<(&str, &str)> = some
+            .flags
+            .iter()
+            .map(|f| (f.flag_set.as_str(), f.key.as_str()))
+            .collect();
+        assert_eq!(keys, [("a", "x"), ("b", "z")]);
+        assert_eq!(
+            (some.history_id, some.revision, some.digest),
+            (whole.history_id, whole.revision, whole.digest)
+        );
+        assert!(r.load_sets(&HashSet::new()).expect("load").flags.is_empty());
     }
 }

@@ -2,6 +2,8 @@
 //! hub's replica. The fan-out keeps recent deltas itself; it asks the source
 //! for whole snapshots and for older deltas.
 
+use std::collections::HashSet;
+
 use flagmesh_proto::v1::{Delta, Flag, FlagSet, NodeReport};
 
 /// A consistent copy of a whole state.
@@ -28,6 +30,15 @@ pub struct SourceError(pub String);
 pub trait SyncSource: Send + Sync + 'static {
     /// The whole current state.
     fn snapshot(&self) -> Result<SourceSnapshot, SourceError>;
+
+    /// The current state of `flag_sets` only (their flags and records; the
+    /// digest stays the whole state's), for a subscriber that follows those
+    /// sets. The default reads the whole state, which the snapshot then
+    /// filters; a source that can read a set alone reads no more.
+    fn snapshot_of(&self, flag_sets: &HashSet<String>) -> Result<SourceSnapshot, SourceError> {
+        let _ = flag_sets;
+        self.snapshot()
+    }
 
     /// The single-revision deltas that lead from `from` to `to` in
     /// `history_id`, or `None` when they are no longer retained.
