@@ -560,6 +560,41 @@ impl Mesh {
         )
     }
 
+    /// How many flags the snapshot node `n` sends a fresh subscriber
+    /// following `flag_sets` (empty: every set) holds, read to its end.
+    pub async fn snapshot_flags(
+        &self,
+        n: NodeRef,
+        flag_sets: &[&str],
+    ) -> Result<usize, tonic::Status> {
+        let mut stream = self
+            .sync_client(n)
+            .await?
+            .subscribe(SubscribeRequest {
+                node_id: "harness-snapshot".into(),
+                flag_sets: flag_sets.iter().map(|s| (*s).to_owned()).collect(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut flags = 0;
+        while let Some(ev) = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no whole snapshot within 60 s"))??
+        {
+            if let Some(Event::Snapshot(s)) = ev.event {
+                flags += s.flags.len();
+                if s.last {
+                    return Ok(flags);
+                }
+            }
+        }
+        Err(tonic::Status::unavailable(
+            "stream ended before the snapshot did",
+        ))
+    }
+
     /// The (revision, digest) a hub or PoP serves, read from the snapshot
     /// its own Sync service sends a fresh subscriber.
     pub async fn served_state(&self, n: NodeRef) -> Result<(u64, u64), tonic::Status> {

@@ -80,6 +80,10 @@ pub async fn run(
         .metric(NodeRef::Pop(0), "flagmesh_compiled_flags_bytes")
         .await;
     let hit_rate = skewed_hit_rate(&mesh, &mut eval, flags).await?;
+    // what serving a snapshot leaves behind: to a subscriber following one
+    // set (an SDK in local mode), then to one following every set
+    let one_set_kib = after_snapshot(&mesh, pid, &["set-0"], PER_SET.min(flags)).await?;
+    let whole_kib = after_snapshot(&mesh, pid, &[], flags).await?;
     let restarted_kib = restarted(&mut mesh, set).await?;
     Ok((
         json!({
@@ -97,11 +101,34 @@ pub async fn run(
             "steady_rss_mib": steady_kib as f64 / 1024.0,
             "steady_file_mib": steady_file_kib as f64 / 1024.0,
             "restarted_rss_mib": restarted_kib as f64 / 1024.0,
+            "after_one_set_snapshot_rss_mib": one_set_kib as f64 / 1024.0,
+            "after_whole_snapshot_rss_mib": whole_kib as f64 / 1024.0,
             "peak_rss_mib": peak_kib as f64 / 1024.0,
             "bytes_per_flag": per_flag.round(),
         }),
         mesh,
     ))
+}
+
+/// VmRSS of PoP 0 (process `pid`) 2 s after it served a whole snapshot of
+/// `sets` (empty: every set), which must hold `expected` flags.
+async fn after_snapshot(
+    mesh: &Mesh,
+    pid: u32,
+    sets: &[&str],
+    expected: usize,
+) -> Result<u64, String> {
+    let got = mesh
+        .snapshot_flags(NodeRef::Pop(0), sets)
+        .await
+        .map_err(|e| e.to_string())?;
+    if got != expected {
+        return Err(format!(
+            "a snapshot of {sets:?} held {got} flags, not {expected}"
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(rss_kib(pid).0)
 }
 
 /// The process id of PoP 0.

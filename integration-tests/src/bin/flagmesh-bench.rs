@@ -504,11 +504,11 @@ async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
     let result = json!({"machine": machine(), "memory": rows, "cold_start_10k": coldstart});
     write_results("memory", &result);
     let mut t = String::from(
-        "| flags | targeting | budget (MiB) | PoP RSS empty | loaded (not yet evaluated) | steady, every flag evaluated | of it file-backed (code, libraries) | the same, restarted from sled | peak | bytes per flag | compiled held (estimated MiB) | first evaluation of a cold flag, p50 | then warm, p50 | hit rate, 90% on 1% of flags |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| flags | targeting | budget (MiB) | PoP RSS empty | loaded (not yet evaluated) | steady, every flag evaluated | of it file-backed (code, libraries) | then after serving one set's snapshot | and a snapshot of every set | the same, restarted from sled | peak | bytes per flag | compiled held (estimated MiB) | first evaluation of a cold flag, p50 | then warm, p50 | hit rate, 90% on 1% of flags |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in result["memory"].as_array().into_iter().flatten() {
         t.push_str(&format!(
-            "| {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {} ({:.1}) | {} µs | {} µs | {} |\n",
+            "| {} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} | {} ({:.1}) | {} µs | {} µs | {} |\n",
             r["flags"],
             r["rules"].as_str().unwrap_or("repeated"),
             r["budget_mib"].as_str().unwrap_or("?"),
@@ -516,6 +516,8 @@ async fn run_memory(args: &Args, only: Option<usize>) -> anyhow::Result<Value> {
             r["loaded_rss_mib"].as_f64().unwrap_or(0.0),
             r["steady_rss_mib"].as_f64().unwrap_or(0.0),
             r["steady_file_mib"].as_f64().unwrap_or(0.0),
+            r["after_one_set_snapshot_rss_mib"].as_f64().unwrap_or(0.0),
+            r["after_whole_snapshot_rss_mib"].as_f64().unwrap_or(0.0),
             r["restarted_rss_mib"].as_f64().unwrap_or(0.0),
             r["peak_rss_mib"].as_f64().unwrap_or(0.0),
             r["bytes_per_flag"].as_f64().unwrap_or(0.0) as u64,
