@@ -567,64 +567,85 @@ impl Mesh {
         n: NodeRef,
         flag_sets: &[&str],
     ) -> Result<usize, tonic::Status> {
+        let request = SubscribeRequest {
+            node_id: "harness-snapshot".into(),
+            flag_sets: flag_sets.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        };
+        let mut flags = 0;
+        self.read_stream(
+            n,
+            request,
+            Duration::from_secs(60),
+            "the snapshot's end",
+            |ev| match ev {
+                Event::Snapshot(s) => {
+                    flags += s.flags.len();
+                    s.last.then_some(Ok(flags))
+                }
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// Subscribes to node `n` with `request` and shows each event to `take`
+    /// until it answers, all within `within` (heartbeats keep coming from a
+    /// node that holds no state yet: the wait is bounded as a whole, not
+    /// per message).
+    async fn read_stream<T>(
+        &self,
+        n: NodeRef,
+        request: SubscribeRequest,
+        within: Duration,
+        what: &str,
+        mut take: impl FnMut(Event) -> Option<Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
         let mut stream = self
             .sync_client(n)
             .await?
-            .subscribe(SubscribeRequest {
-                node_id: "harness-snapshot".into(),
-                flag_sets: flag_sets.iter().map(|s| (*s).to_owned()).collect(),
-                ..Default::default()
-            })
+            .subscribe(request)
             .await?
             .into_inner();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut flags = 0;
+        let deadline = tokio::time::Instant::now() + within;
         while let Some(ev) = tokio::time::timeout_at(deadline, stream.message())
             .await
-            .map_err(|_| tonic::Status::deadline_exceeded("no whole snapshot within 60 s"))??
+            .map_err(|_| {
+                tonic::Status::deadline_exceeded(format!("no {what} within {within:?}"))
+            })??
         {
-            if let Some(Event::Snapshot(s)) = ev.event {
-                flags += s.flags.len();
-                if s.last {
-                    return Ok(flags);
-                }
+            if let Some(answer) = ev.event.and_then(&mut take) {
+                return answer;
             }
         }
-        Err(tonic::Status::unavailable(
-            "stream ended before the snapshot did",
-        ))
+        Err(tonic::Status::unavailable(format!(
+            "stream ended before {what}"
+        )))
     }
 
     /// The (revision, digest) a hub or PoP serves, read from the snapshot
     /// its own Sync service sends a fresh subscriber.
     pub async fn served_state(&self, n: NodeRef) -> Result<(u64, u64), tonic::Status> {
-        let mut stream = self
-            .sync_client(n)
-            .await?
-            .subscribe(SubscribeRequest {
-                node_id: "harness-check".into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        // heartbeats keep coming from a node that holds no state yet: the
-        // wait is bounded as a whole, not per message
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while let Some(ev) = tokio::time::timeout_at(deadline, stream.message())
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("no snapshot within 10 s"))??
-        {
-            if let Some(Event::Snapshot(s)) = ev.event
-                && s.last
-            {
+        let request = SubscribeRequest {
+            node_id: "harness-check".into(),
+            ..Default::default()
+        };
+        self.read_stream(
+            n,
+            request,
+            Duration::from_secs(10),
+            "snapshot",
+            |ev| match ev {
                 // a node's unfiltered snapshot always carries its digest
-                let digest = s
-                    .digest
-                    .ok_or_else(|| tonic::Status::data_loss("a snapshot without a digest"))?;
-                return Ok((s.revision, digest));
-            }
-        }
-        Err(tonic::Status::unavailable("stream ended before a snapshot"))
+                Event::Snapshot(s) if s.last => Some(
+                    s.digest
+                        .map(|d| (s.revision, d))
+                        .ok_or_else(|| tonic::Status::data_loss("a snapshot without a digest")),
+                ),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// A node's metrics, by series (`name{labels}` → value).
@@ -745,39 +766,29 @@ impl Mesh {
         history: &str,
         revision: u64,
     ) -> Result<(u64, u64), tonic::Status> {
-        let mut stream = self
-            .sync_client(n)
-            .await?
-            .subscribe(SubscribeRequest {
-                node_id: "harness-check".into(),
-                history_id: history.into(),
-                resume_revision: revision,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while let Some(ev) = tokio::time::timeout_at(deadline, stream.message())
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("no progress within 10 s"))??
-        {
-            match ev.event {
-                Some(Event::Progress(p)) if p.revision == p.head_revision => {
-                    let digest = p.head_digest.ok_or_else(|| {
+        let request = SubscribeRequest {
+            node_id: "harness-check".into(),
+            history_id: history.into(),
+            resume_revision: revision,
+            ..Default::default()
+        };
+        self.read_stream(
+            n,
+            request,
+            Duration::from_secs(10),
+            "progress",
+            |ev| match ev {
+                Event::Progress(p) if p.revision == p.head_revision => {
+                    Some(p.head_digest.map(|d| (p.revision, d)).ok_or_else(|| {
                         tonic::Status::data_loss("progress at the head without a digest")
-                    })?;
-                    return Ok((p.revision, digest));
+                    }))
                 }
                 // another history: the node's state, whatever it is
-                Some(Event::Snapshot(s)) if s.last => {
-                    return Ok((s.revision, s.digest.unwrap_or(0)));
-                }
-                _ => {}
-            }
-        }
-        Err(tonic::Status::unavailable(
-            "stream ended before a progress event",
-        ))
+                Event::Snapshot(s) if s.last => Some(Ok((s.revision, s.digest.unwrap_or(0)))),
+                _ => None,
+            },
+        )
+        .await
     }
 }
 
