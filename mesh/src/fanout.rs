@@ -508,7 +508,8 @@ impl Fanout {
         let current = |state: &Arc<SourceSnapshot>| {
             *state.history_id == *head.history_id && state.revision >= head.revision
         };
-        let Some(sets) = filter else {
+        // a source that reads a set no faster than all of them: one read
+        let Some(sets) = filter.filter(|_| self.source.reads_sets_alone()) else {
             let mut shared = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(state) = shared.upgrade().filter(current) {
                 return Ok(state);
@@ -788,8 +789,10 @@ mod tests {
     }
 
     /// Sets "a" and "b", one flag each, at revision 1; counts its reads.
+    /// Reads a set alone when `alone`.
     #[derive(Default)]
     struct Counting {
+        alone: bool,
         whole: AtomicU64,
         filtered: Mutex<Vec<Vec<String>>>,
     }
@@ -830,6 +833,10 @@ mod tests {
             Ok(self.state(|s| sets.contains(s)))
         }
 
+        fn reads_sets_alone(&self) -> bool {
+            self.alone
+        }
+
         fn deltas(&self, _: &str, _: u64, _: u64) -> Result<Option<Vec<Delta>>, SourceError> {
             Ok(None)
         }
@@ -837,9 +844,27 @@ mod tests {
 
     #[tokio::test]
     async fn filtered_subscribers_read_only_their_sets_and_share_each_read() {
+        // a source that reads sets alone: one read per distinct filter
+        let source = snapshots_of_four_subscribers(true).await;
+        let mut filtered = source.filtered.lock().expect("lock").clone();
+        filtered.sort();
+        assert_eq!(filtered, [vec!["a".to_owned()], vec!["b".to_owned()]]);
+        assert_eq!(source.whole.load(Ordering::Relaxed), 1);
+        // one that does not: every subscriber shares one whole read
+        let source = snapshots_of_four_subscribers(false).await;
+        assert!(source.filtered.lock().expect("lock").is_empty());
+        assert_eq!(source.whole.load(Ordering::Relaxed), 1);
+    }
+
+    /// Subscribers to sets a, a, b and every set, all at once; checks what
+    /// each is sent and returns the source's counts.
+    async fn snapshots_of_four_subscribers(alone: bool) -> Arc<Counting> {
         use prost::Message as _;
         use tokio_stream::StreamExt as _;
-        let source = Arc::new(Counting::default());
+        let source = Arc::new(Counting {
+            alone,
+            ..Counting::default()
+        });
         let f = Fanout::new(
             source.clone(),
             Head {
@@ -868,10 +893,6 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "snapshots not sent");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut filtered = source.filtered.lock().expect("lock").clone();
-        filtered.sort();
-        assert_eq!(filtered, [vec!["a".to_owned()], vec!["b".to_owned()]]);
-        assert_eq!(source.whole.load(Ordering::Relaxed), 1);
         let mut keys = Vec::new();
         for s in &mut streams {
             let event = s.next().await.expect("an event").expect("not an error");
@@ -892,6 +913,7 @@ mod tests {
                 vec!["in-a", "in-b"]
             ]
         );
+        source
     }
 
     #[test]

@@ -871,6 +871,10 @@ impl crate::source::SyncSource for ReplicaSource {
             .map_err(|e| SourceError(e.to_string()))
     }
 
+    fn reads_sets_alone(&self) -> bool {
+        true
+    }
+
     fn deltas(
         &self,
         _history_id: &str,

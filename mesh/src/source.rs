@@ -40,6 +40,13 @@ pub trait SyncSource: Send + Sync + 'static {
         self.snapshot()
     }
 
+    /// Whether [`SyncSource::snapshot_of`] reads less than the whole state.
+    /// When it does not, filtered subscribers share the whole read with
+    /// every other subscriber, as one read serves them all.
+    fn reads_sets_alone(&self) -> bool {
+        false
+    }
+
     /// The single-revision deltas that lead from `from` to `to` in
     /// `history_id`, or `None` when they are no longer retained.
     fn deltas(
