@@ -310,7 +310,7 @@ impl ReplicaStore {
             None => Position::default(),
         };
         let mut flag_hashes = HashMap::new();
-        let state = read_state_with(&tree, &position, definitions, |f| {
+        let state = read_state(&tree, &position, None, definitions, |f| {
             let id = flag_id(&f.flag_set, &f.key);
             flag_hashes.insert(id, flag_hash(&f.flag_set, &f.key, &f.definition_json));
         })?;
@@ -396,9 +396,7 @@ impl ReplicaStore {
         let (store, state) = Self::open_reading(dir, sync_writes, definitions)?;
         if store.rescope(scope)? {
             drop(state);
-            let inner = store.lock();
-            let state = read_state_with(&store.tree, &inner.position, definitions, |_| {})?;
-            drop(inner);
+            let state = store.read(None, definitions)?;
             return Ok((store, state));
         }
         Ok((store, state))
@@ -500,40 +498,24 @@ impl ReplicaStore {
 
     /// Every flag and flag set held.
     pub fn load(&self) -> Result<SourceSnapshot, ApplyError> {
-        let inner = self.lock();
-        read_state(&self.tree, &inner.position)
+        self.read(None, Definitions::Read)
     }
 
     /// The flags and records of `sets` only, at the replica's position
     /// (its digest is the whole state's): what a subscriber following
     /// those sets is sent, read without the other sets.
     pub fn load_sets(&self, sets: &HashSet<String>) -> Result<SourceSnapshot, ApplyError> {
+        self.read(Some(sets), Definitions::Read)
+    }
+
+    /// [`read_state`] at the replica's position, under its lock.
+    fn read(
+        &self,
+        sets: Option<&HashSet<String>>,
+        definitions: Definitions,
+    ) -> Result<SourceSnapshot, ApplyError> {
         let inner = self.lock();
-        let mut sorted: Vec<&String> = sets.iter().collect();
-        sorted.sort();
-        let mut flags = Vec::new();
-        let mut flag_sets = Vec::new();
-        for set in sorted {
-            for kv in self.tree.scan_prefix(keys::flags_of(set)) {
-                flags.push(
-                    stored::decode_flag(kv?.1.as_ref())
-                        .map_err(|e| ApplyError::Storage(e.to_string()))?,
-                );
-            }
-            if let Some(record) = self.tree.get(keys::flag_set(set))? {
-                flag_sets.push(
-                    FlagSet::decode(record.as_ref())
-                        .map_err(|e| ApplyError::Storage(e.to_string()))?,
-                );
-            }
-        }
-        Ok(SourceSnapshot {
-            history_id: inner.position.history_id.clone(),
-            revision: inner.position.revision,
-            digest: inner.position.digest,
-            flags,
-            flag_sets,
-        })
+        read_state(&self.tree, &inner.position, sets, definitions, |_| {})
     }
 
     /// What was recovered from the journal when the replica opened.
@@ -819,34 +801,49 @@ impl ReplicaStore {
     }
 }
 
-/// Every flag and flag set a replica tree holds, at `position`.
-fn read_state(tree: &sled::Tree, position: &Position) -> Result<SourceSnapshot, ApplyError> {
-    read_state_with(tree, position, Definitions::Read, |_| {})
-}
-
-/// [`read_state`], showing each flag to `each` as it is read, and keeping
-/// its definition only with [`Definitions::Read`].
-fn read_state_with(
+/// The flags and flag sets a replica tree holds, at `position`: every
+/// set's, or only those of `sets`. Each flag is shown to `each` as it is
+/// read, and keeps its definition only with [`Definitions::Read`].
+fn read_state(
     tree: &sled::Tree,
     position: &Position,
+    sets: Option<&HashSet<String>>,
     definitions: Definitions,
     mut each: impl FnMut(&Flag),
 ) -> Result<SourceSnapshot, ApplyError> {
+    let storage = |e: &dyn std::fmt::Display| ApplyError::Storage(e.to_string());
+    let mut sorted: Vec<&String> = sets.into_iter().flatten().collect();
+    sorted.sort();
+    let flag_prefixes: Vec<Vec<u8>> = match sets {
+        None => vec![keys::FLAGS.to_vec()],
+        Some(_) => sorted.iter().map(|set| keys::flags_of(set)).collect(),
+    };
     let mut flags = Vec::new();
-    for kv in tree.scan_prefix(keys::FLAGS) {
-        let mut flag =
-            stored::decode_flag(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?;
-        each(&flag);
-        if definitions == Definitions::Left {
-            flag.definition_json = Vec::new();
+    for prefix in flag_prefixes {
+        for kv in tree.scan_prefix(prefix) {
+            let mut flag = stored::decode_flag(kv?.1.as_ref()).map_err(|e| storage(&e))?;
+            each(&flag);
+            if definitions == Definitions::Left {
+                flag.definition_json = Vec::new();
+            }
+            flags.push(flag);
         }
-        flags.push(flag);
     }
-    let mut flag_sets = Vec::new();
-    for kv in tree.scan_prefix(keys::FLAG_SETS) {
-        flag_sets
-            .push(FlagSet::decode(kv?.1.as_ref()).map_err(|e| ApplyError::Storage(e.to_string()))?);
-    }
+    // a set's record is its exact key ("s:a" is a prefix of "s:ab")
+    let records: Vec<sled::IVec> = match sets {
+        None => tree
+            .scan_prefix(keys::FLAG_SETS)
+            .map(|kv| kv.map(|(_, v)| v))
+            .collect::<Result<_, _>>()?,
+        Some(_) => sorted
+            .iter()
+            .filter_map(|set| tree.get(keys::flag_set(set)).transpose())
+            .collect::<Result<_, _>>()?,
+    };
+    let flag_sets = records
+        .iter()
+        .map(|v| FlagSet::decode(v.as_ref()).map_err(|e| storage(&e)))
+        .collect::<Result<_, _>>()?;
     Ok(SourceSnapshot {
         history_id: position.history_id.clone(),
         revision: position.revision,
