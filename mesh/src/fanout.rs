@@ -144,16 +144,15 @@ pub struct Fanout {
     config: FanoutConfig,
     stop: CancellationToken,
     stats: Arc<FanoutStats>,
-    /// The state read for the snapshots being sent now, shared by them and
-    /// dropped with the last one.
-    snapshot: Mutex<Weak<SourceSnapshot>>,
-    /// The same for filtered subscribers, by the flag sets they follow:
-    /// each read holds those sets only.
-    filtered: Mutex<Vec<FilteredRead>>,
+    /// The states read for the snapshots being sent now, shared by them and
+    /// each dropped with the last one: the whole state's, and one per set
+    /// of flag sets filtered subscribers follow (when the source reads
+    /// sets alone).
+    snapshots: Mutex<Vec<SharedRead>>,
 }
 
-/// The flag sets a shared read holds, and the read.
-type FilteredRead = (Arc<HashSet<String>>, Weak<SourceSnapshot>);
+/// The flag sets a shared read holds (`None`: every set), and the read.
+type SharedRead = (Option<Arc<HashSet<String>>>, Weak<SourceSnapshot>);
 
 impl Fanout {
     /// A fan-out at `head`, serving from `source`, ending every stream when `stop` is cancelled.
@@ -171,8 +170,7 @@ impl Fanout {
             config,
             stop,
             stats: Arc::default(),
-            snapshot: Mutex::new(Weak::new()),
-            filtered: Mutex::default(),
+            snapshots: Mutex::default(),
         })
     }
 
@@ -504,33 +502,28 @@ impl Fanout {
         &self,
         filter: Option<&Arc<HashSet<String>>>,
     ) -> Result<Arc<SourceSnapshot>, SourceError> {
-        let head = self.head();
-        let current = |state: &Arc<SourceSnapshot>| {
-            *state.history_id == *head.history_id && state.revision >= head.revision
-        };
         // a source that reads a set no faster than all of them: one read
-        let Some(sets) = filter.filter(|_| self.source.reads_sets_alone()) else {
-            let mut shared = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(state) = shared.upgrade().filter(current) {
-                return Ok(state);
-            }
-            let state = Arc::new(self.source.snapshot()?);
-            *shared = Arc::downgrade(&state);
-            return Ok(state);
-        };
-        let mut shared = self.filtered.lock().unwrap_or_else(|p| p.into_inner());
+        let sets = filter.filter(|_| self.source.reads_sets_alone());
+        let same = |held: &Option<Arc<HashSet<String>>>| held.as_deref() == sets.map(|s| &**s);
+        let mut shared = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         shared.retain(|(_, state)| state.strong_count() > 0);
+        let head = self.head();
         if let Some(state) = shared
             .iter()
-            .find(|(s, _)| **s == **sets)
+            .find(|(held, _)| same(held))
             .and_then(|(_, state)| state.upgrade())
-            .filter(current)
+            .filter(|state| {
+                *state.history_id == *head.history_id && state.revision >= head.revision
+            })
         {
             return Ok(state);
         }
-        let state = Arc::new(self.source.snapshot_of(sets)?);
-        shared.retain(|(s, _)| **s != **sets);
-        shared.push((sets.clone(), Arc::downgrade(&state)));
+        let state = Arc::new(match sets {
+            Some(sets) => self.source.snapshot_of(sets)?,
+            None => self.source.snapshot()?,
+        });
+        shared.retain(|(held, _)| !same(held));
+        shared.push((sets.cloned(), Arc::downgrade(&state)));
         Ok(state)
     }
 
