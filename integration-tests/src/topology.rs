@@ -14,7 +14,9 @@ use flagmesh_client::{BearerToken, hash_token};
 use flagmesh_proto::v1::admin_client::AdminClient;
 use flagmesh_proto::v1::evaluation_client::EvaluationClient;
 use flagmesh_proto::v1::sync_client::SyncClient;
-use flagmesh_proto::v1::{GetRevisionRequest, SubscribeRequest, sync_event::Event};
+use flagmesh_proto::v1::{
+    GetRevisionRequest, GetRevisionResponse, SubscribeRequest, sync_event::Event,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -534,13 +536,18 @@ impl Mesh {
 
     /// The control plane's (revision, digest).
     pub async fn control_head(&self) -> Result<(u64, u64), tonic::Status> {
-        let r = self
+        let r = self.control_revision().await?;
+        Ok((r.revision, r.digest))
+    }
+
+    /// The control plane's head: history, revision and digest.
+    async fn control_revision(&self) -> Result<GetRevisionResponse, tonic::Status> {
+        Ok(self
             .admin()
             .await?
             .get_revision(GetRevisionRequest {})
             .await?
-            .into_inner();
-        Ok((r.revision, r.digest))
+            .into_inner())
     }
 
     /// A Sync client of node `n`, with the mesh's token.
@@ -702,14 +709,7 @@ impl Mesh {
     /// node's progress event (one heartbeat later), so a node holds only
     /// what it received. For measuring a node's memory.
     pub async fn converged_at_head(&self, timeout: Duration) -> Result<(u64, u64), String> {
-        let head = self
-            .admin()
-            .await
-            .map_err(|e| e.to_string())?
-            .get_revision(GetRevisionRequest {})
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner();
+        let head = self.control_revision().await.map_err(|e| e.to_string())?;
         let (history, revision, digest) = (head.history_id, head.revision, head.digest);
         self.each_node_serves(timeout, revision, digest, |n| {
             self.progress_at(n, &history, revision)
