@@ -15,16 +15,16 @@ use crate::rule::{ArithOp, CmpOp, IterOp, Node, Rule, Segment};
 /// What an evaluation sees besides its data.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Env<'a> {
-    /// The key of the flag being evaluated (`$flagd.flagKey`), a JSON string.
-    pub flag_key: &'a Value,
+    /// The key of the flag being evaluated (`$flagd.flagKey`).
+    pub flag_key: &'a str,
     /// The whole evaluation context (for `targetingKey`, also inside `map`).
     pub root: &'a Value,
 }
 
 impl Rule {
     /// Evaluates the rule against a context (a JSON object) for the flag
-    /// whose key is `flag_key` (a JSON string, lent to `$flagd.flagKey`).
-    pub fn evaluate<'a>(&'a self, context: &'a Value, flag_key: &'a Value) -> Cow<'a, Value> {
+    /// whose key is `flag_key` (`$flagd.flagKey`).
+    pub fn evaluate<'a>(&'a self, context: &'a Value, flag_key: &'a str) -> Cow<'a, Value> {
         let env = Env {
             flag_key,
             root: context,
@@ -70,11 +70,13 @@ impl Node {
                     },
                 }
             }
-            Node::FlagKey => Cow::Borrowed(env.flag_key),
+            // made for the rare rule that reads the key as a value; `cat`
+            // and `fractional` read it without a copy
+            Node::FlagKey => owned(Value::String(env.flag_key.to_owned())),
             Node::Timestamp => owned(Value::from(unix_now())),
             Node::FlagdObject => {
                 let mut m = Map::new();
-                m.insert("flagKey".into(), env.flag_key.clone());
+                m.insert("flagKey".into(), Value::String(env.flag_key.to_owned()));
                 m.insert("timestamp".into(), Value::from(unix_now()));
                 owned(Value::Object(m))
             }
@@ -161,7 +163,10 @@ impl Node {
             Node::Cat(args) => {
                 let mut out = String::with_capacity(64);
                 for a in args.iter() {
-                    out.push_str(&to_string(&a.eval(data, env)));
+                    match a {
+                        Node::FlagKey => out.push_str(env.flag_key),
+                        a => out.push_str(&to_string(&a.eval(data, env))),
+                    }
                 }
                 owned(Value::String(out))
             }
@@ -499,7 +504,7 @@ mod tests {
 
     fn run(rule: Value, data: Value) -> Value {
         let r = compile(&rule, Strictness::Lenient).expect("rule compiles");
-        r.evaluate(&data, &json!("flag")).into_owned()
+        r.evaluate(&data, "flag").into_owned()
     }
 
     #[test]

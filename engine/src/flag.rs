@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::definition::{FlagDefinition, FlagState, FlagType};
 use crate::error::{CompileError, ErrorCode};
-use crate::intern::Interner;
+use crate::intern::{Interner, Names};
 use crate::resolution::{Metadata, Reason, Resolution, ValueType};
 use crate::rule::{self, Rule, Strictness};
 
@@ -15,6 +15,10 @@ use crate::rule::{self, Rule, Strictness};
 static RULES: std::sync::LazyLock<Interner<Rule>> = std::sync::LazyLock::new(Interner::new);
 /// Variants, shared between flags with the same ones.
 static VARIANTS: std::sync::LazyLock<Interner<Variants>> = std::sync::LazyLock::new(Interner::new);
+
+/// Metadata keys, shared between flags (a fleet uses a few keys on
+/// every flag).
+static METADATA_KEYS: std::sync::LazyLock<Names> = std::sync::LazyLock::new(Names::new);
 
 /// A flag's variants, in a small slice.
 type Variants = Box<[(Box<str>, Value)]>;
@@ -24,23 +28,23 @@ type Variants = Box<[(Box<str>, Value)]>;
 /// the metadata (the flag set's, shared, under the flag's own few entries).
 #[derive(Debug, Clone)]
 pub struct CompiledFlag {
-    key: Box<str>,
-    /// The key as a JSON string, lent to rules reading `$flagd.flagKey`.
-    key_value: Value,
+    /// The key (shared with whoever holds the flag by it).
+    key: Arc<str>,
     state: FlagState,
     flag_type: FlagType,
     /// Shared by every flag with the same variants.
     variants: Arc<Variants>,
     /// Index of the default variant in `variants`.
-    default_variant: Option<usize>,
+    default_variant: Option<u32>,
     /// `Ok(None)`: no targeting; `Err`: the targeting does not compile and
     /// every resolution fails with `PARSE_ERROR`.
     /// Shared by every flag with the same targeting.
-    rule: Result<Option<Arc<Rule>>, CompileError>,
+    rule: Result<Option<Arc<Rule>>, Box<CompileError>>,
     /// The flag set's metadata (shared by its flags).
     set_metadata: Arc<Map<String, Value>>,
-    /// The flag's own metadata, sorted by key (over the set's).
-    own_metadata: Box<[(Box<str>, Value)]>,
+    /// The flag's own metadata, sorted by key (over the set's); keys are
+    /// shared between flags.
+    own_metadata: Box<[(Arc<str>, Value)]>,
 }
 
 impl CompiledFlag {
@@ -50,13 +54,13 @@ impl CompiledFlag {
     /// strictly before they are stored, so this happens only to documents
     /// loaded leniently).
     pub fn new(key: &str, definition: FlagDefinition, set_metadata: &Map<String, Value>) -> Self {
-        Self::with_shared_metadata(key, definition, &Arc::new(set_metadata.clone()))
+        Self::with_shared_metadata(key.into(), definition, &Arc::new(set_metadata.clone()))
     }
 
-    /// Like [`CompiledFlag::new`], sharing the flag set's metadata when the
-    /// flag has none of its own.
+    /// Like [`CompiledFlag::new`], keeping `key` and the flag set's
+    /// metadata shared with their other holders.
     pub fn with_shared_metadata(
-        key: &str,
+        key: Arc<str>,
         definition: FlagDefinition,
         set_metadata: &Arc<Map<String, Value>>,
     ) -> Self {
@@ -71,24 +75,26 @@ impl CompiledFlag {
         } = definition;
         let rule = match &targeting {
             None => Ok(None),
-            Some(t) => rule::compile(t, Strictness::Lenient).map(|r| Some(RULES.share(t, r))),
+            Some(t) => rule::compile(t, Strictness::Lenient)
+                .map(|r| Some(RULES.share(t, r)))
+                .map_err(Box::new),
         };
         let shared: Variants = variants
             .iter()
             .map(|(k, v)| (k.as_str().into(), v.clone()))
             .collect();
         let variants = VARIANTS.share(&variants, shared);
-        let default_variant =
-            default_variant.and_then(|d| variants.iter().position(|(k, _)| **k == *d));
-        let mut own_metadata: Vec<(Box<str>, Value)> = own
+        let default_variant = default_variant
+            .and_then(|d| variants.iter().position(|(k, _)| **k == *d))
+            .and_then(|i| u32::try_from(i).ok());
+        let mut own_metadata: Vec<(Arc<str>, Value)> = own
             .into_iter()
-            .map(|(k, v)| (k.into_boxed_str(), v))
+            .map(|(k, v)| (METADATA_KEYS.share(&k), v))
             .collect();
         own_metadata.sort_by(|a, b| a.0.cmp(&b.0));
         own_metadata.dedup_by(|a, b| a.0 == b.0);
         Self {
-            key: key.into(),
-            key_value: Value::String(key.to_owned()),
+            key,
             state,
             flag_type,
             variants,
@@ -148,7 +154,7 @@ impl CompiledFlag {
                 self.metadata(),
             );
         }
-        let outcome = rule.evaluate(context, &self.key_value);
+        let outcome = rule.evaluate(context, &self.key);
         let name: &str = match outcome.as_ref() {
             Value::Null => return self.default_variant(Reason::Default),
             Value::Bool(true) => "true",
@@ -205,7 +211,9 @@ impl CompiledFlag {
     }
 
     fn default_variant(&self, reason: Reason) -> Resolution<'_> {
-        let found = self.default_variant.and_then(|i| self.variants.get(i));
+        let found = self
+            .default_variant
+            .and_then(|i| self.variants.get(usize::try_from(i).ok()?));
         Resolution {
             value: found.map(|(_, v)| v),
             variant: found.map(|(k, _)| &**k),

@@ -3,7 +3,7 @@
 //! the compiled flag, so a resolution allocates nothing on success.
 
 use std::borrow::Cow;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use serde_json::{Map, Value};
 
@@ -97,12 +97,12 @@ pub(crate) static EMPTY_METADATA: LazyLock<Map<String, Value>> = LazyLock::new(M
 #[derive(Debug, Clone, Copy)]
 pub struct Metadata<'a> {
     set: &'a Map<String, Value>,
-    own: &'a [(Box<str>, Value)],
+    own: &'a [(Arc<str>, Value)],
 }
 
 impl<'a> Metadata<'a> {
     /// The set's entries under `own` (sorted by key, each key once).
-    pub fn new(set: &'a Map<String, Value>, own: &'a [(Box<str>, Value)]) -> Self {
+    pub fn new(set: &'a Map<String, Value>, own: &'a [(Arc<str>, Value)]) -> Self {
         Self { set, own }
     }
 
@@ -252,7 +252,7 @@ mod metadata_tests {
     fn a_flags_own_entries_override_its_sets_and_each_key_appears_once() {
         let set = json!({"team": "web", "tier": 1, "region": "eu"});
         let set = set.as_object().cloned().unwrap_or_default();
-        let own: Vec<(Box<str>, Value)> =
+        let own: Vec<(Arc<str>, Value)> =
             vec![("owner".into(), json!("ana")), ("tier".into(), json!(2))];
         let m = Metadata::new(&set, &own);
         assert_eq!(m.get("tier"), Some(&json!(2)));

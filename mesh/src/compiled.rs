@@ -92,7 +92,8 @@ impl std::ops::Deref for Held {
 /// on first use and kept while the tier's budget allows.
 pub struct PopFlag {
     flag_set: Arc<str>,
-    key: Box<str>,
+    /// The key, shared with the set's map and the compiled form.
+    key: Arc<str>,
     mod_revision: u64,
     create_revision: u64,
     /// The definition, when the tier keeps definitions in memory.
@@ -160,6 +161,11 @@ impl PopFlag {
 
     /// The flag's key.
     pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The flag's key, to share.
+    pub fn shared_key(&self) -> &Arc<str> {
         &self.key
     }
 
@@ -311,7 +317,7 @@ pub struct SetState {
     /// The set's metadata.
     pub metadata: Arc<Map<String, Value>>,
     /// Its flags by key.
-    pub flags: HashMap<Box<str>, Arc<PopFlag>, Xxh3Builder>,
+    pub flags: HashMap<Arc<str>, Arc<PopFlag>, Xxh3Builder>,
     /// Its flags ordered by key, made on first use from `flags` as they are
     /// then (a set is not changed once shared): answers listing every
     /// flag, such as bulk evaluations, need not sort on each request.
@@ -322,7 +328,7 @@ impl SetState {
     /// A set of `flags` with `metadata`.
     pub fn new(
         metadata: Arc<Map<String, Value>>,
-        flags: HashMap<Box<str>, Arc<PopFlag>, Xxh3Builder>,
+        flags: HashMap<Arc<str>, Arc<PopFlag>, Xxh3Builder>,
     ) -> Self {
         Self {
             metadata,
@@ -376,7 +382,7 @@ pub fn compilations() -> u64 {
 
 fn compile(
     set: &str,
-    key: &str,
+    key: &Arc<str>,
     definition: &[u8],
     metadata: &Arc<Map<String, Value>>,
 ) -> Compiled {
@@ -387,7 +393,7 @@ fn compile(
             FlagDefinition::from_json(key, &v, &Map::new(), Strictness::Lenient)
                 .map_err(|e| e.to_string())
         })
-        .map(|d| CompiledFlag::with_shared_metadata(key, d, metadata));
+        .map(|d| CompiledFlag::with_shared_metadata(key.clone(), d, metadata));
     if let Err(e) = &compiled {
         tracing::warn!(flag_set = %set, key = %key, error = %e, "flag does not compile");
     }
@@ -427,7 +433,7 @@ impl PopState {
                 set: SetState::default(),
             });
             let flag = PopFlag::in_tier(f.clone(), b.set.metadata.clone(), &tier, Some(&b.name));
-            b.set.flags.insert(f.key.as_str().into(), Arc::new(flag));
+            b.set.flags.insert(flag.key.clone(), Arc::new(flag));
         }
         Self {
             history_id: s.history_id.clone(),
@@ -484,7 +490,7 @@ impl PopState {
             if let Some(b) = touched.get_mut(&f.flag_set) {
                 let flag =
                     PopFlag::in_tier(f.clone(), b.set.metadata.clone(), &self.tier, Some(&b.name));
-                b.set.flags.insert(f.key.as_str().into(), Arc::new(flag));
+                b.set.flags.insert(flag.key.clone(), Arc::new(flag));
             }
         }
         for (id, b) in touched {

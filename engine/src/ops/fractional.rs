@@ -68,19 +68,18 @@ impl Fractional {
                 Value::String(s) => murmur3(s.as_bytes()),
                 _ => return Cow::Owned(Value::Null),
             },
-            None => match (
-                env.root
-                    .get("targetingKey")
-                    .and_then(crate::context::targeting_key_text),
-                env.flag_key,
-            ) {
-                (Some(tk), Value::String(flag_key)) => {
-                    let mut key = String::with_capacity(flag_key.len() + tk.len());
-                    key.push_str(flag_key);
+            None => match env
+                .root
+                .get("targetingKey")
+                .and_then(crate::context::targeting_key_text)
+            {
+                Some(tk) => {
+                    let mut key = String::with_capacity(env.flag_key.len() + tk.len());
+                    key.push_str(env.flag_key);
                     key.push_str(&tk);
                     murmur3(key.as_bytes())
                 }
-                _ => return Cow::Owned(Value::Null),
+                None => return Cow::Owned(Value::Null),
             },
         };
         let index = match &self.fixed_cumulative {
