@@ -186,6 +186,8 @@ pub struct ReplicaStore {
     journal: Option<Journal>,
     /// A history an operator adopted: its snapshot may replace another.
     adopt: Mutex<Option<String>>,
+    /// The values' encoding, with the store's dictionary.
+    codec: stored::Codec,
 }
 
 const META: &[u8] = b"m:position";
@@ -309,8 +311,9 @@ impl ReplicaStore {
             }
             None => Position::default(),
         };
+        let codec = stored::Codec::open(&tree).map_err(|e| ApplyError::Storage(e.to_string()))?;
         let mut flag_hashes = HashMap::new();
-        let state = read_state(&tree, &position, None, definitions, |f| {
+        let state = read_state(&tree, &codec, &position, None, definitions, |f| {
             let id = flag_id(&f.flag_set, &f.key);
             flag_hashes.insert(id, flag_hash(&f.flag_set, &f.key, &f.definition_json));
         })?;
@@ -332,6 +335,7 @@ impl ReplicaStore {
             }),
             journal,
             adopt: Mutex::new(None),
+            codec,
         };
         Ok((store, state))
     }
@@ -515,7 +519,14 @@ impl ReplicaStore {
         definitions: Definitions,
     ) -> Result<SourceSnapshot, ApplyError> {
         let inner = self.lock();
-        read_state(&self.tree, &inner.position, sets, definitions, |_| {})
+        read_state(
+            &self.tree,
+            &self.codec,
+            &inner.position,
+            sets,
+            definitions,
+            |_| {},
+        )
     }
 
     /// What was recovered from the journal when the replica opened.
@@ -533,6 +544,23 @@ impl ReplicaStore {
 
     /// With the journal: journals `writes` (synced), then gives them to
     /// sled; without: gives them to sled as one batch.
+    /// The store's dictionary to make with a write of `flags`, its record
+    /// put first in `writes` (see [`stored::Codec::propose`]).
+    fn propose_dictionary<'a>(
+        &self,
+        flags: impl ExactSizeIterator<Item = &'a Flag>,
+        writes: &mut Writes,
+    ) -> Result<Option<Arc<stored::Dictionary>>, ApplyError> {
+        let fresh = self
+            .codec
+            .propose(&self.tree, flags)
+            .map_err(|e| ApplyError::Storage(e.to_string()))?;
+        if let Some(d) = &fresh {
+            writes.insert(stored::DICTIONARY_KEY, d.record());
+        }
+        Ok(fresh)
+    }
+
     fn persist(&self, writes: Writes) -> Result<(), ApplyError> {
         match &self.journal {
             Some(journal) => {
@@ -670,6 +698,8 @@ impl ReplicaStore {
             });
         }
         let mut writes = Writes::default();
+        let fresh = self.propose_dictionary(flags.iter(), &mut writes)?;
+        let dictionary = fresh.as_deref().or(self.codec.dictionary().map(|d| &**d));
         for kv in self
             .tree
             .scan_prefix(keys::FLAGS)
@@ -678,7 +708,10 @@ impl ReplicaStore {
             writes.remove(kv?.0);
         }
         for f in &flags {
-            writes.insert(keys::flag(&f.flag_set, &f.key), stored::encode_flag(f));
+            writes.insert(
+                keys::flag(&f.flag_set, &f.key),
+                stored::encode_flag_with(f, dictionary),
+            );
         }
         for s in &flag_sets {
             writes.insert(keys::flag_set(&s.id), s.encode_to_vec());
@@ -692,6 +725,9 @@ impl ReplicaStore {
         // a snapshot is the whole state of the scope it was asked for
         writes.insert(SCOPE, encode_scope(true, &inner.scope));
         self.persist(writes)?;
+        if let Some(d) = fresh {
+            self.codec.install(d);
+        }
         inner.needs_snapshot = false;
         inner.position = position.clone();
         inner.flag_hashes = flag_hashes;
@@ -729,6 +765,8 @@ impl ReplicaStore {
         let mut flag_changes: HashMap<FlagId, Option<u64>> = HashMap::new();
         let mut set_changes: Vec<(String, Option<u64>)> = Vec::new();
         let mut writes = Writes::default();
+        let fresh = self.propose_dictionary(d.upserts.iter(), &mut writes)?;
+        let dictionary = fresh.as_deref().or(self.codec.dictionary().map(|d| &**d));
         for r in &d.deletes {
             let id = flag_id(&r.flag_set, &r.key);
             if let Some(old) = current_hash(&flag_changes, &inner.flag_hashes, &id) {
@@ -742,7 +780,10 @@ impl ReplicaStore {
             let old = current_hash(&flag_changes, &inner.flag_hashes, &id);
             let new = flag_hash(&f.flag_set, &f.key, &f.definition_json);
             digest.replace(old, Some(new));
-            writes.insert(keys::flag(&f.flag_set, &f.key), stored::encode_flag(f));
+            writes.insert(
+                keys::flag(&f.flag_set, &f.key),
+                stored::encode_flag_with(f, dictionary),
+            );
             flag_changes.insert(id, Some(new));
         }
         for s in &d.flag_set_deletes {
@@ -774,6 +815,9 @@ impl ReplicaStore {
         };
         writes.insert(META, encode_position(&position));
         self.persist(writes)?;
+        if let Some(d) = fresh {
+            self.codec.install(d);
+        }
         inner.position = position;
         for (id, h) in flag_changes {
             match h {
@@ -806,6 +850,7 @@ impl ReplicaStore {
 /// read, and keeps its definition only with [`Definitions::Read`].
 fn read_state(
     tree: &sled::Tree,
+    codec: &stored::Codec,
     position: &Position,
     sets: Option<&HashSet<String>>,
     definitions: Definitions,
@@ -821,7 +866,9 @@ fn read_state(
     let mut flags = Vec::new();
     for prefix in flag_prefixes {
         for kv in tree.scan_prefix(prefix) {
-            let mut flag = stored::decode_flag(kv?.1.as_ref()).map_err(|e| storage(&e))?;
+            let mut flag = codec
+                .decode(kv?.1.as_ref(), tree)
+                .map_err(|e| storage(&e))?;
             each(&flag);
             if definitions == Definitions::Left {
                 flag.definition_json = Vec::new();
@@ -1171,6 +1218,67 @@ mod tests {
         let (r, state) = ReplicaStore::open_with_state(dir.path(), true).expect("reopen");
         assert_eq!(state.flags, [a.clone(), b.clone()], "both forms read back");
         assert_eq!(r.position().digest, digest_of(&[a, b]));
+    }
+
+    #[test]
+    fn a_store_makes_its_dictionary_from_its_first_flags_and_reads_back_through_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet: Vec<Flag> = (0..40)
+            .map(|i| {
+                flag(
+                    &format!("flag-{i:02}"),
+                    &format!(
+                        r#"{{"defaultVariant":"off","metadata":{{"owner":"team-{}"}},"state":"ENABLED","targeting":{{"if":[{{"in":[{{"var":"country"}},["NL","DE"]]}},"on",{{"fractional":[["on",{}],["off",100]]}}]}},"variants":{{"off":false,"on":true}}}}"#,
+                        i % 5,
+                        i % 50
+                    ),
+                    1,
+                )
+            })
+            .collect();
+        let late = flag(
+            "late",
+            r#"{"defaultVariant":"on","state":"ENABLED","targeting":{"if":[{"in":[{"var":"country"},["FR"]]},"off","on"]},"variants":{"off":false,"on":true}}"#,
+            2,
+        );
+        let mut all = fleet.clone();
+        all.push(late.clone());
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        {
+            let r = ReplicaStore::open(dir.path(), true).expect("open");
+            assert!(r.apply(snapshot(1, fleet.clone())).is_ok());
+            let dictionary = r.tree().get(stored::DICTIONARY_KEY).expect("get");
+            assert!(dictionary.is_some(), "made with the first flags");
+            let held = |key: &str| {
+                r.tree()
+                    .get(keys::flag("s", key))
+                    .expect("get")
+                    .expect("held")
+            };
+            assert_eq!(held("flag-07")[0], 0x02);
+            assert!(held("flag-07").len() * 2 < stored::encode_flag(&fleet[7]).len());
+            let d = delta(1, vec![late.clone()], &[], &all);
+            assert!(matches!(r.apply(d), Ok(Applied::Delta(_))));
+            assert_eq!(held("late")[0], 0x02, "later flags use the same one");
+            assert_eq!(
+                r.tree().get(stored::DICTIONARY_KEY).expect("get"),
+                dictionary,
+                "never replaced"
+            );
+            // a snapshot replacing every flag keeps it too
+            assert!(r.apply(snapshot(3, all.clone())).is_ok());
+            assert_eq!(
+                r.tree().get(stored::DICTIONARY_KEY).expect("get"),
+                dictionary
+            );
+        }
+        let (r, state) = ReplicaStore::open_with_state(dir.path(), true).expect("reopen");
+        assert_eq!(state.flags, all, "read back whole");
+        assert_eq!(r.position().digest, digest_of(&all));
+        // a tier reading definitions from the tree finds the dictionary
+        let tier = crate::tier::Tier::new(Some(r.tree()), None, Vec::new());
+        let read = tier.read("s", "flag-07").expect("read").expect("held");
+        assert_eq!(read, fleet[7]);
     }
 
     #[test]

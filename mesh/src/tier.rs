@@ -38,6 +38,8 @@ pub struct Tier {
     in_store: bool,
     /// The store, until [`Tier::close`] lets go of it.
     store: arc_swap::ArcSwapOption<sled::Tree>,
+    /// Decodes what the store holds (its dictionary read on first need).
+    codec: stored::Codec,
     budget: usize,
     /// Hot flags: keys by set (looked up without building a key).
     hot: HashMap<String, HashSet<String>>,
@@ -147,6 +149,7 @@ impl Tier {
         Self {
             in_store: store.is_some(),
             store: arc_swap::ArcSwapOption::from_pointee(store),
+            codec: stored::Codec::default(),
             budget: budget.unwrap_or(usize::MAX),
             hot: hot.into_iter().fold(HashMap::new(), |mut m, (set, key)| {
                 m.entry(set).or_insert_with(HashSet::new).insert(key);
@@ -216,7 +219,11 @@ impl Tier {
             .get(keys::flag(set, key))
             .map_err(|e| Uncompiled::Store(e.to_string()))?;
         bytes
-            .map(|b| stored::decode_flag(b.as_ref()).map_err(|e| Uncompiled::Store(e.to_string())))
+            .map(|b| {
+                self.codec
+                    .decode(b.as_ref(), &tree)
+                    .map_err(|e| Uncompiled::Store(e.to_string()))
+            })
             .transpose()
     }
 
