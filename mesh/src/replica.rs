@@ -113,12 +113,10 @@ pub struct Position {
     pub digest: u64,
 }
 
-/// A flag's entry in a replica's index of flag hashes: a 128-bit hash of
-/// its set and key, 16 bytes where the two strings took about 100 (the
-/// index holds every flag). Two of a replica's flags would share an entry
-/// with odds of about 1 in 10^29 at 100,000 flags; even then the digest
-/// check catches it and the replica resyncs by snapshot, whose digest is
-/// taken over the flags themselves.
+/// A flag among those one delta touches: a 128-bit hash of its set and
+/// key. Two flags of a delta would share one with odds of about 1 in 10^29
+/// at 100,000 flags; even then the digest check catches it and the replica
+/// resyncs by snapshot, whose digest is taken over the flags themselves.
 type FlagId = u128;
 
 fn flag_id(set: &str, key: &str) -> FlagId {
@@ -131,7 +129,8 @@ fn flag_id(set: &str, key: &str) -> FlagId {
 
 struct Inner {
     position: Position,
-    flag_hashes: HashMap<FlagId, u64>,
+    /// How many flags the store holds.
+    flags: usize,
     set_hashes: HashMap<String, u64>,
     pending: Vec<Snapshot>,
     /// The flag sets followed (empty: every set), sorted.
@@ -230,19 +229,6 @@ pub fn digest_of(state: &SourceSnapshot) -> u64 {
     .0
 }
 
-/// A flag's hash as of the part of a delta applied so far: what the delta
-/// already set it to, else what the replica holds.
-fn current_hash(
-    changed: &HashMap<FlagId, Option<u64>>,
-    held: &HashMap<FlagId, u64>,
-    id: &FlagId,
-) -> Option<u64> {
-    match changed.get(id) {
-        Some(h) => *h,
-        None => held.get(id).copied(),
-    }
-}
-
 /// The digest contribution of a flag set's metadata.
 pub fn set_hash(set: &FlagSet) -> u64 {
     let md = set.metadata.as_ref().map(struct_to_map).unwrap_or_default();
@@ -312,11 +298,7 @@ impl ReplicaStore {
             None => Position::default(),
         };
         let codec = stored::Codec::open(&tree).map_err(|e| ApplyError::Storage(e.to_string()))?;
-        let mut flag_hashes = HashMap::new();
-        let state = read_state(&tree, &codec, &position, None, definitions, |f| {
-            let id = flag_id(&f.flag_set, &f.key);
-            flag_hashes.insert(id, flag_hash(&f.flag_set, &f.key, &f.definition_json));
-        })?;
+        let state = read_state(&tree, &codec, &position, None, definitions)?;
         let set_hashes = state
             .flag_sets
             .iter()
@@ -327,7 +309,7 @@ impl ReplicaStore {
             tree,
             inner: Mutex::new(Inner {
                 position,
-                flag_hashes,
+                flags: state.flags.len(),
                 set_hashes,
                 pending: Vec::new(),
                 scope: Vec::new(),
@@ -436,19 +418,17 @@ impl ReplicaStore {
         let keep = |set: &str| new.is_empty() || new.iter().any(|s| s == set);
         let mut digest = StateDigest(inner.position.digest);
         let mut writes = Writes::default();
-        // the index holds no names: the sets left out are found in the store
+        // the flags of the sets left out, and their hashes, from the store
         let mut flags_out = 0usize;
         for kv in self.tree.scan_prefix(keys::FLAGS) {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
             let Some((set, key)) = keys::parse_flag(&k) else {
                 continue;
             };
             if keep(set) {
                 continue;
             }
-            if let Some(h) = inner.flag_hashes.remove(&flag_id(set, key)) {
-                digest.remove(h);
-            }
+            digest.remove(self.hash_of(set, key, &v)?);
             writes.remove(k);
             flags_out += 1;
         }
@@ -468,6 +448,7 @@ impl ReplicaStore {
         writes.insert(META, encode_position(&inner.position));
         writes.insert(SCOPE, encode_scope(covered, &new));
         self.persist(writes)?;
+        inner.flags -= flags_out;
         inner.needs_snapshot = !covered;
         tracing::info!(
             from = ?held,
@@ -492,7 +473,7 @@ impl ReplicaStore {
 
     /// How many flags the replica holds.
     pub fn flag_count(&self) -> usize {
-        self.lock().flag_hashes.len()
+        self.lock().flags
     }
 
     /// Where the replica stands.
@@ -519,14 +500,7 @@ impl ReplicaStore {
         definitions: Definitions,
     ) -> Result<SourceSnapshot, ApplyError> {
         let inner = self.lock();
-        read_state(
-            &self.tree,
-            &self.codec,
-            &inner.position,
-            sets,
-            definitions,
-            |_| {},
-        )
+        read_state(&self.tree, &self.codec, &inner.position, sets, definitions)
     }
 
     /// What was recovered from the journal when the replica opened.
@@ -559,6 +533,36 @@ impl ReplicaStore {
             writes.insert(stored::DICTIONARY_KEY, d.record());
         }
         Ok(fresh)
+    }
+
+    /// Whether the store held flag (set, key) before a delta, and its hash
+    /// as of the part of the delta applied so far: what the delta already
+    /// set it to, else that of the flag the store holds.
+    fn current_hash(
+        &self,
+        changed: &HashMap<FlagId, (bool, Option<u64>)>,
+        id: &FlagId,
+        set: &str,
+        key: &str,
+    ) -> Result<(bool, Option<u64>), ApplyError> {
+        if let Some(change) = changed.get(id) {
+            return Ok(*change);
+        }
+        let stored = self
+            .tree
+            .get(keys::flag(set, key))?
+            .map(|v| self.hash_of(set, key, &v))
+            .transpose()?;
+        Ok((stored.is_some(), stored))
+    }
+
+    /// The hash of flag (set, key) stored as `value`.
+    fn hash_of(&self, set: &str, key: &str, value: &[u8]) -> Result<u64, ApplyError> {
+        let f = self
+            .codec
+            .decode(value, &self.tree)
+            .map_err(|e| ApplyError::Storage(e.to_string()))?;
+        Ok(flag_hash(set, key, &f.definition_json))
     }
 
     fn persist(&self, writes: Writes) -> Result<(), ApplyError> {
@@ -666,28 +670,17 @@ impl ReplicaStore {
             .iter()
             .flat_map(|c| c.flag_sets.iter().cloned())
             .collect();
-        let hashes: Vec<(FlagId, u64)> = flags
-            .iter()
-            .map(|f| {
-                (
-                    flag_id(&f.flag_set, &f.key),
-                    flag_hash(&f.flag_set, &f.key, &f.definition_json),
-                )
-            })
-            .collect();
         let set_hashes: HashMap<String, u64> = flag_sets
             .iter()
             .map(|s| (s.id.clone(), set_hash(s)))
             .collect();
-        // over the flags themselves, not the index (see `FlagId`)
         let digest = StateDigest::of(
-            hashes
+            flags
                 .iter()
-                .map(|(_, h)| *h)
+                .map(|f| flag_hash(&f.flag_set, &f.key, &f.definition_json))
                 .chain(set_hashes.values().copied()),
         )
         .0;
-        let flag_hashes: HashMap<FlagId, u64> = hashes.into_iter().collect();
         if let Some(expected) = chunk.digest
             && digest != expected
         {
@@ -730,7 +723,7 @@ impl ReplicaStore {
         }
         inner.needs_snapshot = false;
         inner.position = position.clone();
-        inner.flag_hashes = flag_hashes;
+        inner.flags = flags.len();
         inner.set_hashes = set_hashes;
         Ok(Applied::Snapshot(Arc::new(SourceSnapshot {
             history_id: position.history_id,
@@ -761,30 +754,32 @@ impl ReplicaStore {
             });
         }
         let mut digest = StateDigest(inner.position.digest);
-        // each flag's hash after this delta (None: deleted), by flag
-        let mut flag_changes: HashMap<FlagId, Option<u64>> = HashMap::new();
+        // each flag the delta touches: whether the store held it before,
+        // and its hash after the delta so far (None: deleted)
+        let mut flag_changes: HashMap<FlagId, (bool, Option<u64>)> = HashMap::new();
         let mut set_changes: Vec<(String, Option<u64>)> = Vec::new();
         let mut writes = Writes::default();
         let fresh = self.propose_dictionary(d.upserts.iter(), &mut writes)?;
         let dictionary = fresh.as_deref().or(self.codec.dictionary().map(|d| &**d));
         for r in &d.deletes {
             let id = flag_id(&r.flag_set, &r.key);
-            if let Some(old) = current_hash(&flag_changes, &inner.flag_hashes, &id) {
+            let (held, old) = self.current_hash(&flag_changes, &id, &r.flag_set, &r.key)?;
+            if let Some(old) = old {
                 digest.remove(old);
             }
             writes.remove(keys::flag(&r.flag_set, &r.key));
-            flag_changes.insert(id, None);
+            flag_changes.insert(id, (held, None));
         }
         for f in &d.upserts {
             let id = flag_id(&f.flag_set, &f.key);
-            let old = current_hash(&flag_changes, &inner.flag_hashes, &id);
+            let (held, old) = self.current_hash(&flag_changes, &id, &f.flag_set, &f.key)?;
             let new = flag_hash(&f.flag_set, &f.key, &f.definition_json);
             digest.replace(old, Some(new));
             writes.insert(
                 keys::flag(&f.flag_set, &f.key),
                 stored::encode_flag_with(f, dictionary),
             );
-            flag_changes.insert(id, Some(new));
+            flag_changes.insert(id, (held, Some(new)));
         }
         for s in &d.flag_set_deletes {
             if let Some(old) = inner.set_hashes.get(s) {
@@ -808,6 +803,13 @@ impl ReplicaStore {
                 computed: digest.0,
             });
         }
+        let (added, removed) = flag_changes
+            .values()
+            .fold((0, 0), |(a, r), change| match change {
+                (false, Some(_)) => (a + 1, r),
+                (true, None) => (a, r + 1),
+                _ => (a, r),
+            });
         let position = Position {
             history_id: d.history_id.clone(),
             revision: d.to_revision,
@@ -819,12 +821,7 @@ impl ReplicaStore {
             self.codec.install(d);
         }
         inner.position = position;
-        for (id, h) in flag_changes {
-            match h {
-                Some(h) => inner.flag_hashes.insert(id, h),
-                None => inner.flag_hashes.remove(&id),
-            };
-        }
+        inner.flags = inner.flags + added - removed;
         for (id, h) in set_changes {
             match h {
                 Some(h) => inner.set_hashes.insert(id, h),
@@ -854,7 +851,6 @@ fn read_state(
     position: &Position,
     sets: Option<&HashSet<String>>,
     definitions: Definitions,
-    mut each: impl FnMut(&Flag),
 ) -> Result<SourceSnapshot, ApplyError> {
     let storage = |e: &dyn std::fmt::Display| ApplyError::Storage(e.to_string());
     let mut sorted: Vec<&String> = sets.into_iter().flatten().collect();
@@ -869,7 +865,6 @@ fn read_state(
             let mut flag = codec
                 .decode(kv?.1.as_ref(), tree)
                 .map_err(|e| storage(&e))?;
-            each(&flag);
             if definitions == Definitions::Left {
                 flag.definition_json = Vec::new();
             }
@@ -985,6 +980,43 @@ mod tests {
                 ..Default::default()
             })),
         }
+    }
+
+    #[test]
+    fn deltas_keep_the_count_and_the_digest_from_the_stored_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b, c) = (flag("a", "1", 1), flag("b", "2", 1), flag("c", "3", 2));
+        {
+            let r = ReplicaStore::open(dir.path(), true).expect("open");
+            assert!(r.apply(snapshot(1, vec![a.clone(), b.clone()])).is_ok());
+            assert_eq!(r.flag_count(), 2);
+            // one added, one replaced, one deleted: each old hash is the
+            // stored flag's, or the sender's digest would not match
+            let a2 = flag("a", "4", 2);
+            let d = delta(
+                1,
+                vec![c.clone(), a2.clone()],
+                &["b"],
+                &[a2.clone(), c.clone()],
+            );
+            assert!(matches!(r.apply(d), Ok(Applied::Delta(_))));
+            assert_eq!(r.flag_count(), 2);
+            // deleted and written again in one delta, and a delete of a
+            // flag the store does not hold
+            let c3 = flag("c", "5", 3);
+            let d = delta(2, vec![c3.clone()], &["c", "zz"], &[a2.clone(), c3.clone()]);
+            assert!(matches!(r.apply(d), Ok(Applied::Delta(_))));
+            assert_eq!(r.flag_count(), 2);
+            // a sender whose digest counts the old definition is refused
+            let d = delta(3, vec![flag("a", "6", 4)], &[], &[a2.clone(), c3.clone()]);
+            assert!(matches!(r.apply(d), Err(ApplyError::DigestMismatch { .. })));
+            assert_eq!(r.position().digest, digest_of(&[a2.clone(), c3.clone()]));
+        }
+        let r = ReplicaStore::open(dir.path(), true).expect("reopen");
+        assert_eq!(r.flag_count(), 2);
+        let d = delta(3, vec![], &["a"], &[flag("c", "5", 3)]);
+        assert!(matches!(r.apply(d), Ok(Applied::Delta(_))));
+        assert_eq!(r.flag_count(), 1);
     }
 
     #[test]
@@ -1282,7 +1314,7 @@ mod tests {
     }
 
     #[test]
-    fn opened_without_definitions_the_state_has_none_and_the_index_is_whole() {
+    fn opened_without_definitions_the_state_has_none_and_the_digest_stays_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (a, b) = (flag("a", "1", 1), flag("b", "2", 1));
         {
@@ -1298,8 +1330,8 @@ mod tests {
             .collect();
         assert_eq!(held, [("a", 1, 0), ("b", 1, 0)]);
         assert_eq!(state.digest, digest_of(&[a.clone(), b.clone()]));
-        // the index of flag hashes was made from the definitions: a delta
-        // replacing one is checked against the sender's digest
+        // the hash a delta replaces is taken from the stored definition: a
+        // delta replacing one is checked against the sender's digest
         let a2 = flag("a", "3", 2);
         let d = delta(1, vec![a2.clone()], &[], &[a2.clone(), b.clone()]);
         assert!(matches!(r.apply(d), Ok(Applied::Delta(_))));
