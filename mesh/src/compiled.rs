@@ -91,15 +91,14 @@ impl std::ops::Deref for Held {
 /// read from the store through its [`Tier`]), and its compiled form, made
 /// on first use and kept while the tier's budget allows.
 pub struct PopFlag {
-    flag_set: Arc<str>,
+    /// Its set's name and metadata, and the tier it is kept in.
+    set: Arc<SetShared>,
     /// The key, shared with the set's map and the compiled form.
     key: Arc<str>,
     mod_revision: u64,
     create_revision: u64,
     /// The definition, when the tier keeps definitions in memory.
     definition: Option<Box<[u8]>>,
-    set_metadata: Arc<Map<String, Value>>,
-    tier: Arc<Tier>,
     compiled: ArcSwapOption<Held>,
     /// Used since the tier's clock hand last passed.
     referenced: AtomicBool,
@@ -111,7 +110,7 @@ pub struct PopFlag {
 impl std::fmt::Debug for PopFlag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PopFlag")
-            .field("flag_set", &self.flag_set)
+            .field("flag_set", &self.set.name)
             .field("key", &self.key)
             .field("mod_revision", &self.mod_revision)
             .field("compiled", &self.is_compiled())
@@ -123,37 +122,23 @@ impl PopFlag {
     /// A flag of a set with `set_metadata`, not compiled yet, with its
     /// definition held in memory (for flags evaluated outside a replica).
     pub fn new(stored: Flag, set_metadata: Arc<Map<String, Value>>) -> Self {
-        Self::in_tier(stored, set_metadata, &Tier::held(), None)
+        let set = SetShared::new(stored.flag_set.as_str().into(), set_metadata, Tier::held());
+        Self::in_set(&stored, &set)
     }
 
-    /// A flag kept as `tier` keeps flags; `set_name` shares the set's name.
-    pub fn in_tier(
-        stored: Flag,
-        set_metadata: Arc<Map<String, Value>>,
-        tier: &Arc<Tier>,
-        set_name: Option<&Arc<str>>,
-    ) -> Self {
-        let Flag {
-            flag_set,
-            key,
-            definition_json,
-            mod_revision,
-            create_revision,
-        } = stored;
+    /// A flag of `set` (whose name it has), kept as the set's tier keeps
+    /// flags.
+    fn in_set(stored: &Flag, set: &Arc<SetShared>) -> Self {
         Self {
-            pinned: tier.is_hot(&flag_set, &key),
-            flag_set: match set_name {
-                Some(n) if **n == *flag_set => n.clone(),
-                _ => flag_set.into(),
-            },
-            key: key.into(),
-            mod_revision,
-            create_revision,
-            definition: tier
+            pinned: set.tier.is_hot(&set.name, &stored.key),
+            set: set.clone(),
+            key: stored.key.as_str().into(),
+            mod_revision: stored.mod_revision,
+            create_revision: stored.create_revision,
+            definition: set
+                .tier
                 .holds_definitions()
-                .then(|| definition_json.into_boxed_slice()),
-            set_metadata,
-            tier: tier.clone(),
+                .then(|| stored.definition_json.as_slice().into()),
             compiled: ArcSwapOption::empty(),
             referenced: AtomicBool::new(false),
         }
@@ -171,7 +156,7 @@ impl PopFlag {
 
     /// The flag's set.
     pub fn flag_set(&self) -> &str {
-        &self.flag_set
+        &self.set.name
     }
 
     /// The revision that last changed the flag.
@@ -185,7 +170,7 @@ impl PopFlag {
         if let Some(d) = &self.definition {
             return Ok((Cow::Borrowed(d), self.mod_revision));
         }
-        match self.tier.read(&self.flag_set, &self.key)? {
+        match self.set.tier.read(&self.set.name, &self.key)? {
             Some(f) => Ok((Cow::Owned(f.definition_json), f.mod_revision)),
             None => Err(Uncompiled::Store(
                 "the flag was deleted while this state was served".into(),
@@ -198,7 +183,7 @@ impl PopFlag {
     pub fn stored(&self) -> Result<Flag, Uncompiled> {
         let (definition, mod_revision) = self.definition()?;
         Ok(Flag {
-            flag_set: self.flag_set.to_string(),
+            flag_set: self.set.name.to_string(),
             key: self.key.to_string(),
             definition_json: definition.into_owned(),
             mod_revision,
@@ -206,16 +191,15 @@ impl PopFlag {
         })
     }
 
-    /// The same flag under another set metadata, not compiled yet.
-    fn with_metadata(&self, set_metadata: Arc<Map<String, Value>>) -> Self {
+    /// The same flag in `set` (its set under other metadata), not compiled
+    /// yet.
+    fn with_set(&self, set: Arc<SetShared>) -> Self {
         Self {
-            flag_set: self.flag_set.clone(),
+            set,
             key: self.key.clone(),
             mod_revision: self.mod_revision,
             create_revision: self.create_revision,
             definition: self.definition.clone(),
-            set_metadata,
-            tier: self.tier.clone(),
             compiled: ArcSwapOption::empty(),
             referenced: AtomicBool::new(false),
             pinned: self.pinned,
@@ -236,8 +220,8 @@ impl PopFlag {
     fn compiled_at(self: &Arc<Self>) -> (HeldGuard, u64) {
         let held = self.compiled.load();
         if held.is_some() {
-            if self.tier.is_bounded() {
-                self.tier.hit();
+            if self.set.tier.is_bounded() {
+                self.set.tier.hit();
                 if !self.referenced.load(Ordering::Relaxed) {
                     self.referenced.store(true, Ordering::Relaxed);
                 }
@@ -255,7 +239,7 @@ impl PopFlag {
                     estimated_size(d.len())
                 };
                 let held = Arc::new(Held::new(
-                    compile(&self.flag_set, &self.key, &d, &self.set_metadata),
+                    compile(&self.set.name, &self.key, &d, &self.set.metadata),
                     charged,
                 ));
                 // a newer revision read back is answered, never kept here
@@ -269,7 +253,7 @@ impl PopFlag {
                 self.mod_revision,
             ),
         };
-        self.tier.missed(started);
+        self.set.tier.missed(started);
         compiled
     }
 
@@ -279,7 +263,7 @@ impl PopFlag {
             .compiled
             .compare_and_swap(&None::<Arc<Held>>, Some(held.clone()));
         if before.is_none() {
-            self.tier.admit(self, held.charged);
+            self.set.tier.admit(self, held.charged);
         }
     }
 
@@ -297,7 +281,7 @@ impl PopFlag {
     pub(crate) fn drop_compiled(&self) -> bool {
         match self.compiled.swap(None) {
             Some(held) => {
-                self.tier.release(held.charged);
+                self.set.tier.release(held.charged);
                 true
             }
             None => false,
@@ -308,6 +292,25 @@ impl PopFlag {
 impl Drop for PopFlag {
     fn drop(&mut self) {
         self.drop_compiled();
+    }
+}
+
+/// What every flag of a set shares: the set's name and metadata, and the
+/// tier its flags are kept in (one pointer in each flag instead of three).
+#[derive(Debug)]
+struct SetShared {
+    name: Arc<str>,
+    metadata: Arc<Map<String, Value>>,
+    tier: Arc<Tier>,
+}
+
+impl SetShared {
+    fn new(name: Arc<str>, metadata: Arc<Map<String, Value>>, tier: Arc<Tier>) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            metadata,
+            tier,
+        })
     }
 }
 
@@ -404,9 +407,9 @@ fn metadata_of(set: &FlagSet) -> Arc<Map<String, Value>> {
     Arc::new(set.metadata.as_ref().map(struct_to_map).unwrap_or_default())
 }
 
-/// A set being rebuilt: its name (shared by its flags) and contents.
+/// A set being rebuilt: what its flags share, and its contents.
 struct Building {
-    name: Arc<str>,
+    shared: Arc<SetShared>,
     set: SetState,
 }
 
@@ -422,17 +425,23 @@ impl PopState {
             .flag_sets
             .iter()
             .map(|fs| {
-                let set = SetState::new(metadata_of(fs), HashMap::default());
-                let name = fs.id.as_str().into();
-                (fs.id.clone(), Building { name, set })
+                let metadata = metadata_of(fs);
+                let shared = SetShared::new(fs.id.as_str().into(), metadata.clone(), tier.clone());
+                let set = SetState::new(metadata, HashMap::default());
+                (fs.id.clone(), Building { shared, set })
             })
             .collect();
         for f in &s.flags {
-            let b = sets.entry(f.flag_set.clone()).or_insert_with(|| Building {
-                name: f.flag_set.as_str().into(),
-                set: SetState::default(),
+            let b = sets.entry(f.flag_set.clone()).or_insert_with(|| {
+                let set = SetState::default();
+                let shared = SetShared::new(
+                    f.flag_set.as_str().into(),
+                    set.metadata.clone(),
+                    tier.clone(),
+                );
+                Building { shared, set }
             });
-            let flag = PopFlag::in_tier(f.clone(), b.set.metadata.clone(), &tier, Some(&b.name));
+            let flag = PopFlag::in_set(f, &b.shared);
             b.set.flags.insert(flag.key.clone(), Arc::new(flag));
         }
         Self {
@@ -458,12 +467,11 @@ impl PopState {
                     .get(id)
                     .map(|s| SetState::new(s.metadata.clone(), s.flags.clone()))
                     .unwrap_or_default();
-                let name = set
-                    .flags
-                    .values()
-                    .next()
-                    .map_or_else(|| id.into(), |f| f.flag_set.clone());
-                touched.insert(id.to_owned(), Building { name, set });
+                let shared = set.flags.values().next().map_or_else(
+                    || SetShared::new(id.into(), set.metadata.clone(), self.tier.clone()),
+                    |f| f.set.clone(),
+                );
+                touched.insert(id.to_owned(), Building { shared, set });
             }
         };
         for id in &d.flag_set_deletes {
@@ -473,9 +481,14 @@ impl PopState {
             take(&fs.id, &sets, &mut touched);
             if let Some(b) = touched.get_mut(&fs.id) {
                 b.set.metadata = metadata_of(fs);
+                b.shared = SetShared::new(
+                    b.shared.name.clone(),
+                    b.set.metadata.clone(),
+                    self.tier.clone(),
+                );
                 // merged metadata changed: the set's flags compile anew
                 for f in b.set.flags.values_mut() {
-                    *f = Arc::new(f.with_metadata(b.set.metadata.clone()));
+                    *f = Arc::new(f.with_set(b.shared.clone()));
                 }
             }
         }
@@ -488,8 +501,7 @@ impl PopState {
         for f in &d.upserts {
             take(&f.flag_set, &sets, &mut touched);
             if let Some(b) = touched.get_mut(&f.flag_set) {
-                let flag =
-                    PopFlag::in_tier(f.clone(), b.set.metadata.clone(), &self.tier, Some(&b.name));
+                let flag = PopFlag::in_set(f, &b.shared);
                 b.set.flags.insert(flag.key.clone(), Arc::new(flag));
             }
         }
