@@ -516,8 +516,6 @@ impl ReplicaStore {
         self.journal.as_ref().map(Journal::checkpoints).unwrap_or(0)
     }
 
-    /// With the journal: journals `writes` (synced), then gives them to
-    /// sled; without: gives them to sled as one batch.
     /// The store's dictionary to make with a write of `flags`, its record
     /// put first in `writes` (see [`stored::Codec::propose`]).
     fn propose_dictionary<'a>(
@@ -565,6 +563,8 @@ impl ReplicaStore {
         Ok(flag_hash(set, key, &f.definition_json))
     }
 
+    /// With the journal: journals `writes` (synced), then gives them to
+    /// sled; without: gives them to sled as one batch.
     fn persist(&self, writes: Writes) -> Result<(), ApplyError> {
         match &self.journal {
             Some(journal) => {
