@@ -516,13 +516,18 @@ impl ReplicaStore {
         self.journal.as_ref().map(Journal::checkpoints).unwrap_or(0)
     }
 
-    /// The store's dictionary to make with a write of `flags`, its record
-    /// put first in `writes` (see [`stored::Codec::propose`]).
-    fn propose_dictionary<'a>(
+    /// The dictionary to compress a write of `flags` with: the store's,
+    /// else one made for it (see [`stored::Codec::propose`]), whose record
+    /// is put first in `writes`. [`stored::Codec::install`] it once the
+    /// write is kept.
+    fn dictionary_for<'a>(
         &self,
         flags: impl ExactSizeIterator<Item = &'a Flag>,
         writes: &mut Writes,
     ) -> Result<Option<Arc<stored::Dictionary>>, ApplyError> {
+        if let Some(d) = self.codec.dictionary() {
+            return Ok(Some(d.clone()));
+        }
         let fresh = self
             .codec
             .propose(&self.tree, flags)
@@ -691,8 +696,7 @@ impl ReplicaStore {
             });
         }
         let mut writes = Writes::default();
-        let fresh = self.propose_dictionary(flags.iter(), &mut writes)?;
-        let dictionary = fresh.as_deref().or(self.codec.dictionary().map(|d| &**d));
+        let dictionary = self.dictionary_for(flags.iter(), &mut writes)?;
         for kv in self
             .tree
             .scan_prefix(keys::FLAGS)
@@ -703,7 +707,7 @@ impl ReplicaStore {
         for f in &flags {
             writes.insert(
                 keys::flag(&f.flag_set, &f.key),
-                stored::encode_flag_with(f, dictionary),
+                stored::encode_flag_with(f, dictionary.as_deref()),
             );
         }
         for s in &flag_sets {
@@ -718,7 +722,7 @@ impl ReplicaStore {
         // a snapshot is the whole state of the scope it was asked for
         writes.insert(SCOPE, encode_scope(true, &inner.scope));
         self.persist(writes)?;
-        if let Some(d) = fresh {
+        if let Some(d) = dictionary {
             self.codec.install(d);
         }
         inner.needs_snapshot = false;
@@ -759,8 +763,7 @@ impl ReplicaStore {
         let mut flag_changes: HashMap<FlagId, (bool, Option<u64>)> = HashMap::new();
         let mut set_changes: Vec<(String, Option<u64>)> = Vec::new();
         let mut writes = Writes::default();
-        let fresh = self.propose_dictionary(d.upserts.iter(), &mut writes)?;
-        let dictionary = fresh.as_deref().or(self.codec.dictionary().map(|d| &**d));
+        let dictionary = self.dictionary_for(d.upserts.iter(), &mut writes)?;
         for r in &d.deletes {
             let id = flag_id(&r.flag_set, &r.key);
             let (held, old) = self.current_hash(&flag_changes, &id, &r.flag_set, &r.key)?;
@@ -777,7 +780,7 @@ impl ReplicaStore {
             digest.replace(old, Some(new));
             writes.insert(
                 keys::flag(&f.flag_set, &f.key),
-                stored::encode_flag_with(f, dictionary),
+                stored::encode_flag_with(f, dictionary.as_deref()),
             );
             flag_changes.insert(id, (held, Some(new)));
         }
@@ -817,7 +820,7 @@ impl ReplicaStore {
         };
         writes.insert(META, encode_position(&position));
         self.persist(writes)?;
-        if let Some(d) = fresh {
+        if let Some(d) = dictionary {
             self.codec.install(d);
         }
         inner.position = position;

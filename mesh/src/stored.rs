@@ -167,7 +167,8 @@ impl Codec {
         Ok(Dictionary::sample(flags).map(Arc::new))
     }
 
-    /// Takes `d` as the store's dictionary (kept now).
+    /// Takes `d` as the store's dictionary (kept now); the one it has
+    /// stays once it has one.
     pub fn install(&self, d: Arc<Dictionary>) {
         let _ = self.dictionary.set(d);
     }
@@ -183,12 +184,10 @@ impl Codec {
             .ok_or_else(|| StoredError::Damaged("no dictionary id".into()))?;
         let id = u32::from_le_bytes(*id);
         let d = match self.dictionary.get() {
-            Some(d) if d.id == id => d.clone(),
-            Some(_) => return Err(unknown_dictionary(id)),
+            Some(d) => d,
             None => {
-                let d = Self::kept(tree)?.ok_or_else(|| unknown_dictionary(id))?;
-                self.install(d.clone());
-                d
+                let kept = Self::kept(tree)?.ok_or_else(|| unknown_dictionary(id))?;
+                self.dictionary.get_or_init(|| kept)
             }
         };
         if d.id != id {
@@ -208,20 +207,30 @@ fn unknown_dictionary(id: u32) -> StoredError {
 /// The stored form of `flag`, compressed against `dictionary` (else
 /// [`DICTIONARY_1`]) when that makes it smaller.
 pub fn encode_flag_with(flag: &Flag, dictionary: Option<&Dictionary>) -> Vec<u8> {
-    let Some(d) = dictionary else {
-        return encode_flag(flag);
-    };
+    match dictionary {
+        None => encode_flag(flag),
+        Some(d) => {
+            let [a, b, c, e] = d.id.to_le_bytes();
+            pack(flag, &[TAG_STORE_DICTIONARY, a, b, c, e], &d.bytes)
+        }
+    }
+}
+
+/// `flag` as `header`, its length (u32, little endian) and its encoding
+/// compressed against `dictionary`; the plain encoding when that would not
+/// be smaller.
+fn pack(flag: &Flag, header: &[u8], dictionary: &[u8]) -> Vec<u8> {
     let plain = flag.encode_to_vec();
     let Ok(len) = u32::try_from(plain.len()) else {
         return plain;
     };
-    let packed = lz4_flex::block::compress_with_dict(&plain, &d.bytes);
-    if packed.len() + 9 >= plain.len() {
+    let packed = lz4_flex::block::compress_with_dict(&plain, dictionary);
+    let size = header.len() + 4 + packed.len();
+    if size >= plain.len() {
         return plain;
     }
-    let mut out = Vec::with_capacity(packed.len() + 9);
-    out.push(TAG_STORE_DICTIONARY);
-    out.extend_from_slice(&d.id.to_le_bytes());
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(header);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&packed);
     out
@@ -240,19 +249,7 @@ pub enum StoredError {
 
 /// The stored form of `flag`: compressed when that makes it smaller.
 pub fn encode_flag(flag: &Flag) -> Vec<u8> {
-    let plain = flag.encode_to_vec();
-    let Ok(len) = u32::try_from(plain.len()) else {
-        return plain;
-    };
-    let packed = lz4_flex::block::compress_with_dict(&plain, DICTIONARY_1);
-    if packed.len() + 5 >= plain.len() {
-        return plain;
-    }
-    let mut out = Vec::with_capacity(packed.len() + 5);
-    out.push(TAG_DICTIONARY_1);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&packed);
-    out
+    pack(flag, &[TAG_DICTIONARY_1], DICTIONARY_1)
 }
 
 /// The flag a stored value holds, in a form that needs no store
