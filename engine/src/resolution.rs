@@ -127,17 +127,14 @@ impl<'a> Metadata<'a> {
         }
     }
 
-    /// Every entry once: the set's not overridden, then the flag's own.
-    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a Value)> + 'a {
-        let own = self.own;
-        self.set
-            .iter()
-            .filter(move |(k, _)| {
-                own.binary_search_by(|(o, _)| (**o).cmp(k.as_str()))
-                    .is_err()
-            })
-            .map(|(k, v)| (k.as_str(), v))
-            .chain(own.iter().map(|(k, v)| (&**k, v)))
+    /// Every entry once, in key order (the order of a JSON object and of a
+    /// protobuf `Struct`'s map): the flag's own entry where both have a
+    /// key. Merges the two sorted sequences; nothing is allocated.
+    pub fn iter(&self) -> Entries<'a> {
+        Entries {
+            set: self.set.iter().peekable(),
+            own: self.own.iter().peekable(),
+        }
     }
 
     /// As a JSON object.
@@ -145,6 +142,39 @@ impl<'a> Metadata<'a> {
         self.iter()
             .map(|(k, v)| (k.to_owned(), v.clone()))
             .collect()
+    }
+}
+
+/// The entries of a [`Metadata`], in key order.
+#[derive(Clone)]
+pub struct Entries<'a> {
+    set: std::iter::Peekable<serde_json::map::Iter<'a>>,
+    own: std::iter::Peekable<std::slice::Iter<'a, (Arc<str>, Value)>>,
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = (&'a str, &'a Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let from_set = match (self.set.peek(), self.own.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some((s, _)), Some((o, _))) => match s.as_str().cmp(&**o) {
+                std::cmp::Ordering::Less => true,
+                std::cmp::Ordering::Equal => {
+                    // the flag's own entry overrides the set's
+                    self.set.next();
+                    false
+                }
+                std::cmp::Ordering::Greater => false,
+            },
+        };
+        if from_set {
+            self.set.next().map(|(k, v)| (k.as_str(), v))
+        } else {
+            self.own.next().map(|(k, v)| (&**k, v))
+        }
     }
 }
 
@@ -263,7 +293,19 @@ mod metadata_tests {
             Value::Object(map.clone()),
             json!({"team": "web", "tier": 2, "region": "eu", "owner": "ana"})
         );
-        assert_eq!(m.iter().count(), 4);
+        // in key order, the override once
+        let keys: Vec<&str> = m.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["owner", "region", "team", "tier"]);
+        let own_only = Metadata::new(&EMPTY_METADATA, &own);
+        assert_eq!(
+            own_only.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            ["owner", "tier"]
+        );
+        // the set's last key sorts after every own one
+        let late = json!({"zone": "b"});
+        let late = late.as_object().cloned().unwrap_or_default();
+        let keys: Vec<&str> = Metadata::new(&late, &own).iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["owner", "tier", "zone"]);
         // serialised as that same object
         let text = serde_json::to_string(&m).unwrap_or_default();
         assert_eq!(

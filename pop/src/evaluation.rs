@@ -175,7 +175,6 @@ impl Evaluation for EvaluationService {
             write_evaluate_response(
                 &mut flag,
                 f.key(),
-                &target,
                 &o,
                 state.revision,
                 &self.ctx.pop_id,

@@ -27,11 +27,10 @@ use flagmesh_engine::{ErrorCode, Reason, ValueType, validate_context};
 use flagmesh_server::credentials::Authenticator;
 use flagmesh_server::http_access::HttpAccess;
 use flagmesh_server::policy::Requirement;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::evaluation::{EvalContext, Outcome, Target};
-use flagmesh_mesh::compiled::{Held, SetState};
+use flagmesh_mesh::compiled::SetState;
 
 /// The PoP that answered.
 pub const POP_HEADER: &str = "x-flagmesh-pop";
@@ -134,25 +133,12 @@ struct FlagJson<'a> {
     error_code: Option<&'static str>,
     #[serde(rename = "errorDetails", skip_serializing_if = "Option::is_none")]
     error_details: Option<&'a str>,
-    metadata: MetadataJson<'a>,
+    metadata: flagmesh_engine::Metadata<'a>,
 }
 
-/// A flag's metadata in an answer: from the resolution's view, or the
-/// JSON its compiled form rendered once (answers without error).
-#[derive(serde::Serialize)]
-#[serde(untagged)]
-enum MetadataJson<'a> {
-    View(flagmesh_engine::Metadata<'a>),
-    Rendered(&'a RawValue),
-}
-
-/// One flag's evaluation of `target` as OFREP JSON, with the status a
-/// single-flag answer has.
-fn flag_json<'a>(
-    key: &'a str,
-    target: &'a Target<'_>,
-    o: &'a Outcome<'_>,
-) -> (StatusCode, FlagJson<'a>) {
+/// One flag's outcome as OFREP JSON, with the status a single-flag answer
+/// has.
+fn flag_json<'a>(key: &'a str, o: &'a Outcome<'_>) -> (StatusCode, FlagJson<'a>) {
     let r = &o.resolution;
     let mut json = FlagJson {
         key,
@@ -161,16 +147,12 @@ fn flag_json<'a>(
         reason: None,
         error_code: None,
         error_details: None,
-        metadata: MetadataJson::View(r.metadata),
+        metadata: r.metadata,
     };
     if let Some(e) = &r.error {
         json.error_code = Some(e.code.as_str());
         json.error_details = Some(&e.message);
         return (status_for(e.code), json);
-    }
-    // without error, the metadata is the compiled flag's own
-    if let Some(rendered) = target.held().and_then(Held::metadata_json) {
-        json.metadata = MetadataJson::Rendered(rendered);
     }
     json.reason = Some(r.reason.as_str());
     // value and variant are omitted when the caller's default applies
@@ -270,7 +252,7 @@ async fn single(
     let target = Target::lookup(&state, &set, &key);
     let o = target.resolve(&context, None, ValueType::Any);
     s.ctx.stats.record(o.resolution.reason, started.elapsed());
-    let (code, json) = flag_json(&key, &target, &o);
+    let (code, json) = flag_json(&key, &o);
     let mut response = match serde_json::to_vec(&json) {
         Ok(body) => json_response(code, body),
         Err(e) => internal(&key, &e),
@@ -339,7 +321,7 @@ fn bulk_json(set: &SetState, context: &Value) -> serde_json::Result<Vec<u8>> {
         }
         let target = Target::of(f);
         let o = target.resolve(context, None, ValueType::Any);
-        serde_json::to_writer(&mut out, &flag_json(f.key(), &target, &o).1)?;
+        serde_json::to_writer(&mut out, &flag_json(f.key(), &o).1)?;
     }
     out.extend_from_slice(b"],\"metadata\":");
     serde_json::to_writer(&mut out, &*set.metadata)?;

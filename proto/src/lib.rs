@@ -212,6 +212,88 @@ pub mod wire {
     pub fn message(tag: u32, message: &impl prost::Message, buf: &mut Vec<u8>) {
         prost::encoding::message::encode(tag, message, buf);
     }
+
+    /// A `google.protobuf.Struct` field holding `entries` (each key once,
+    /// in key order): the bytes prost writes for the `Struct` that
+    /// [`crate::convert::json_to_value`] makes of them, written without
+    /// building it. Strings, numbers, booleans and null are written
+    /// directly; a nested array or object goes through prost.
+    pub fn json_struct<'a, I>(tag: u32, entries: I, buf: &mut Vec<u8>)
+    where
+        I: Iterator<Item = (&'a str, &'a serde_json::Value)> + Clone,
+    {
+        let body: usize = entries
+            .clone()
+            .map(|(k, v)| length_delimited_len(1, entry_len(k, v)))
+            .sum();
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(body as u64, buf);
+        for (k, v) in entries {
+            encode_key(1, WireType::LengthDelimited, buf);
+            encode_varint(entry_len(k, v) as u64, buf);
+            // a map entry leaves out a default key, as prost does
+            bytes(1, k.as_bytes(), buf);
+            encode_key(2, WireType::LengthDelimited, buf);
+            encode_varint(value_len(v) as u64, buf);
+            value_body(v, buf);
+        }
+    }
+
+    /// The bytes of field `tag` (one-byte key) holding `len` bytes.
+    fn length_delimited_len(tag: u32, len: usize) -> usize {
+        prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
+    }
+
+    /// The length of one `Struct.fields` map entry's body.
+    fn entry_len(key: &str, value: &serde_json::Value) -> usize {
+        let key = if key.is_empty() {
+            0
+        } else {
+            length_delimited_len(1, key.len())
+        };
+        key + length_delimited_len(2, value_len(value))
+    }
+
+    /// The length of a `google.protobuf.Value`'s body.
+    fn value_len(value: &serde_json::Value) -> usize {
+        use serde_json::Value;
+        match value {
+            // a oneof member is written even when it holds its default
+            Value::Null | Value::Bool(_) => 2,
+            Value::Number(_) => 9,
+            Value::String(s) => length_delimited_len(3, s.len()),
+            Value::Array(_) | Value::Object(_) => {
+                prost::Message::encoded_len(&crate::convert::json_to_value(value))
+            }
+        }
+    }
+
+    /// A `google.protobuf.Value`'s body.
+    fn value_body(value: &serde_json::Value, buf: &mut Vec<u8>) {
+        use serde_json::Value;
+        match value {
+            Value::Null => {
+                encode_key(1, WireType::Varint, buf);
+                encode_varint(0, buf);
+            }
+            Value::Number(n) => {
+                encode_key(2, WireType::SixtyFourBit, buf);
+                buf.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_le_bytes());
+            }
+            Value::String(s) => {
+                encode_key(3, WireType::LengthDelimited, buf);
+                encode_varint(s.len() as u64, buf);
+                buf.extend_from_slice(s.as_bytes());
+            }
+            Value::Bool(b) => {
+                encode_key(4, WireType::Varint, buf);
+                encode_varint(u64::from(*b), buf);
+            }
+            Value::Array(_) | Value::Object(_) => {
+                prost::Message::encode_raw(&crate::convert::json_to_value(value), buf);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +319,25 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// A `Struct` written from JSON entries is byte for byte the one prost
+    /// writes, for every kind of value and an empty key.
+    #[test]
+    fn json_struct_is_wire_identical() {
+        let object = serde_json::json!({
+            "": "empty key", "b": true, "f": false, "l": [1, "x", null],
+            "n": null, "num": 2.5, "o": {"k": 0}, "s": "text", "z": 0,
+            "long": "x".repeat(300)
+        });
+        let map = object.as_object().cloned().unwrap_or_default();
+        for entries in [map.clone(), serde_json::Map::new()] {
+            let mut ours = Vec::new();
+            super::wire::json_struct(7, entries.iter().map(|(k, v)| (k.as_str(), v)), &mut ours);
+            let mut prosts = Vec::new();
+            super::wire::message(7, &crate::convert::map_to_struct(&entries), &mut prosts);
+            assert_eq!(ours, prosts, "{entries:?}");
+        }
     }
 
     /// A shared event's bytes decode as the event it was made from.
