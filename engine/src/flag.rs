@@ -7,18 +7,15 @@ use serde_json::{Map, Value};
 
 use crate::definition::{FlagDefinition, FlagState, FlagType};
 use crate::error::{CompileError, ErrorCode};
-use crate::intern::{Interner, Names};
-use crate::resolution::{Metadata, Reason, Resolution, ValueType};
+use crate::intern::Interner;
+use crate::metadata::{Metadata, OwnMetadata};
+use crate::resolution::{Reason, Resolution, ValueType};
 use crate::rule::{self, Rule, Strictness};
 
 /// Compiled targeting, shared between flags with the same rule.
 static RULES: std::sync::LazyLock<Interner<Rule>> = std::sync::LazyLock::new(Interner::new);
 /// Variants, shared between flags with the same ones.
 static VARIANTS: std::sync::LazyLock<Interner<Variants>> = std::sync::LazyLock::new(Interner::new);
-
-/// Metadata keys, shared between flags (a fleet uses a few keys on
-/// every flag).
-static METADATA_KEYS: std::sync::LazyLock<Names> = std::sync::LazyLock::new(Names::new);
 
 /// A flag's variants, in a small slice.
 type Variants = Box<[(Box<str>, Value)]>;
@@ -42,9 +39,8 @@ pub struct CompiledFlag {
     rule: Result<Option<Arc<Rule>>, Box<CompileError>>,
     /// The flag set's metadata (shared by its flags).
     set_metadata: Arc<Map<String, Value>>,
-    /// The flag's own metadata, sorted by key (over the set's); keys are
-    /// shared between flags.
-    own_metadata: Box<[(Arc<str>, Value)]>,
+    /// The flag's own metadata (over the set's), packed.
+    own_metadata: OwnMetadata,
 }
 
 impl CompiledFlag {
@@ -87,12 +83,6 @@ impl CompiledFlag {
         let default_variant = default_variant
             .and_then(|d| variants.iter().position(|(k, _)| **k == *d))
             .and_then(|i| u32::try_from(i).ok());
-        let mut own_metadata: Vec<(Arc<str>, Value)> = own
-            .into_iter()
-            .map(|(k, v)| (METADATA_KEYS.share(&k), v))
-            .collect();
-        own_metadata.sort_by(|a, b| a.0.cmp(&b.0));
-        own_metadata.dedup_by(|a, b| a.0 == b.0);
         Self {
             key,
             state,
@@ -101,7 +91,7 @@ impl CompiledFlag {
             default_variant,
             rule,
             set_metadata: set_metadata.clone(),
-            own_metadata: own_metadata.into_boxed_slice(),
+            own_metadata: OwnMetadata::new(&own),
         }
     }
 

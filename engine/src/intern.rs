@@ -7,7 +7,7 @@
 //! shared only when the newly compiled part equals it, so a hash collision
 //! costs sharing, never correctness.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 /// Parts of one kind, by the hash of their source JSON.
@@ -64,56 +64,6 @@ impl<T: PartialEq> Interner<T> {
     }
 }
 
-/// Short names (metadata keys) shared by every holder of the same text,
-/// each dropped once no holder is left.
-pub(crate) struct Names {
-    entries: Mutex<NameEntries>,
-}
-
-struct NameEntries {
-    held: HashSet<Arc<str>>,
-    /// Insertions since names held only here were last swept.
-    since_sweep: usize,
-}
-
-impl Names {
-    pub(crate) fn new() -> Self {
-        Self {
-            entries: Mutex::new(NameEntries {
-                held: HashSet::new(),
-                since_sweep: 0,
-            }),
-        }
-    }
-
-    /// The shared copy of `name`.
-    pub(crate) fn share(&self, name: &str) -> Arc<str> {
-        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = e.held.get(name) {
-            return held.clone();
-        }
-        let shared: Arc<str> = name.into();
-        e.held.insert(shared.clone());
-        e.since_sweep += 1;
-        // as for parts: a sweep at most as often as the set doubles
-        if e.since_sweep > 1024 && e.since_sweep > e.held.len() / 2 {
-            e.held.retain(|n| Arc::strong_count(n) > 1);
-            e.since_sweep = 0;
-        }
-        shared
-    }
-
-    /// How many names are held (used or not yet swept), for tests.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .held
-            .len()
-    }
-}
-
 /// xxh3-128 of a JSON serialization.
 fn hash_json<S: serde::Serialize + ?Sized>(v: &S) -> u128 {
     struct Sink(xxhash_rust::xxh3::Xxh3);
@@ -160,21 +110,6 @@ mod tests {
         let a = i.share(&json!("same"), "first".to_owned());
         let b = i.share(&json!("same"), "second".to_owned());
         assert_eq!((a.as_str(), b.as_str()), ("first", "second"));
-    }
-
-    #[test]
-    fn equal_names_are_shared_and_unused_ones_swept() {
-        let names = Names::new();
-        let a = names.share("owner");
-        let b = names.share("owner");
-        assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(&*names.share("ticket"), "ticket");
-        for n in 0..5000 {
-            drop(names.share(&format!("key-{n}")));
-        }
-        assert!(names.len() < 2100, "{} names kept", names.len());
-        // a name still used survives the sweeps
-        assert!(Arc::ptr_eq(&a, &names.share("owner")));
     }
 
     #[test]

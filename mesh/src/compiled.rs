@@ -15,7 +15,8 @@ use crate::SourceSnapshot;
 use crate::tier::{Tier, Uncompiled, estimated_size};
 use arc_swap::ArcSwapOption;
 use flagmesh_engine::{
-    CompiledFlag, ErrorCode, FlagDefinition, Metadata, Reason, Resolution, Strictness, ValueType,
+    CompiledFlag, ErrorCode, FlagDefinition, MetaValue, Metadata, Reason, Resolution, Strictness,
+    ValueType,
 };
 use flagmesh_proto::convert::{json_to_value, struct_to_map};
 use flagmesh_proto::v1 as pb;
@@ -663,7 +664,7 @@ pub fn write_evaluate_response(
         wire::bytes(6, e.message.as_bytes(), buf);
     }
     if !r.metadata.is_empty() {
-        wire::json_struct(7, r.metadata.iter(), buf);
+        wire::json_struct(7, r.metadata.iter().map(|(k, v)| (k, struct_value(v))), buf);
     }
     wire::varint(8, o.mod_revision, buf);
     wire::varint(9, revision, buf);
@@ -673,11 +674,34 @@ pub fn write_evaluate_response(
 
 /// Metadata as a protobuf `Struct`.
 pub fn metadata_struct(m: Metadata<'_>) -> prost_types::Struct {
+    use prost_types::value::Kind;
+    let value = |v: MetaValue<'_>| match v {
+        MetaValue::Json(v) => json_to_value(v),
+        MetaValue::Other(v) => json_to_value(&v),
+        MetaValue::Str(s) => prost_types::Value {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        },
+        MetaValue::Number(n) => prost_types::Value {
+            kind: Some(Kind::NumberValue(n.as_f64().unwrap_or(0.0))),
+        },
+        MetaValue::Bool(b) => prost_types::Value {
+            kind: Some(Kind::BoolValue(b)),
+        },
+    };
     prost_types::Struct {
-        fields: m
-            .iter()
-            .map(|(k, v)| (k.to_owned(), json_to_value(v)))
-            .collect(),
+        fields: m.iter().map(|(k, v)| (k.to_owned(), value(v))).collect(),
+    }
+}
+
+/// A metadata value as the wire writer takes it.
+fn struct_value(v: MetaValue<'_>) -> flagmesh_proto::wire::StructValue<'_> {
+    use flagmesh_proto::wire::StructValue;
+    match v {
+        MetaValue::Json(v) => StructValue::Json(v),
+        MetaValue::Str(s) => StructValue::Str(s),
+        MetaValue::Number(n) => StructValue::Number(n.as_f64().unwrap_or(0.0)),
+        MetaValue::Bool(b) => StructValue::Bool(b),
+        MetaValue::Other(v) => StructValue::Owned(v),
     }
 }
 

@@ -213,39 +213,55 @@ pub mod wire {
         prost::encoding::message::encode(tag, message, buf);
     }
 
+    /// A value of a `google.protobuf.Struct` written by [`json_struct`]:
+    /// any JSON value, or a string, number or boolean held apart from one.
+    #[derive(Debug, Clone)]
+    pub enum StructValue<'a> {
+        /// A JSON value (as [`crate::convert::json_to_value`] converts it).
+        Json(&'a serde_json::Value),
+        /// A JSON value made for the answer.
+        Owned(serde_json::Value),
+        /// A string.
+        Str(&'a str),
+        /// A number.
+        Number(f64),
+        /// A boolean.
+        Bool(bool),
+    }
+
     /// A `google.protobuf.Struct` field holding `entries` (each key once,
-    /// in key order): the bytes prost writes for the `Struct` that
-    /// [`crate::convert::json_to_value`] makes of them, written without
-    /// building it. Strings, numbers, booleans and null are written
-    /// directly; a nested array or object goes through prost.
+    /// in key order): the bytes prost writes for the `Struct` of the same
+    /// entries, written without building it. Strings, numbers, booleans
+    /// and null are written directly; a nested array or object goes
+    /// through prost.
     pub fn json_struct<'a, I>(tag: u32, entries: I, buf: &mut Vec<u8>)
     where
-        I: Iterator<Item = (&'a str, &'a serde_json::Value)> + Clone,
+        I: Iterator<Item = (&'a str, StructValue<'a>)> + Clone,
     {
         let body: usize = entries
             .clone()
-            .map(|(k, v)| length_delimited_len(1, entry_len(k, v)))
+            .map(|(k, v)| length_delimited_len(1, entry_len(k, &v)))
             .sum();
         encode_key(tag, WireType::LengthDelimited, buf);
         encode_varint(body as u64, buf);
         for (k, v) in entries {
             encode_key(1, WireType::LengthDelimited, buf);
-            encode_varint(entry_len(k, v) as u64, buf);
+            encode_varint(entry_len(k, &v) as u64, buf);
             // a map entry leaves out a default key, as prost does
             bytes(1, k.as_bytes(), buf);
             encode_key(2, WireType::LengthDelimited, buf);
-            encode_varint(value_len(v) as u64, buf);
-            value_body(v, buf);
+            encode_varint(value_len(&v) as u64, buf);
+            value_body(&v, buf);
         }
     }
 
-    /// The bytes of field `tag` (one-byte key) holding `len` bytes.
+    /// The bytes of field `tag` holding `len` bytes.
     fn length_delimited_len(tag: u32, len: usize) -> usize {
         prost::encoding::key_len(tag) + prost::encoding::encoded_len_varint(len as u64) + len
     }
 
     /// The length of one `Struct.fields` map entry's body.
-    fn entry_len(key: &str, value: &serde_json::Value) -> usize {
+    fn entry_len(key: &str, value: &StructValue<'_>) -> usize {
         let key = if key.is_empty() {
             0
         } else {
@@ -254,43 +270,66 @@ pub mod wire {
         key + length_delimited_len(2, value_len(value))
     }
 
-    /// The length of a `google.protobuf.Value`'s body.
-    fn value_len(value: &serde_json::Value) -> usize {
+    /// A value as it is written: a kind of its own, or nested JSON.
+    enum Simple<'v> {
+        Null,
+        Str(&'v str),
+        Number(f64),
+        Bool(bool),
+        Nested(&'v serde_json::Value),
+    }
+
+    fn simplest<'v>(value: &'v StructValue<'_>) -> Simple<'v> {
         use serde_json::Value;
-        match value {
+        let json = match value {
+            StructValue::Json(v) => *v,
+            StructValue::Owned(v) => v,
+            StructValue::Str(s) => return Simple::Str(s),
+            StructValue::Number(n) => return Simple::Number(*n),
+            StructValue::Bool(b) => return Simple::Bool(*b),
+        };
+        match json {
+            Value::Null => Simple::Null,
+            Value::String(s) => Simple::Str(s),
+            Value::Number(n) => Simple::Number(n.as_f64().unwrap_or(0.0)),
+            Value::Bool(b) => Simple::Bool(*b),
+            nested => Simple::Nested(nested),
+        }
+    }
+
+    /// The length of a `google.protobuf.Value`'s body.
+    fn value_len(value: &StructValue<'_>) -> usize {
+        match simplest(value) {
             // a oneof member is written even when it holds its default
-            Value::Null | Value::Bool(_) => 2,
-            Value::Number(_) => 9,
-            Value::String(s) => length_delimited_len(3, s.len()),
-            Value::Array(_) | Value::Object(_) => {
-                prost::Message::encoded_len(&crate::convert::json_to_value(value))
-            }
+            Simple::Null | Simple::Bool(_) => 2,
+            Simple::Number(_) => 9,
+            Simple::Str(s) => length_delimited_len(3, s.len()),
+            Simple::Nested(v) => prost::Message::encoded_len(&crate::convert::json_to_value(v)),
         }
     }
 
     /// A `google.protobuf.Value`'s body.
-    fn value_body(value: &serde_json::Value, buf: &mut Vec<u8>) {
-        use serde_json::Value;
-        match value {
-            Value::Null => {
+    fn value_body(value: &StructValue<'_>, buf: &mut Vec<u8>) {
+        match simplest(value) {
+            Simple::Null => {
                 encode_key(1, WireType::Varint, buf);
                 encode_varint(0, buf);
             }
-            Value::Number(n) => {
+            Simple::Number(n) => {
                 encode_key(2, WireType::SixtyFourBit, buf);
-                buf.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_le_bytes());
+                buf.extend_from_slice(&n.to_le_bytes());
             }
-            Value::String(s) => {
+            Simple::Str(s) => {
                 encode_key(3, WireType::LengthDelimited, buf);
                 encode_varint(s.len() as u64, buf);
                 buf.extend_from_slice(s.as_bytes());
             }
-            Value::Bool(b) => {
+            Simple::Bool(b) => {
                 encode_key(4, WireType::Varint, buf);
-                encode_varint(u64::from(*b), buf);
+                encode_varint(u64::from(b), buf);
             }
-            Value::Array(_) | Value::Object(_) => {
-                prost::Message::encode_raw(&crate::convert::json_to_value(value), buf);
+            Simple::Nested(v) => {
+                prost::Message::encode_raw(&crate::convert::json_to_value(v), buf);
             }
         }
     }
@@ -333,11 +372,33 @@ mod tests {
         let map = object.as_object().cloned().unwrap_or_default();
         for entries in [map.clone(), serde_json::Map::new()] {
             let mut ours = Vec::new();
-            super::wire::json_struct(7, entries.iter().map(|(k, v)| (k.as_str(), v)), &mut ours);
-            let mut prosts = Vec::new();
-            super::wire::message(7, &crate::convert::map_to_struct(&entries), &mut prosts);
-            assert_eq!(ours, prosts, "{entries:?}");
+            let json = entries
+                .iter()
+                .map(|(k, v)| (k.as_str(), super::wire::StructValue::Json(v)));
+            super::wire::json_struct(7, json, &mut ours);
+            assert_eq!(ours, prosts_of(&entries), "{entries:?}");
+            // the same values held apart from JSON write the same bytes
+            let mut apart = Vec::new();
+            let held = entries.iter().map(|(k, v)| {
+                let v = match v {
+                    serde_json::Value::String(s) => super::wire::StructValue::Str(s),
+                    serde_json::Value::Number(n) => {
+                        super::wire::StructValue::Number(n.as_f64().unwrap_or(0.0))
+                    }
+                    serde_json::Value::Bool(b) => super::wire::StructValue::Bool(*b),
+                    other => super::wire::StructValue::Json(other),
+                };
+                (k.as_str(), v)
+            });
+            super::wire::json_struct(7, held, &mut apart);
+            assert_eq!(apart, ours, "{entries:?}");
         }
+    }
+
+    fn prosts_of(entries: &serde_json::Map<String, serde_json::Value>) -> Vec<u8> {
+        let mut prosts = Vec::new();
+        super::wire::message(7, &crate::convert::map_to_struct(entries), &mut prosts);
+        prosts
     }
 
     /// A shared event's bytes decode as the event it was made from.
