@@ -360,7 +360,13 @@ fn hot_flags_stay_compiled_and_a_held_flag_answers_its_change() {
         panic!("the snapshot applies");
     };
     let state = PopState::from_snapshot_in(&s, tier.clone());
-    let flag_of = |state: &PopState, set: &str, key: &str| state.sets[set].flags[key].clone();
+    let flag_of = |state: &PopState, set: &str, key: &str| {
+        state.sets[set]
+            .flags
+            .get(key)
+            .cloned()
+            .expect("the flag is in the state")
+    };
     let ctx = json!({});
     for f in &flags {
         answer(&state, &f.flag_set, &f.key, &ctx);

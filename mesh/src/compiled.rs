@@ -7,7 +7,7 @@
 //! every unchanged flag) is shared with the previous snapshot.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -283,13 +283,110 @@ impl SetShared {
     }
 }
 
+/// A set's flags by key. Each entry is only the flag's pointer, found by
+/// the key the flag holds: a map of key to flag spent 24 bytes a slot (16
+/// of them a second pointer to the same key), and a table has about twice
+/// as many slots as flags.
+#[derive(Debug, Clone, Default)]
+pub struct FlagMap(HashSet<ByKey, Xxh3Builder>);
+
+/// A flag, hashed and compared by its key (so the table is searched with
+/// a `&str`).
+#[derive(Debug, Clone)]
+pub struct ByKey(Arc<PopFlag>);
+
+impl std::hash::Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.key().hash(state);
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key() == other.0.key()
+    }
+}
+
+impl Eq for ByKey {}
+
+impl std::borrow::Borrow<str> for ByKey {
+    fn borrow(&self) -> &str {
+        self.0.key()
+    }
+}
+
+impl FlagMap {
+    /// The flag named `key`.
+    pub fn get(&self, key: &str) -> Option<&Arc<PopFlag>> {
+        self.0.get(key).map(|f| &f.0)
+    }
+
+    /// Whether a flag is named `key`.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.contains(key)
+    }
+
+    /// Adds `flag`, in place of the one with its key.
+    pub fn insert(&mut self, flag: Arc<PopFlag>) {
+        self.0.replace(ByKey(flag));
+    }
+
+    /// Takes out the flag named `key`.
+    pub fn remove(&mut self, key: &str) -> Option<Arc<PopFlag>> {
+        self.0.take(key).map(|f| f.0)
+    }
+
+    /// How many flags.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every flag with its key, in no order.
+    pub fn iter(&self) -> <&Self as IntoIterator>::IntoIter {
+        self.into_iter()
+    }
+
+    /// Every key, in no order.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter().map(|f| f.0.shared_key())
+    }
+
+    /// Every flag, in no order.
+    pub fn values(&self) -> impl Iterator<Item = &Arc<PopFlag>> {
+        self.0.iter().map(|f| &f.0)
+    }
+}
+
+impl FromIterator<Arc<PopFlag>> for FlagMap {
+    fn from_iter<I: IntoIterator<Item = Arc<PopFlag>>>(flags: I) -> Self {
+        Self(flags.into_iter().map(ByKey).collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a FlagMap {
+    type Item = (&'a Arc<str>, &'a Arc<PopFlag>);
+    type IntoIter = std::iter::Map<
+        std::collections::hash_set::Iter<'a, ByKey>,
+        fn(&'a ByKey) -> (&'a Arc<str>, &'a Arc<PopFlag>),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|f| (f.0.shared_key(), &f.0))
+    }
+}
+
 /// One flag set.
 #[derive(Debug, Default)]
 pub struct SetState {
     /// The set's metadata.
     pub metadata: Arc<Map<String, Value>>,
     /// Its flags by key.
-    pub flags: HashMap<Arc<str>, Arc<PopFlag>, Xxh3Builder>,
+    pub flags: FlagMap,
     /// Its flags ordered by key, made on first use from `flags` as they are
     /// then (a set is not changed once shared): answers listing every
     /// flag, such as bulk evaluations, need not sort on each request.
@@ -298,10 +395,7 @@ pub struct SetState {
 
 impl SetState {
     /// A set of `flags` with `metadata`.
-    pub fn new(
-        metadata: Arc<Map<String, Value>>,
-        flags: HashMap<Arc<str>, Arc<PopFlag>, Xxh3Builder>,
-    ) -> Self {
+    pub fn new(metadata: Arc<Map<String, Value>>, flags: FlagMap) -> Self {
         Self {
             metadata,
             flags,
@@ -396,7 +490,7 @@ impl PopState {
             .map(|fs| {
                 let metadata = metadata_of(fs);
                 let shared = SetShared::new(fs.id.as_str().into(), metadata.clone(), tier.clone());
-                let set = SetState::new(metadata, HashMap::default());
+                let set = SetState::new(metadata, FlagMap::default());
                 (fs.id.clone(), Building { shared, set })
             })
             .collect();
@@ -411,7 +505,7 @@ impl PopState {
                 Building { shared, set }
             });
             let flag = PopFlag::in_set(f, &b.shared);
-            b.set.flags.insert(flag.key.clone(), Arc::new(flag));
+            b.set.flags.insert(Arc::new(flag));
         }
         Self {
             history_id: s.history_id.clone(),
@@ -456,9 +550,12 @@ impl PopState {
                     self.tier.clone(),
                 );
                 // merged metadata changed: the set's flags compile anew
-                for f in b.set.flags.values_mut() {
-                    *f = Arc::new(f.with_set(b.shared.clone()));
-                }
+                b.set.flags = b
+                    .set
+                    .flags
+                    .values()
+                    .map(|f| Arc::new(f.with_set(b.shared.clone())))
+                    .collect();
             }
         }
         for r in &d.deletes {
@@ -470,8 +567,7 @@ impl PopState {
         for f in &d.upserts {
             take(&f.flag_set, &sets, &mut touched);
             if let Some(b) = touched.get_mut(&f.flag_set) {
-                let flag = PopFlag::in_set(f, &b.shared);
-                b.set.flags.insert(flag.key.clone(), Arc::new(flag));
+                b.set.flags.insert(Arc::new(PopFlag::in_set(f, &b.shared)));
             }
         }
         for (id, b) in touched {
@@ -768,6 +864,32 @@ mod tests {
         }
     }
 
+    /// A set's flags are found by the key each flag holds; a flag with a
+    /// key already there takes its place.
+    #[test]
+    fn a_flag_map_finds_replaces_and_removes_by_key() {
+        let meta = Arc::new(Map::new());
+        let pop = |key: &str, default: &str| {
+            Arc::new(PopFlag::new(flag("s", key, default), meta.clone()))
+        };
+        let mut m: FlagMap = [pop("a", "a"), pop("b", "a")].into_iter().collect();
+        assert_eq!(
+            (m.len(), m.contains_key("a"), m.contains_key("c")),
+            (2, true, false)
+        );
+        let newer = pop("a", "b");
+        m.insert(newer.clone());
+        assert_eq!(m.len(), 2);
+        assert!(Arc::ptr_eq(m.get("a").expect("a"), &newer));
+        let mut keys: Vec<&str> = m.keys().map(|k| &**k).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["a", "b"]);
+        assert!(m.iter().all(|(k, f)| **k == *f.key()));
+        assert!(m.remove("b").is_some());
+        assert!(m.remove("b").is_none());
+        assert_eq!((m.len(), m.get("b").is_none()), (1, true));
+    }
+
     #[test]
     fn a_sets_flags_are_listed_by_key_and_a_delta_lists_anew() {
         let keys = |s: &SetState| -> Vec<String> {
@@ -944,7 +1066,7 @@ mod tests {
             Arc::ptr_eq(&s.sets["y"], &next.sets["y"]),
             "an untouched set is shared"
         );
-        let f = &next.sets["x"].flags["f"];
+        let f = next.sets["x"].flags.get("f").expect("f");
         let ctx = serde_json::json!({});
         let compiled = f.compiled();
         let r = compiled

@@ -462,7 +462,7 @@ mod tests {
                         x ^= x >> 7;
                         x ^= x << 17;
                         let key = format!("f{}", x % 200);
-                        let f = &state.sets["s"].flags[key.as_str()];
+                        let f = state.sets["s"].flags.get(key.as_str()).expect("flag");
                         let held = f.compiled();
                         let held = held.as_deref().expect("compiled");
                         assert!(held.is_ok(), "{key}: {held:?}");
@@ -481,7 +481,7 @@ mod tests {
             .collect();
         assert_eq!(s.resident, held.len(), "{s:?}");
         // the hot flag is held and not charged; the others are charged
-        assert!(state.sets["s"].flags["f0"].is_compiled());
+        assert!(state.sets["s"].flags.get("f0").expect("f0").is_compiled());
         let charged: usize = held
             .iter()
             .filter(|f| f.key() != "f0")

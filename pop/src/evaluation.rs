@@ -266,13 +266,13 @@ fn watch_event(
     let upserts: Vec<pb::Flag> = new
         .flags
         .iter()
-        .filter(|(k, f)| old.flags.get(*k).is_none_or(|o| !Arc::ptr_eq(o, f)))
+        .filter(|(k, f)| old.flags.get(k).is_none_or(|o| !Arc::ptr_eq(o, f)))
         .filter_map(|(_, f)| stored(f))
         .collect();
     let deletes: Vec<String> = old
         .flags
         .keys()
-        .filter(|k| !new.flags.contains_key(*k))
+        .filter(|k| !new.flags.contains_key(k))
         .map(|k| k.to_string())
         .collect();
     if upserts.is_empty() && deletes.is_empty() {
