@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use crate::definition::{FlagDefinition, FlagState, FlagType};
 use crate::error::{CompileError, ErrorCode};
 use crate::intern::Interner;
-use crate::metadata::{Metadata, OwnMetadata};
+use crate::metadata::{Metadata, OwnMetadata, SetMetadata};
 use crate::resolution::{Reason, Resolution, ValueType};
 use crate::rule::{self, Rule, Strictness};
 
@@ -38,7 +38,7 @@ pub struct CompiledFlag {
     /// Shared by every flag with the same targeting.
     rule: Result<Option<Arc<Rule>>, Box<CompileError>>,
     /// The flag set's metadata (shared by its flags).
-    set_metadata: Arc<Map<String, Value>>,
+    set_metadata: Arc<SetMetadata>,
     /// The flag's own metadata (over the set's), packed.
     own_metadata: OwnMetadata,
 }
@@ -50,7 +50,8 @@ impl CompiledFlag {
     /// strictly before they are stored, so this happens only to documents
     /// loaded leniently).
     pub fn new(key: &str, definition: FlagDefinition, set_metadata: &Map<String, Value>) -> Self {
-        Self::with_shared_metadata(key.into(), definition, &Arc::new(set_metadata.clone()))
+        let set_metadata = Arc::new(SetMetadata::new(set_metadata.clone()));
+        Self::with_shared_metadata(key.into(), definition, &set_metadata)
     }
 
     /// Like [`CompiledFlag::new`], keeping `key` and the flag set's
@@ -58,7 +59,7 @@ impl CompiledFlag {
     pub fn with_shared_metadata(
         key: Arc<str>,
         definition: FlagDefinition,
-        set_metadata: &Arc<Map<String, Value>>,
+        set_metadata: &Arc<SetMetadata>,
     ) -> Self {
         let flag_type = definition.flag_type();
         let FlagDefinition {

@@ -49,6 +49,6 @@ pub use document::FlagDocument;
 pub use error::{CompileError, DocumentError, ErrorCode, ValidationError, ValidationErrors};
 pub use flag::CompiledFlag;
 pub use flag_set::CompiledFlagSet;
-pub use metadata::{MetaValue, Metadata, OwnMetadata};
+pub use metadata::{MetaValue, Metadata, OwnMetadata, SetMetadata};
 pub use resolution::{Reason, Resolution, ResolutionError, ValueType};
 pub use rule::{MAX_RULE_DEPTH, Rule, Strictness, compile};

@@ -10,6 +10,33 @@ use serde_json::{Map, Number, Value};
 
 static EMPTY_METADATA: LazyLock<Map<String, Value>> = LazyLock::new(Map::new);
 
+/// A flag set's metadata, shared by its flags, with its entries written
+/// as JSON once (the body of the object, without braces): every answer
+/// written as JSON copies them, unless a flag's own entry overrides one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SetMetadata {
+    map: Map<String, Value>,
+    json: Box<str>,
+}
+
+impl SetMetadata {
+    /// The set metadata `map`.
+    pub fn new(map: Map<String, Value>) -> Self {
+        let object = serde_json::to_string(&map).unwrap_or_default();
+        let json = object
+            .strip_prefix('{')
+            .and_then(|o| o.strip_suffix('}'))
+            .unwrap_or_default()
+            .into();
+        Self { map, json }
+    }
+
+    /// The entries.
+    pub fn map(&self) -> &Map<String, Value> {
+        &self.map
+    }
+}
+
 /// One metadata value, borrowed where it can be: the set's values as they
 /// are, a flag's own unpacked from its buffer.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,11 +88,20 @@ const TRUE: u8 = b't';
 const FALSE: u8 = b'b';
 const JSON: u8 = b'j';
 
-/// A flag's own metadata, packed: each entry, in key order, is its key's
-/// length (a varint) and bytes, a tag, and the value (a string's length
-/// and bytes, eight bytes of a number, nothing for a boolean; anything
-/// else as JSON text). Made once when the flag is compiled, read by every
-/// answer that carries metadata.
+/// Header: every key and string can be written into JSON as it is.
+const PLAIN: u8 = 1;
+
+/// Whether `text` can stand between JSON quotes as it is.
+fn is_plain(text: &str) -> bool {
+    text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+}
+
+/// A flag's own metadata, packed: a header byte ([`PLAIN`] when no key or
+/// string needs escaping in JSON), then each entry, in key order: its
+/// key's length (a varint) and bytes, a tag, and the value (a string's
+/// length and bytes, eight bytes of a number, nothing for a boolean;
+/// anything else as JSON text). No entries: no bytes. Made once when the
+/// flag is compiled, read by every answer that carries metadata.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OwnMetadata(Box<[u8]>);
 
@@ -74,7 +110,13 @@ impl OwnMetadata {
     pub fn new(entries: &Map<String, Value>) -> Self {
         let mut sorted: Vec<(&String, &Value)> = entries.iter().collect();
         sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut out = Vec::new();
+        if sorted.is_empty() {
+            return Self::default();
+        }
+        let plain = sorted
+            .iter()
+            .all(|(k, v)| is_plain(k) && v.as_str().is_none_or(is_plain));
+        let mut out = vec![if plain { PLAIN } else { 0 }];
         for (key, value) in sorted {
             put_bytes(&mut out, key.as_bytes());
             match value {
@@ -112,7 +154,50 @@ impl OwnMetadata {
 
     /// The entries, in key order.
     pub fn iter(&self) -> OwnEntries<'_> {
-        OwnEntries { rest: &self.0 }
+        OwnEntries {
+            rest: self.0.get(1..).unwrap_or_default(),
+        }
+    }
+
+    /// Whether an entry has `key`.
+    fn has(&self, key: &str) -> bool {
+        let mut entries = self.iter();
+        while let Some((k, _)) = entries.raw_entry() {
+            if k == key.as_bytes() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Writes the entries into a JSON object being written (`first`: no
+    /// entry written before them). Plain entries are copied as they are.
+    fn write_json(&self, out: &mut Vec<u8>, first: &mut bool) -> serde_json::Result<()> {
+        if self.0.first() != Some(&PLAIN) {
+            for (k, v) in self.iter() {
+                separate(out, first);
+                serde_json::to_writer(&mut *out, k)?;
+                out.push(b':');
+                serde_json::to_writer(&mut *out, &v)?;
+            }
+            return Ok(());
+        }
+        let mut entries = self.iter();
+        while let Some((key, value)) = entries.raw_entry() {
+            separate(out, first);
+            out.push(b'"');
+            out.extend_from_slice(key);
+            out.extend_from_slice(b"\":");
+            match value {
+                Raw::Str(s) => {
+                    out.push(b'"');
+                    out.extend_from_slice(s);
+                    out.push(b'"');
+                }
+                Raw::Value(v) => serde_json::to_writer(&mut *out, &v)?,
+            }
+        }
+        Ok(())
     }
 
     /// The bytes held (for sizing).
@@ -137,7 +222,31 @@ pub struct OwnEntries<'a> {
     rest: &'a [u8],
 }
 
+/// A packed value as read for writing: a string's bytes, or the value.
+enum Raw<'a> {
+    Str(&'a [u8]),
+    Value(MetaValue<'a>),
+}
+
+fn separate(out: &mut Vec<u8>, first: &mut bool) {
+    if !std::mem::take(first) {
+        out.push(b',');
+    }
+}
+
 impl<'a> OwnEntries<'a> {
+    /// The next entry's key and value bytes, not checked as text.
+    fn raw_entry(&mut self) -> Option<(&'a [u8], Raw<'a>)> {
+        let key = self.bytes()?;
+        let (&tag, rest) = self.rest.split_first()?;
+        if tag == STR {
+            self.rest = rest;
+            return Some((key, Raw::Str(self.bytes()?)));
+        }
+        let value = self.value(tag)?;
+        Some((key, Raw::Value(value)))
+    }
+
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let (head, rest) = self.rest.split_at_checked(n)?;
         self.rest = rest;
@@ -169,9 +278,14 @@ impl<'a> OwnEntries<'a> {
 
     fn entry(&mut self) -> Option<(&'a str, MetaValue<'a>)> {
         let key = self.text()?;
-        let (&tag, rest) = self.rest.split_first()?;
-        self.rest = rest;
-        let value = match tag {
+        let (&tag, _) = self.rest.split_first()?;
+        Some((key, self.value(tag)?))
+    }
+
+    /// The value after its `tag` (the next byte).
+    fn value(&mut self, tag: u8) -> Option<MetaValue<'a>> {
+        self.rest = self.rest.get(1..)?;
+        Some(match tag {
             STR => MetaValue::Str(self.text()?),
             TRUE => MetaValue::Bool(true),
             FALSE => MetaValue::Bool(false),
@@ -180,8 +294,7 @@ impl<'a> OwnEntries<'a> {
             FLOAT => MetaValue::Number(Number::from_f64(f64::from_le_bytes(self.eight()?))?),
             JSON => MetaValue::Other(serde_json::from_str(self.text()?).ok()?),
             _ => return None,
-        };
-        Some((key, value))
+        })
     }
 }
 
@@ -207,14 +320,17 @@ impl<'a> Iterator for OwnEntries<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Metadata<'a> {
     set: &'a Map<String, Value>,
+    /// The set's entries as JSON, when written ahead.
+    set_json: Option<&'a str>,
     own: Option<&'a OwnMetadata>,
 }
 
 impl<'a> Metadata<'a> {
     /// The set's entries under the flag's `own`.
-    pub fn new(set: &'a Map<String, Value>, own: &'a OwnMetadata) -> Self {
+    pub fn new(set: &'a SetMetadata, own: &'a OwnMetadata) -> Self {
         Self {
-            set,
+            set: &set.map,
+            set_json: Some(&set.json),
             own: Some(own),
         }
     }
@@ -223,6 +339,7 @@ impl<'a> Metadata<'a> {
     pub fn empty() -> Metadata<'static> {
         Metadata {
             set: &EMPTY_METADATA,
+            set_json: None,
             own: None,
         }
     }
@@ -255,6 +372,46 @@ impl<'a> Metadata<'a> {
             set: self.set.iter().peekable(),
             own: self.own_entries().peekable(),
         }
+    }
+
+    /// Writes the entries as a JSON object (the set's, then the flag's
+    /// own: an object's order means nothing): what answers written as
+    /// JSON use, copying a flag's own plain entries as they are.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.push(b'{');
+        let mut first = true;
+        let overridden = |k: &str| self.own.is_some_and(|own| own.has(k));
+        match self.set_json {
+            Some(json) if !self.set.keys().any(|k| overridden(k)) => {
+                out.extend_from_slice(json.as_bytes());
+                first = json.is_empty();
+            }
+            _ => self.write_set_entries(out, &mut first, overridden)?,
+        }
+        if let Some(own) = self.own {
+            own.write_json(out, &mut first)?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+
+    /// Writes the set's entries that `overridden` does not name.
+    fn write_set_entries(
+        &self,
+        out: &mut Vec<u8>,
+        first: &mut bool,
+        overridden: impl Fn(&str) -> bool,
+    ) -> serde_json::Result<()> {
+        for (k, v) in self.set {
+            if overridden(k) {
+                continue;
+            }
+            separate(out, first);
+            serde_json::to_writer(&mut *out, k)?;
+            out.push(b':');
+            serde_json::to_writer(&mut *out, v)?;
+        }
+        Ok(())
     }
 
     /// As a JSON object.
@@ -302,7 +459,11 @@ impl<'a> Iterator for Entries<'a> {
 
 impl<'a> From<&'a Map<String, Value>> for Metadata<'a> {
     fn from(set: &'a Map<String, Value>) -> Self {
-        Self { set, own: None }
+        Self {
+            set,
+            set_json: None,
+            own: None,
+        }
     }
 }
 
@@ -331,7 +492,8 @@ mod tests {
     fn a_flags_own_entries_override_its_sets_and_each_key_appears_once() {
         let set = object(json!({"team": "web", "tier": 1, "region": "eu"}));
         let own = OwnMetadata::new(&object(json!({"tier": 2, "owner": "ana"})));
-        let m = Metadata::new(&set, &own);
+        let set_meta = SetMetadata::new(set.clone());
+        let m = Metadata::new(&set_meta, &own);
         assert_eq!(m.get("tier"), Some(MetaValue::Number(2.into())));
         assert_eq!(m.get("team"), Some(MetaValue::Json(&json!("web"))));
         assert_eq!(m.get("nope"), None);
@@ -343,13 +505,15 @@ mod tests {
         // in key order, the override once
         let keys: Vec<&str> = m.iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["owner", "region", "team", "tier"]);
-        let own_only = Metadata::new(&EMPTY_METADATA, &own);
+        let no_set = SetMetadata::default();
+        let own_only = Metadata::new(&no_set, &own);
         assert_eq!(
             own_only.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             ["owner", "tier"]
         );
         // the set's last key sorts after every own one
         let late = object(json!({"zone": "b"}));
+        let late = SetMetadata::new(late);
         let keys: Vec<&str> = Metadata::new(&late, &own).iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["owner", "tier", "zone"]);
         // serialised as that same object
@@ -359,7 +523,7 @@ mod tests {
             Some(Value::Object(map))
         );
         assert!(Metadata::empty().is_empty());
-        assert!(Metadata::new(&EMPTY_METADATA, &OwnMetadata::default()).is_empty());
+        assert!(Metadata::new(&SetMetadata::default(), &OwnMetadata::default()).is_empty());
         assert!(!Metadata::from(&set).is_empty());
         assert_eq!(Metadata::from(&set).to_map(), set);
     }
@@ -383,7 +547,7 @@ mod tests {
             .collect();
         assert_eq!(back, entries);
         assert_eq!(
-            serde_json::to_string(&Metadata::new(&EMPTY_METADATA, &own)).ok(),
+            serde_json::to_string(&Metadata::new(&SetMetadata::default(), &own)).ok(),
             serde_json::to_string(&entries).ok()
         );
         let keys: Vec<&str> = own.iter().map(|(k, _)| k).collect();
@@ -394,8 +558,50 @@ mod tests {
         let small = OwnMetadata::new(&object(json!({"owner": "team-3", "ticket": "FLAG-1234"})));
         assert_eq!(
             small.packed_len(),
-            (1 + 5 + 1 + 1 + 6) + (1 + 6 + 1 + 1 + 9)
+            1 + (1 + 5 + 1 + 1 + 6) + (1 + 6 + 1 + 1 + 9)
         );
+        assert_eq!(OwnMetadata::new(&Map::new()).packed_len(), 0);
+    }
+
+    /// Metadata written as JSON is the object of its entries, whether
+    /// its text is copied as it is or needs escaping, with the flag's own
+    /// entries over the set's.
+    #[test]
+    fn metadata_written_as_json_is_its_object() {
+        let sets = [
+            json!({}),
+            json!({"flagSetId": "s", "owner": "set", "n": 1.5, "deep": {"a": [1]}}),
+            json!({"quote\"d": "line\nbreak"}),
+        ];
+        let owns = [
+            json!({}),
+            json!({"owner": "team-3", "ticket": "FLAG-1", "on": true, "n": -2}),
+            json!({"owner": "tab\there", "é": "ü"}),
+            json!({"back\\slash": "x", "deep": "flat"}),
+        ];
+        for set in &sets {
+            let set = object(set.clone());
+            for own in &owns {
+                let own = OwnMetadata::new(&object(own.clone()));
+                let shared = SetMetadata::new(set.clone());
+                // the set's entries written ahead (copied unless one is
+                // overridden), and not
+                for m in [Metadata::new(&shared, &own), Metadata::from(&set)] {
+                    let mut out = Vec::new();
+                    m.write_json(&mut out).expect("writes");
+                    let written: Value = serde_json::from_slice(&out).expect("JSON");
+                    assert_eq!(
+                        written,
+                        Value::Object(m.to_map()),
+                        "{}",
+                        String::from_utf8_lossy(&out)
+                    );
+                }
+            }
+        }
+        let mut out = Vec::new();
+        Metadata::empty().write_json(&mut out).expect("writes");
+        assert_eq!(out, b"{}");
     }
 
     /// A damaged buffer reads as the entries before the damage, never
@@ -407,7 +613,7 @@ mod tests {
             let damaged = OwnMetadata(own.0[..cut].into());
             assert!(damaged.iter().count() <= 2);
         }
-        let bad_tag = OwnMetadata(vec![1, b'k', b'?'].into_boxed_slice());
+        let bad_tag = OwnMetadata(vec![PLAIN, 1, b'k', b'?'].into_boxed_slice());
         assert_eq!(bad_tag.iter().count(), 0);
     }
 }

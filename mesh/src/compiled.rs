@@ -15,8 +15,8 @@ use crate::SourceSnapshot;
 use crate::tier::{Tier, Uncompiled, estimated_size};
 use arc_swap::ArcSwapOption;
 use flagmesh_engine::{
-    CompiledFlag, ErrorCode, FlagDefinition, MetaValue, Metadata, Reason, Resolution, Strictness,
-    ValueType,
+    CompiledFlag, ErrorCode, FlagDefinition, MetaValue, Metadata, Reason, Resolution, SetMetadata,
+    Strictness, ValueType,
 };
 use flagmesh_proto::convert::{json_to_value, struct_to_map};
 use flagmesh_proto::v1 as pb;
@@ -91,7 +91,7 @@ impl PopFlag {
     /// A flag of a set with `set_metadata`, not compiled yet, with its
     /// definition held in memory (for flags evaluated outside a replica).
     pub fn new(stored: Flag, set_metadata: Arc<Map<String, Value>>) -> Self {
-        let set = SetShared::new(stored.flag_set.as_str().into(), set_metadata, Tier::held());
+        let set = SetShared::new(stored.flag_set.as_str().into(), &set_metadata, Tier::held());
         Self::in_set(&stored, &set)
     }
 
@@ -269,15 +269,16 @@ impl Drop for PopFlag {
 #[derive(Debug)]
 struct SetShared {
     name: Arc<str>,
-    metadata: Arc<Map<String, Value>>,
+    /// The set's metadata as its compiled flags hold it.
+    metadata: Arc<SetMetadata>,
     tier: Arc<Tier>,
 }
 
 impl SetShared {
-    fn new(name: Arc<str>, metadata: Arc<Map<String, Value>>, tier: Arc<Tier>) -> Arc<Self> {
+    fn new(name: Arc<str>, metadata: &Map<String, Value>, tier: Arc<Tier>) -> Arc<Self> {
         Arc::new(Self {
             name,
-            metadata,
+            metadata: Arc::new(SetMetadata::new(metadata.clone())),
             tier,
         })
     }
@@ -446,12 +447,7 @@ pub fn compilations() -> u64 {
     COMPILATIONS.load(Ordering::Relaxed)
 }
 
-fn compile(
-    set: &str,
-    key: &Arc<str>,
-    definition: &[u8],
-    metadata: &Arc<Map<String, Value>>,
-) -> Compiled {
+fn compile(set: &str, key: &Arc<str>, definition: &[u8], metadata: &Arc<SetMetadata>) -> Compiled {
     COMPILATIONS.fetch_add(1, Ordering::Relaxed);
     let compiled = serde_json::from_slice::<Value>(definition)
         .map_err(|e| format!("definition is not JSON: {e}"))
@@ -489,7 +485,7 @@ impl PopState {
             .iter()
             .map(|fs| {
                 let metadata = metadata_of(fs);
-                let shared = SetShared::new(fs.id.as_str().into(), metadata.clone(), tier.clone());
+                let shared = SetShared::new(fs.id.as_str().into(), &metadata, tier.clone());
                 let set = SetState::new(metadata, FlagMap::default());
                 (fs.id.clone(), Building { shared, set })
             })
@@ -497,11 +493,8 @@ impl PopState {
         for f in &s.flags {
             let b = sets.entry(f.flag_set.clone()).or_insert_with(|| {
                 let set = SetState::default();
-                let shared = SetShared::new(
-                    f.flag_set.as_str().into(),
-                    set.metadata.clone(),
-                    tier.clone(),
-                );
+                let shared =
+                    SetShared::new(f.flag_set.as_str().into(), &set.metadata, tier.clone());
                 Building { shared, set }
             });
             let flag = PopFlag::in_set(f, &b.shared);
@@ -531,7 +524,7 @@ impl PopState {
                     .map(|s| SetState::new(s.metadata.clone(), s.flags.clone()))
                     .unwrap_or_default();
                 let shared = set.flags.values().next().map_or_else(
-                    || SetShared::new(id.into(), set.metadata.clone(), self.tier.clone()),
+                    || SetShared::new(id.into(), &set.metadata, self.tier.clone()),
                     |f| f.set.clone(),
                 );
                 touched.insert(id.to_owned(), Building { shared, set });
@@ -544,11 +537,8 @@ impl PopState {
             take(&fs.id, &sets, &mut touched);
             if let Some(b) = touched.get_mut(&fs.id) {
                 b.set.metadata = metadata_of(fs);
-                b.shared = SetShared::new(
-                    b.shared.name.clone(),
-                    b.set.metadata.clone(),
-                    self.tier.clone(),
-                );
+                b.shared =
+                    SetShared::new(b.shared.name.clone(), &b.set.metadata, self.tier.clone());
                 // merged metadata changed: the set's flags compile anew
                 b.set.flags = b
                     .set

@@ -133,7 +133,23 @@ struct FlagJson<'a> {
     error_code: Option<&'static str>,
     #[serde(rename = "errorDetails", skip_serializing_if = "Option::is_none")]
     error_details: Option<&'a str>,
+    /// Written after the other fields by [`write_flag_json`].
+    #[serde(skip)]
     metadata: flagmesh_engine::Metadata<'a>,
+}
+
+/// Writes `json` into `out`: its fields, then its metadata, whose own
+/// entries are copied as they are rather than serialised anew.
+fn write_flag_json(out: &mut Vec<u8>, json: &FlagJson<'_>) -> serde_json::Result<()> {
+    serde_json::to_writer(&mut *out, json)?;
+    // a struct is written as an object: reopen it for the last field
+    if out.last() == Some(&b'}') {
+        out.pop();
+    }
+    out.extend_from_slice(b",\"metadata\":");
+    json.metadata.write_json(out)?;
+    out.push(b'}');
+    Ok(())
 }
 
 /// One flag's outcome as OFREP JSON, with the status a single-flag answer
@@ -253,8 +269,9 @@ async fn single(
     let o = target.resolve(&context, None, ValueType::Any);
     s.ctx.stats.record(o.resolution.reason, started.elapsed());
     let (code, json) = flag_json(&key, &o);
-    let mut response = match serde_json::to_vec(&json) {
-        Ok(body) => json_response(code, body),
+    let mut body = Vec::with_capacity(192);
+    let mut response = match write_flag_json(&mut body, &json) {
+        Ok(()) => json_response(code, body),
         Err(e) => internal(&key, &e),
     };
     versions(&mut response, &s.ctx.pop_id, state.revision);
@@ -321,7 +338,7 @@ fn bulk_json(set: &SetState, context: &Value) -> serde_json::Result<Vec<u8>> {
         }
         let target = Target::of(f);
         let o = target.resolve(context, None, ValueType::Any);
-        serde_json::to_writer(&mut out, &flag_json(f.key(), &o).1)?;
+        write_flag_json(&mut out, &flag_json(f.key(), &o).1)?;
     }
     out.extend_from_slice(b"],\"metadata\":");
     serde_json::to_writer(&mut out, &*set.metadata)?;
