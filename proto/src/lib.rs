@@ -231,19 +231,18 @@ pub mod wire {
 
     /// A `google.protobuf.Struct` field holding `entries` (each key once,
     /// in key order): the bytes prost writes for the `Struct` of the same
-    /// entries, written without building it. Strings, numbers, booleans
-    /// and null are written directly; a nested array or object goes
-    /// through prost.
+    /// entries, written without building it and in one pass over the
+    /// entries (the body's length is patched in after it). Strings,
+    /// numbers, booleans and null are written directly; a nested array or
+    /// object goes through prost.
     pub fn json_struct<'a, I>(tag: u32, entries: I, buf: &mut Vec<u8>)
     where
-        I: Iterator<Item = (&'a str, StructValue<'a>)> + Clone,
+        I: Iterator<Item = (&'a str, StructValue<'a>)>,
     {
-        let body: usize = entries
-            .clone()
-            .map(|(k, v)| length_delimited_len(1, entry_len(k, &v)))
-            .sum();
         encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(body as u64, buf);
+        let length_at = buf.len();
+        // one byte for the body's length, widened below when it is longer
+        buf.push(0);
         for (k, v) in entries {
             encode_key(1, WireType::LengthDelimited, buf);
             encode_varint(entry_len(k, &v) as u64, buf);
@@ -252,6 +251,14 @@ pub mod wire {
             encode_key(2, WireType::LengthDelimited, buf);
             encode_varint(value_len(&v) as u64, buf);
             value_body(&v, buf);
+        }
+        let body = (buf.len() - length_at - 1) as u64;
+        if body < 0x80 {
+            buf[length_at] = body as u8;
+        } else {
+            let mut length = Vec::with_capacity(10);
+            encode_varint(body, &mut length);
+            buf.splice(length_at..=length_at, length);
         }
     }
 
@@ -370,12 +377,18 @@ mod tests {
             "long": "x".repeat(300)
         });
         let map = object.as_object().cloned().unwrap_or_default();
-        for entries in [map.clone(), serde_json::Map::new()] {
-            let mut ours = Vec::new();
+        let short = serde_json::json!({"owner": "team-3", "n": 1});
+        let short = short.as_object().cloned().unwrap_or_default();
+        // a body over 127 bytes (two bytes of length), under, and empty
+        for entries in [map.clone(), short, serde_json::Map::new()] {
+            // after other fields: the length is patched where it belongs
+            let mut ours = vec![0x08, 0x01];
             let json = entries
                 .iter()
                 .map(|(k, v)| (k.as_str(), super::wire::StructValue::Json(v)));
             super::wire::json_struct(7, json, &mut ours);
+            assert_eq!(ours[..2], [0x08, 0x01]);
+            let ours = ours.split_off(2);
             assert_eq!(ours, prosts_of(&entries), "{entries:?}");
             // the same values held apart from JSON write the same bytes
             let mut apart = Vec::new();
