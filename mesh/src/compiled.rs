@@ -35,7 +35,7 @@ pub type HeldGuard = arc_swap::Guard<Option<Arc<Held>>>;
 /// with exactly this value when it is dropped, whoever drops it). Answers
 /// encode its metadata as they are written, from the compiled flag's own
 /// entries: a copy rendered for answers would cost about 100 bytes a flag,
-/// to save tens of nanoseconds an answer.
+/// to save a little CPU per answer (BENCHMARKS.md, "PoP memory").
 #[derive(Debug)]
 pub struct Held {
     compiled: Compiled,
@@ -286,8 +286,8 @@ impl SetShared {
 
 /// A set's flags by key. Each entry is only the flag's pointer, found by
 /// the key the flag holds: a map of key to flag spent 24 bytes a slot (16
-/// of them a second pointer to the same key), and a table has about twice
-/// as many slots as flags.
+/// of them a second pointer to the same key), and a table has up to about
+/// twice as many slots as flags.
 #[derive(Debug, Clone, Default)]
 pub struct FlagMap(HashSet<ByKey, Xxh3Builder>);
 
