@@ -233,7 +233,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await?;
+    // SIGTERM too (a service manager's or CI runner's stop): the nodes
+    // are stopped either way, never left running
+    flagmesh_server::process::signal().await;
     eprintln!("stopping");
     mesh.stop_all();
     Ok(())
