@@ -30,11 +30,6 @@ impl SetMetadata {
             .into();
         Self { map, json }
     }
-
-    /// The entries.
-    pub fn map(&self) -> &Map<String, Value> {
-        &self.map
-    }
 }
 
 /// One metadata value, borrowed where it can be: the set's values as they
@@ -238,13 +233,17 @@ impl<'a> OwnEntries<'a> {
     /// The next entry's key and value bytes, not checked as text.
     fn raw_entry(&mut self) -> Option<(&'a [u8], Raw<'a>)> {
         let key = self.bytes()?;
-        let (&tag, rest) = self.rest.split_first()?;
-        if tag == STR {
-            self.rest = rest;
-            return Some((key, Raw::Str(self.bytes()?)));
-        }
-        let value = self.value(tag)?;
-        Some((key, Raw::Value(value)))
+        let value = match self.byte()? {
+            STR => Raw::Str(self.bytes()?),
+            tag => Raw::Value(self.value(tag)?),
+        };
+        Some((key, value))
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.rest.split_first()?;
+        self.rest = rest;
+        Some(b)
     }
 
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
@@ -257,8 +256,7 @@ impl<'a> OwnEntries<'a> {
         let mut n = 0usize;
         let mut shift = 0;
         loop {
-            let (&b, rest) = self.rest.split_first()?;
-            self.rest = rest;
+            let b = self.byte()?;
             n |= usize::from(b & 0x7f).checked_shl(shift)?;
             if b < 0x80 {
                 break;
@@ -278,13 +276,12 @@ impl<'a> OwnEntries<'a> {
 
     fn entry(&mut self) -> Option<(&'a str, MetaValue<'a>)> {
         let key = self.text()?;
-        let (&tag, _) = self.rest.split_first()?;
+        let tag = self.byte()?;
         Some((key, self.value(tag)?))
     }
 
-    /// The value after its `tag` (the next byte).
+    /// The value that follows its `tag`.
     fn value(&mut self, tag: u8) -> Option<MetaValue<'a>> {
-        self.rest = self.rest.get(1..)?;
         Some(match tag {
             STR => MetaValue::Str(self.text()?),
             TRUE => MetaValue::Bool(true),
