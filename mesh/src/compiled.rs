@@ -760,22 +760,11 @@ pub fn write_evaluate_response(
 
 /// Metadata as a protobuf `Struct`.
 pub fn metadata_struct(m: Metadata<'_>) -> prost_types::Struct {
-    use prost_types::value::Kind;
-    let value = |v: MetaValue<'_>| match v {
-        MetaValue::Json(v) => json_to_value(v),
-        MetaValue::Other(v) => json_to_value(&v),
-        MetaValue::Str(s) => prost_types::Value {
-            kind: Some(Kind::StringValue(s.to_owned())),
-        },
-        MetaValue::Number(n) => prost_types::Value {
-            kind: Some(Kind::NumberValue(n.as_f64().unwrap_or(0.0))),
-        },
-        MetaValue::Bool(b) => prost_types::Value {
-            kind: Some(Kind::BoolValue(b)),
-        },
-    };
     prost_types::Struct {
-        fields: m.iter().map(|(k, v)| (k.to_owned(), value(v))).collect(),
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.to_owned(), struct_value(v).to_value()))
+            .collect(),
     }
 }
 

@@ -229,6 +229,21 @@ pub mod wire {
         Bool(bool),
     }
 
+    impl StructValue<'_> {
+        /// As the protobuf `Value` prost would write the same bytes for.
+        pub fn to_value(&self) -> prost_types::Value {
+            use prost_types::value::Kind;
+            let kind = match self {
+                Self::Json(v) => return crate::convert::json_to_value(v),
+                Self::Owned(v) => return crate::convert::json_to_value(v),
+                Self::Str(s) => Kind::StringValue((*s).to_owned()),
+                Self::Number(n) => Kind::NumberValue(*n),
+                Self::Bool(b) => Kind::BoolValue(*b),
+            };
+            prost_types::Value { kind: Some(kind) }
+        }
+    }
+
     /// A `google.protobuf.Struct` field holding `entries` (each key once,
     /// in key order): the bytes prost writes for the `Struct` of the same
     /// entries, written without building it and in one pass over the
@@ -403,8 +418,13 @@ mod tests {
                 };
                 (k.as_str(), v)
             });
-            super::wire::json_struct(7, held, &mut apart);
+            super::wire::json_struct(7, held.clone(), &mut apart);
             assert_eq!(apart, ours, "{entries:?}");
+            // and convert to the values prost's Struct holds
+            let built = prost_types::Struct {
+                fields: held.map(|(k, v)| (k.to_owned(), v.to_value())).collect(),
+            };
+            assert_eq!(built, crate::convert::map_to_struct(&entries));
         }
     }
 
