@@ -4,26 +4,33 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Catches SIGINT and SIGTERM from this call on, and returns a future
+/// that resolves on the first of them.
+///
+/// Call it before printing the ready line: a supervisor (a test, a service
+/// manager, `flagmesh-topology`) may send SIGTERM the moment it reads that
+/// line, and a signal that came before the handlers were installed would
+/// end the process without its graceful stop. Must be called within the
+/// runtime.
+pub fn signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        let mut ctrl_c = tokio::signal::windows::ctrl_c()?;
+        Ok(async move {
+            let _ = ctrl_c.recv().await;
+        })
     }
 }
 
@@ -144,6 +151,23 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
+
+    /// A SIGTERM that arrives as soon as the caller has asked for the stop
+    /// signal (a ready line printed just after, read by a supervisor that
+    /// stops the node at once) is caught, never the default action that
+    /// ends the process without a graceful stop.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_sigterm_right_after_asking_is_caught() {
+        let stop = super::signal().expect("the handlers are installed");
+        // SAFETY: raise only sends a signal to this process.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::raise(libc::SIGTERM);
+        }
+        let caught = tokio::time::timeout(Duration::from_secs(10), stop).await;
+        assert!(caught.is_ok(), "SIGTERM not seen within 10 s");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn acts_once_after_each_burst_and_never_while_busy_or_idle() {

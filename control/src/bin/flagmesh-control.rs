@@ -168,9 +168,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let node = start(args.control_config()?, security)
         .await
         .context("starting the control plane")?;
+    let stopped = process::signal().context("catching SIGINT and SIGTERM")?;
     process::print_ready(node.grpc_addr, node.http_addr);
     tracing::info!(grpc = %node.grpc_addr, http = ?node.http_addr, "control plane serving");
-    process::signal().await;
+    stopped.await;
     tracing::info!("shutting down");
     node.stop().await;
     telemetry.shutdown();

@@ -29,9 +29,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain: common.drain(),
     };
     let hub = start(config, security).await.context("starting the hub")?;
+    let stopped = process::signal().context("catching SIGINT and SIGTERM")?;
     process::print_ready(hub.grpc_addr, hub.http_addr);
     tracing::info!(grpc = %hub.grpc_addr, "hub serving");
-    process::signal().await;
+    stopped.await;
     tracing::info!("shutting down");
     hub.stop().await;
     telemetry.shutdown();

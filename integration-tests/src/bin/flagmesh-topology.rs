@@ -232,10 +232,12 @@ async fn main() -> anyhow::Result<()> {
         mesh.stop_all();
         return Ok(());
     }
-    println!("Press Ctrl-C to stop.");
     // SIGTERM too (a service manager's or CI runner's stop): the nodes
-    // are stopped either way, never left running
-    flagmesh_server::process::signal().await;
+    // are stopped either way, never left running. Caught before the line
+    // that says so, which a supervisor may answer with SIGTERM at once.
+    let stopped = flagmesh_server::process::signal().context("catching SIGINT and SIGTERM")?;
+    println!("Press Ctrl-C to stop.");
+    stopped.await;
     eprintln!("stopping");
     mesh.stop_all();
     Ok(())

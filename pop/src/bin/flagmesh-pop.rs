@@ -99,9 +99,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         hot_flags,
     };
     let pop = start(config, security).await.context("starting the PoP")?;
+    let stopped = process::signal().context("catching SIGINT and SIGTERM")?;
     process::print_ready(pop.grpc_addr, pop.http_addr);
     tracing::info!(grpc = %pop.grpc_addr, "PoP serving");
-    process::signal().await;
+    stopped.await;
     tracing::info!("shutting down");
     pop.stop().await;
     telemetry.shutdown();
