@@ -64,6 +64,16 @@ pub struct RelayArgs {
         default_value_t = 2_000
     )]
     pub heartbeat_ms: u64,
+    /// How long reports (this node's and, at a hub, its subtree's) gather
+    /// before they go upward together, in milliseconds: at most one batch
+    /// per interval, however many changes and nodes it covers. 0 sends each
+    /// at once.
+    #[arg(
+        long = "report-gather-ms",
+        env = "FLAGMESH_REPORT_GATHER_MS",
+        default_value_t = crate::reporter::DEFAULT_GATHER_MS
+    )]
+    pub report_gather_ms: u64,
     /// An upstream stream silent this long (missed heartbeats) is dropped, in milliseconds.
     #[arg(long = "stall-ms", env = "FLAGMESH_STALL_MS", default_value_t = 6_000)]
     pub stall_ms: u64,
@@ -162,6 +172,7 @@ impl RelayArgs {
                 ..FanoutConfig::default()
             },
             report_interval: heartbeat,
+            report_gather: Duration::from_millis(self.report_gather_ms),
             sync_writes: self.sync_writes,
             adopt_history: self.adopt_history.clone(),
         })

@@ -30,6 +30,9 @@ pub struct RelayConfig {
     pub fanout: FanoutConfig,
     /// How often the node reports itself when nothing changes.
     pub report_interval: Duration,
+    /// How long reports gather before they are sent upward together
+    /// ([`Reporter`]).
+    pub report_gather: Duration,
     /// Flush every applied event before serving it.
     pub sync_writes: bool,
     /// A history an operator adopted: an upstream serving it may replace
@@ -197,6 +200,7 @@ impl Relay {
             config.subscriber.node_id.clone(),
             config.subscriber.mesh_token.clone(),
             config.subscriber.tls.clone(),
+            config.report_gather,
         );
         tasks.spawn(subscriber.run(stop.clone()));
         tasks.spawn(reporter.clone().run(status.clone(), stop.clone()));

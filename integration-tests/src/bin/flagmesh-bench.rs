@@ -694,8 +694,8 @@ async fn run_propagation(
     write_results(name, &result);
     let p = &result["propagation"];
     eprintln!(
-        "propagation: {}; CPU per change (ms): {}",
-        p["commit_to_every_pop_ms"], p["cpu_ms_per_change"]
+        "propagation: {}; CPU per change (ms): {}; CPU (s): {}",
+        p["commit_to_every_pop_ms"], p["cpu_ms_per_change"], p["cpu_seconds"]
     );
     let every = &p["commit_to_every_pop_ms"];
     let each = &p["commit_to_each_pop_ms"];

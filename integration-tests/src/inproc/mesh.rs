@@ -68,6 +68,7 @@ pub fn relay(
             ..FanoutConfig::default()
         },
         report_interval: HEARTBEAT,
+        report_gather: Duration::from_millis(flagmesh_mesh::reporter::DEFAULT_GATHER_MS),
         sync_writes: true,
         adopt_history: None,
     }
