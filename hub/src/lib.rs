@@ -89,14 +89,10 @@ pub async fn start(config: HubConfig, security: impl Into<Security>) -> anyhow::
     );
     // ready once it holds a state; a history conflict shows in /readyz
     let ready = node.readiness();
-    relay.watch_readiness(
-        node.tasks(),
-        &node.stop_token(),
-        move |has_state, detail| {
-            ready.set(has_state);
-            ready.set_detail(detail);
-        },
-    );
+    relay.watch_readiness(move |has_state, detail| {
+        ready.set(has_state);
+        ready.set_detail(detail);
+    });
     node.metrics()
         .register_collector(Box::new(RelayMetrics(relay.view())));
     let node = node

@@ -64,16 +64,14 @@ pub struct RelayArgs {
         default_value_t = 2_000
     )]
     pub heartbeat_ms: u64,
-    /// How long reports (this node's and, at a hub, its subtree's) gather
-    /// before they go upward together, in milliseconds: at most one batch
-    /// per interval, however many changes and nodes it covers. 0 sends each
-    /// at once.
-    #[arg(
-        long = "report-gather-ms",
-        env = "FLAGMESH_REPORT_GATHER_MS",
-        default_value_t = crate::reporter::DEFAULT_GATHER_MS
-    )]
-    pub report_gather_ms: u64,
+    /// How long reports gather before they go upward together, in
+    /// milliseconds: at most one batch per interval, however many changes
+    /// and nodes it covers. Default: 250 at a hub (its subtree's reports
+    /// of a change travel as one batch), 0 at a PoP (it reports only
+    /// itself, and a report sent at once rides on the wake-up of the
+    /// change it reports; a timer of its own would cost one more).
+    #[arg(long = "report-gather-ms", env = "FLAGMESH_REPORT_GATHER_MS")]
+    pub report_gather_ms: Option<u64>,
     /// An upstream stream silent this long (missed heartbeats) is dropped, in milliseconds.
     #[arg(long = "stall-ms", env = "FLAGMESH_STALL_MS", default_value_t = 6_000)]
     pub stall_ms: u64,
@@ -172,7 +170,10 @@ impl RelayArgs {
                 ..FanoutConfig::default()
             },
             report_interval: heartbeat,
-            report_gather: Duration::from_millis(self.report_gather_ms),
+            report_gather: self
+                .report_gather_ms
+                .map(Duration::from_millis)
+                .unwrap_or_else(|| crate::reporter::default_gather(role)),
             sync_writes: self.sync_writes,
             adopt_history: self.adopt_history.clone(),
         })

@@ -52,6 +52,42 @@ pub struct Relay {
     pub stats: Arc<SubscriberStats>,
     /// Sends reports upward; also the sink for the subtree's reports.
     pub reporter: Arc<Reporter>,
+    /// Who hears of the node's readiness ([`Relay::watch_readiness`]).
+    readiness: Arc<ReadinessSlot>,
+}
+
+/// Called with whether the node is ready and why not (empty when it is).
+type ReadinessFn = Box<dyn Fn(bool, String) + Send + Sync>;
+
+/// The readiness callback, set once, and a wake-up for the status task
+/// when it is.
+#[derive(Default)]
+struct ReadinessSlot {
+    report: std::sync::OnceLock<ReadinessFn>,
+    set: tokio::sync::Notify,
+}
+
+/// Whether `replica` serves (it holds a state that is whole for the flag
+/// sets followed: after the scope widened, only once their snapshot came),
+/// and the detail: a history conflict or the snapshot awaited (empty when
+/// none).
+fn readiness(replica: &ReplicaStore, s: &SyncStatus) -> (bool, String) {
+    let incomplete = replica.needs_snapshot();
+    let detail = match &s.history_conflict {
+        Some(c) => format!(
+            "history conflict: this node serves history {}; upstream {} serves history {} (refused until adopted: --adopt-history {})",
+            replica.position().history_id,
+            c.upstream,
+            c.history_id,
+            c.history_id
+        ),
+        None if incomplete => format!(
+            "the flag sets followed ({}) widened: waiting for their snapshot",
+            replica.scope().join(", ")
+        ),
+        None => String::new(),
+    };
+    (replica.position().revision > 0 && !incomplete, detail)
 }
 
 /// The shareable parts of a relay.
@@ -113,42 +149,13 @@ fn own_report(config: &SubscriberConfig, replica: &ReplicaStore, s: &SyncStatus)
 
 impl Relay {
     /// Calls `report(ready, detail)` now and whenever the subscriber's
-    /// status changes, on `tasks` until `stop`: ready once the replica holds
-    /// a state (from sled or an upstream) that is whole for the flag sets
-    /// followed (after the scope widened, only once their snapshot came);
-    /// the detail names a history conflict or the snapshot awaited (empty
-    /// when none).
-    pub fn watch_readiness(
-        &self,
-        tasks: &TaskTracker,
-        stop: &CancellationToken,
-        report: impl Fn(bool, String) + Send + 'static,
-    ) {
-        let (mut status, replica, stop) = (self.status.clone(), self.replica.clone(), stop.clone());
-        tasks.spawn(async move {
-            loop {
-                let incomplete = replica.needs_snapshot();
-                let detail = match &status.borrow_and_update().history_conflict {
-                    Some(c) => format!(
-                        "history conflict: this node serves history {}; upstream {} serves history {} (refused until adopted: --adopt-history {})",
-                        replica.position().history_id,
-                        c.upstream,
-                        c.history_id,
-                        c.history_id
-                    ),
-                    None if incomplete => format!(
-                        "the flag sets followed ({}) widened: waiting for their snapshot",
-                        replica.scope().join(", ")
-                    ),
-                    None => String::new(),
-                };
-                report(replica.position().revision > 0 && !incomplete, detail);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    changed = status.changed() => if changed.is_err() { return },
-                }
-            }
-        });
+    /// status changes ([`readiness`]), from the task that reports the
+    /// node upward: one task wakes per applied change, not one for each.
+    /// A second call is ignored.
+    pub fn watch_readiness(&self, report: impl Fn(bool, String) + Send + Sync + 'static) {
+        if self.readiness.report.set(Box::new(report)).is_ok() {
+            self.readiness.set.notify_one();
+        }
     }
 
     /// The shareable parts.
@@ -206,27 +213,35 @@ impl Relay {
         tasks.spawn(reporter.clone().run(status.clone(), stop.clone()));
 
         // report on every change of status, and every interval when idle;
-        // tell downstream whether this relay is connected
-        let (mut watch_status, reporter2, fanout2, replica2) = (
+        // tell downstream whether this relay is connected, and the node
+        // whether it is ready
+        let readiness_slot = Arc::new(ReadinessSlot::default());
+        let (mut watch_status, reporter2, fanout2, replica2, slot) = (
             status.clone(),
             reporter.clone(),
             fanout.clone(),
             replica.clone(),
+            readiness_slot.clone(),
         );
         let sub_config = config.subscriber.clone();
         let interval = config.report_interval;
         let stop = stop.clone();
         tasks.spawn(async move {
             loop {
-                let report = {
+                let (report, ready) = {
                     let s = watch_status.borrow_and_update();
                     fanout2.set_upstream_connected(s.connected && s.upstream_connected);
-                    own_report(&sub_config, &replica2, &s)
+                    let ready = slot.report.get().map(|r| (r, readiness(&replica2, &s)));
+                    (own_report(&sub_config, &replica2, &s), ready)
                 };
+                if let Some((report, (ready, detail))) = ready {
+                    report(ready, detail);
+                }
                 reporter2.submit(report);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     r = watch_status.changed() => if r.is_err() { return },
+                    _ = slot.set.notified() => {}
                     _ = tokio::time::sleep(interval) => {}
                 }
             }
@@ -237,6 +252,7 @@ impl Relay {
             status,
             stats,
             reporter,
+            readiness: readiness_slot,
         })
     }
 }

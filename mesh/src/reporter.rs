@@ -4,12 +4,13 @@
 //! report per node is kept while waiting to be sent, so memory is bounded by
 //! the subtree's size.
 //!
-//! Reports gather for an interval before they go (`--report-gather-ms`):
-//! a hub forwards its hundred PoPs' reports of a change as one batch, a
-//! burst of changes costs one report per node per interval, and the work
-//! of reporting leaves the moment a change fans out, when every node is
-//! busy applying it. A report carries when its revision was applied, so
-//! what the gathering delays is the report, never the time it tells.
+//! At a hub, reports gather for an interval before they go
+//! (`--report-gather-ms`, 250 ms): its hundred PoPs' reports of a change
+//! go up as one batch, and a burst of changes costs one report per node
+//! per interval. A report carries when its revision was applied, so what
+//! the gathering delays is the report, never the time it tells. A PoP
+//! reports at once: measured, a timer of its own costs it more thread
+//! wake-ups than the reports it saves (BENCHMARKS.md, propagation).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,8 +26,17 @@ use crate::subscriber::SyncStatus;
 use flagmesh_client::BearerToken;
 use tokio_util::sync::CancellationToken;
 
-/// How long reports gather by default, in milliseconds.
+/// How long a hub's reports gather by default, in milliseconds.
 pub const DEFAULT_GATHER_MS: u64 = 250;
+
+/// How long a node of `role` gathers its reports by default: a PoP sends
+/// at once (see the module's comment).
+pub fn default_gather(role: flagmesh_proto::v1::NodeRole) -> Duration {
+    match role {
+        flagmesh_proto::v1::NodeRole::Pop => Duration::ZERO,
+        _ => Duration::from_millis(DEFAULT_GATHER_MS),
+    }
+}
 
 /// Sends reports to the upstream the subscriber follows.
 pub struct Reporter {
@@ -121,20 +131,19 @@ impl Reporter {
                         break 'stream;
                     }
                 }
+                // not woken by every change of status (each applied
+                // change is one): a new upstream comes with a report of
+                // this node's, which wakes it, and the second is a backstop
                 let notified = tokio::select! {
                     _ = stop.cancelled() => break 'stream,
                     _ = self.notify.notified() => true,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => false,
-                    r = status.changed() => {
-                        if r.is_err() {
-                            break 'stream;
-                        }
-                        if report_target(&status.borrow()).as_ref() != Some(&upstream) {
-                            break 'stream;
-                        }
-                        false
-                    }
                 };
+                if status.has_changed().is_err()
+                    || report_target(&status.borrow()).as_ref() != Some(&upstream)
+                {
+                    break 'stream;
+                }
                 // what else comes within the interval goes with it
                 if notified && !self.gather.is_zero() {
                     tokio::select! {

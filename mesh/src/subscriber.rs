@@ -156,6 +156,10 @@ pub struct SubscriberStats {
 /// buffer. Snapshots come in small chunks and never reach this.
 pub const RENEW_AFTER_BYTES: u64 = 1 << 20;
 
+/// Deltas up to this size are applied on the runtime's thread, larger ones
+/// (and snapshots) on the blocking pool.
+const APPLY_INLINE_BYTES: u64 = 16 << 10;
+
 /// Orders upstreams for `node_id` by rendezvous hashing, best first.
 pub fn rendezvous_order(node_id: &str, upstreams: &[String]) -> Vec<String> {
     let mut scored: Vec<(u64, &String)> = upstreams
@@ -409,10 +413,25 @@ impl Subscriber {
             });
             let size = prost::Message::encoded_len(&message) as u64;
             grown |= size > RENEW_AFTER_BYTES;
-            let replica = self.replica.clone();
-            let result = match tokio::task::spawn_blocking(move || replica.apply(message)).await {
-                Ok(r) => r,
-                Err(e) => return ended(delivered, format!("apply task failed: {e}")),
+            // a small delta or a heartbeat is applied here: its journal
+            // sync (about 0.1 ms) holds this worker, while the other
+            // serves, and saves the two thread hand-offs of the blocking
+            // pool, a quarter of a PoP's thread switches per change
+            // (BENCHMARKS.md, propagation); a large delta, and any part of
+            // a snapshot (its last compiles every flag), go to the pool
+            let inline = size <= APPLY_INLINE_BYTES
+                && !matches!(
+                    message.event,
+                    Some(flagmesh_proto::v1::sync_event::Event::Snapshot(_))
+                );
+            let result = if inline {
+                self.replica.apply(message)
+            } else {
+                let replica = self.replica.clone();
+                match tokio::task::spawn_blocking(move || replica.apply(message)).await {
+                    Ok(r) => r,
+                    Err(e) => return ended(delivered, format!("apply task failed: {e}")),
+                }
             };
             match result {
                 Ok(Applied::Progress {

@@ -68,7 +68,7 @@ pub fn relay(
             ..FanoutConfig::default()
         },
         report_interval: HEARTBEAT,
-        report_gather: Duration::from_millis(flagmesh_mesh::reporter::DEFAULT_GATHER_MS),
+        report_gather: flagmesh_mesh::reporter::default_gather(role),
         sync_writes: true,
         adopt_history: None,
     }
