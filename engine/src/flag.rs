@@ -106,6 +106,13 @@ impl CompiledFlag {
         self.flag_type
     }
 
+    /// Whether this flag and `other` hold the same copy of their set's
+    /// metadata.
+    #[cfg(test)]
+    pub(crate) fn shares_set_metadata(&self, other: &CompiledFlag) -> bool {
+        Arc::ptr_eq(&self.set_metadata, &other.set_metadata)
+    }
+
     /// The metadata: the flag set's under the flag's own.
     pub fn metadata(&self) -> Metadata<'_> {
         Metadata::new(&self.set_metadata, &self.own_metadata)

@@ -8,6 +8,7 @@ use xxhash_rust::xxh3::Xxh3Builder;
 use crate::document::FlagDocument;
 use crate::error::ErrorCode;
 use crate::flag::CompiledFlag;
+use crate::metadata::SetMetadata;
 use crate::resolution::{Metadata, Resolution, ValueType};
 
 /// The flags of one flag set, compiled.
@@ -24,10 +25,12 @@ impl CompiledFlagSet {
             metadata: doc.metadata.clone(),
             flags: HashMap::with_capacity_and_hasher(doc.flags.len(), Xxh3Builder::new()),
         };
+        // one copy of the set's metadata (and its JSON), shared by its flags
+        let set_metadata = std::sync::Arc::new(SetMetadata::new(doc.metadata.clone()));
         for (key, def) in &doc.flags {
             set.flags.insert(
                 key.as_str().into(),
-                CompiledFlag::new(key, def.clone(), &doc.metadata),
+                CompiledFlag::with_shared_metadata(key.as_str().into(), def.clone(), &set_metadata),
             );
         }
         set
@@ -88,5 +91,28 @@ impl CompiledFlagSet {
                 Metadata::empty(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sets_flags_share_one_copy_of_its_metadata() {
+        let doc = FlagDocument::parse(
+            r#"{"metadata":{"flagSetId":"s","team":"web"},"flags":{
+                "a":{"state":"ENABLED","variants":{"on":true},"defaultVariant":"on"},
+                "b":{"state":"ENABLED","variants":{"on":true},"defaultVariant":"on","metadata":{"team":"app"}}}}"#,
+            crate::Strictness::Strict,
+        )
+        .unwrap();
+        let set = CompiledFlagSet::from_document(&doc);
+        let (a, b) = (set.get("a").unwrap(), set.get("b").unwrap());
+        assert!(a.shares_set_metadata(b));
+        // and each still reads it under its own
+        let team = |f: &CompiledFlag| serde_json::to_value(f.metadata()).unwrap()["team"].clone();
+        assert_eq!(team(a), "web");
+        assert_eq!(team(b), "app");
     }
 }
