@@ -413,13 +413,16 @@ impl Subscriber {
             });
             let size = prost::Message::encoded_len(&message) as u64;
             grown |= size > RENEW_AFTER_BYTES;
-            // a small delta or a heartbeat is applied here: its journal
-            // sync (about 0.1 ms) holds this worker, while the other
-            // serves, and saves the two thread hand-offs of the blocking
-            // pool, a quarter of a PoP's thread switches per change
+            // at a hub or PoP, a small delta or a heartbeat is applied
+            // here: its journal sync (about 0.1 ms) holds this worker, while
+            // the other serves, and saves the two thread hand-offs of the
+            // blocking pool, a quarter of a PoP's thread switches per change
             // (BENCHMARKS.md, propagation); a large delta, and any part of
-            // a snapshot (its last compiles every flag), go to the pool
-            let inline = size <= APPLY_INLINE_BYTES
+            // a snapshot (its last compiles every flag), go to the pool. An
+            // SDK runs in its application's runtime, perhaps on one thread:
+            // it never holds that runtime's thread for a disk sync
+            let inline = self.config.role != NodeRole::Sdk
+                && size <= APPLY_INLINE_BYTES
                 && !matches!(
                     message.event,
                     Some(flagmesh_proto::v1::sync_event::Event::Snapshot(_))
