@@ -228,16 +228,19 @@ impl Relay {
         let stop = stop.clone();
         tasks.spawn(async move {
             loop {
-                let (report, ready) = {
+                let (own, readiness_now) = {
                     let s = watch_status.borrow_and_update();
                     fanout2.set_upstream_connected(s.connected && s.upstream_connected);
-                    let ready = slot.report.get().map(|r| (r, readiness(&replica2, &s)));
-                    (own_report(&sub_config, &replica2, &s), ready)
+                    let readiness_now = slot
+                        .report
+                        .get()
+                        .map(|tell| (tell, readiness(&replica2, &s)));
+                    (own_report(&sub_config, &replica2, &s), readiness_now)
                 };
-                if let Some((report, (ready, detail))) = ready {
-                    report(ready, detail);
+                if let Some((tell, (ready, detail))) = readiness_now {
+                    tell(ready, detail);
                 }
-                reporter2.submit(report);
+                reporter2.submit(own);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     r = watch_status.changed() => if r.is_err() { return },
