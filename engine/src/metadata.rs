@@ -170,10 +170,7 @@ impl OwnMetadata {
     fn write_json(&self, out: &mut Vec<u8>, first: &mut bool) -> serde_json::Result<()> {
         if self.0.first() != Some(&PLAIN) {
             for (k, v) in self.iter() {
-                separate(out, first);
-                serde_json::to_writer(&mut *out, k)?;
-                out.push(b':');
-                serde_json::to_writer(&mut *out, &v)?;
+                write_entry(out, first, k, &v)?;
             }
             return Ok(());
         }
@@ -227,6 +224,19 @@ fn separate(out: &mut Vec<u8>, first: &mut bool) {
     if !std::mem::take(first) {
         out.push(b',');
     }
+}
+
+/// Writes `"key":value` into a JSON object being written, escaped by serde.
+fn write_entry(
+    out: &mut Vec<u8>,
+    first: &mut bool,
+    key: &str,
+    value: &impl serde::Serialize,
+) -> serde_json::Result<()> {
+    separate(out, first);
+    serde_json::to_writer(&mut *out, key)?;
+    out.push(b':');
+    serde_json::to_writer(&mut *out, value)
 }
 
 impl<'a> OwnEntries<'a> {
@@ -403,10 +413,7 @@ impl<'a> Metadata<'a> {
             if overridden(k) {
                 continue;
             }
-            separate(out, first);
-            serde_json::to_writer(&mut *out, k)?;
-            out.push(b':');
-            serde_json::to_writer(&mut *out, v)?;
+            write_entry(out, first, k, v)?;
         }
         Ok(())
     }
