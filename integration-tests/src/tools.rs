@@ -78,7 +78,7 @@ fn debian_tool(var: &str, path: &str) -> PathBuf {
 
 /// The options every test starts Chromium with: headless, no sandbox (CI
 /// runs as root), nothing fetched from the internet on its own.
-pub const CHROMIUM_ARGS: &[&str] = &[
+const CHROMIUM_ARGS: &[&str] = &[
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -96,4 +96,57 @@ pub const CHROMIUM_ARGS: &[&str] = &[
 /// When it is not installed.
 pub fn chromium() -> PathBuf {
     debian_tool("CHROMIUM", "/usr/bin/chromium")
+}
+
+/// Headless Chromium showing one page, with a profile and a temp folder
+/// of its own in one temporary folder. Dropping it ends Chromium and every
+/// process it started (they share a process group), waits for it, and only
+/// then removes that folder, so nothing is left behind.
+pub struct HeadlessChromium {
+    child: std::process::Child,
+    home: tempfile::TempDir,
+}
+
+impl HeadlessChromium {
+    /// Starts Chromium on `url`.
+    ///
+    /// # Errors
+    /// When its folder cannot be made or Chromium cannot start.
+    ///
+    /// # Panics
+    /// When Chromium is not installed.
+    pub fn open(url: &str) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
+        let home = tempfile::tempdir()?;
+        let (profile, tmp) = (home.path().join("profile"), home.path().join("tmp"));
+        std::fs::create_dir(&tmp)?;
+        let child = std::process::Command::new(chromium())
+            .args(CHROMIUM_ARGS)
+            .arg(format!("--user-data-dir={}", profile.display()))
+            // its singleton socket folder goes here, not in the shared /tmp
+            .env("TMPDIR", &tmp)
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        Ok(HeadlessChromium { child, home })
+    }
+
+    /// The folder holding its profile and temp files (gone once this is
+    /// dropped).
+    pub fn home(&self) -> &std::path::Path {
+        self.home.path()
+    }
+}
+
+impl Drop for HeadlessChromium {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, killpg};
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        // the renderer, network and other helpers are in the same group;
+        // killed together, none of them writes to the profile afterwards
+        let _ = killpg(group, Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
 }

@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use flagmesh_integration_tests::flagd_kit::workspace_root;
-use flagmesh_integration_tests::tools::{CHROMIUM_ARGS, chromium};
+use flagmesh_integration_tests::tools::HeadlessChromium;
 use flagmesh_integration_tests::topology::{Mesh, NodeRef, TopologySpec, bin_dir, http_get};
 use flagmesh_proto::v1::*;
 use serde_json::{Value, json};
@@ -73,7 +73,6 @@ async fn report(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_page_starts_from_its_html_then_follows_the_pop_over_ofrep() {
-    let browser = chromium();
     let bundle = workspace_root().join("examples/bootstrap-web/web/dist/app.js");
     assert!(
         bundle.exists(),
@@ -150,16 +149,7 @@ async fn a_browser_page_starts_from_its_html_then_follows_the_pop_over_ofrep() {
             "no flag request before first paint"
         );
 
-        let profile = tempfile::tempdir().unwrap();
-        let _chromium = tokio::process::Command::new(&browser)
-            .args(CHROMIUM_ARGS)
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(format!("{origin}/?user=u1"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let chromium = HeadlessChromium::open(&format!("{origin}/?user=u1")).unwrap();
 
         // the provider resolved every type over OFREP, across origins
         let ready = report(&mut rx, "the provider ready", |v| v["cause"] == "ready").await;
@@ -223,6 +213,12 @@ async fn a_browser_page_starts_from_its_html_then_follows_the_pop_over_ofrep() {
             "{changed}"
         );
         assert_eq!(changed["flags"]["dark-mode"]["value"], json!(true));
+
+        // closing the browser leaves nothing behind
+        let home = chromium.home().to_path_buf();
+        assert!(home.join("profile/Default").exists(), "the profile is used");
+        drop(chromium);
+        assert!(!home.exists(), "{} left behind", home.display());
         server.kill().await.unwrap();
     })
     .await
