@@ -13,7 +13,7 @@ use flagmesh_integration_tests::bench::{self, load, machine, update_section, wri
 use flagmesh_integration_tests::certs::Ca;
 use flagmesh_integration_tests::process::NodeProcess;
 use flagmesh_integration_tests::topology::{Mesh, TopologySpec, bin_dir};
-use flagmesh_proto::v1::ApplyFlagSetRequest;
+use flagmesh_proto::v1::{ApplyFlagSetRequest, UpdateFlagRequest};
 use serde_json::{Value, json};
 
 /// flagmesh benchmarks.
@@ -208,6 +208,20 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
         eprintln!("open loop {name} at {rate}/s: {r}");
         open.push(r);
     }
+    // the same rates while changes arrive: a flag of the evaluated set
+    // rewritten every 50 ms, each change applied at the PoP (journal sync
+    // included) while it answers
+    for rate in [2000, 8000] {
+        let changes = tokio::spawn(churn(admin.clone(), d, Duration::from_millis(50)));
+        let mut r = load::open_loop(&target, load::Protocol::Grpc, rate, d).await;
+        let changes = changes.await??;
+        mesh.converged(Duration::from_secs(60))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        r["protocol"] = json!(format!("grpc, {changes} changes applied meanwhile"));
+        eprintln!("open loop grpc at {rate}/s during {changes} changes: {r}");
+        open.push(r);
+    }
     let result = json!({"machine": machine(), "flags": 200, "contexts": 4096, "closed_loop": closed, "open_loop": open});
     write_results("load", &result);
     let mut t = String::from(
@@ -244,6 +258,40 @@ async fn run_load(args: &Args) -> anyhow::Result<Value> {
     }
     update_section("load", &t);
     Ok(result)
+}
+
+/// Rewrites the flag `churn` of the load set every `every` for `duration`
+/// (two definitions in turn); returns how many changes were written.
+async fn churn(
+    mut admin: flagmesh_integration_tests::topology::Admin,
+    duration: Duration,
+    every: Duration,
+) -> anyhow::Result<u64> {
+    let end = tokio::time::Instant::now() + duration;
+    let mut tick = tokio::time::interval(every);
+    let mut written = 0u64;
+    while tokio::time::Instant::now() < end {
+        tick.tick().await;
+        let variant = if written.is_multiple_of(2) {
+            "on"
+        } else {
+            "off"
+        };
+        admin
+            .update_flag(UpdateFlagRequest {
+                flag_set: "bench".into(),
+                key: "churn".into(),
+                definition_json: format!(
+                    r#"{{"state":"ENABLED","variants":{{"on":true,"off":false}},"defaultVariant":"{variant}"}}"#
+                ),
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .context("a change during the load")?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 /// One row of the side-by-side table: `r` labelled (an open loop's achieved
