@@ -113,6 +113,12 @@ impl CompiledFlag {
         Arc::ptr_eq(&self.set_metadata, &other.set_metadata)
     }
 
+    /// Whether this flag holds `set`'s very copy of the set's metadata.
+    #[cfg(test)]
+    pub(crate) fn holds_set_metadata(&self, set: &Arc<SetMetadata>) -> bool {
+        Arc::ptr_eq(&self.set_metadata, set)
+    }
+
     /// The metadata: the flag set's under the flag's own.
     pub fn metadata(&self) -> Metadata<'_> {
         Metadata::new(&self.set_metadata, &self.own_metadata)

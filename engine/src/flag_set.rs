@@ -1,6 +1,7 @@
 //! A compiled flag set: every flag of a document compiled and indexed by key.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::Xxh3Builder;
@@ -14,23 +15,23 @@ use crate::resolution::{Metadata, Resolution, ValueType};
 /// The flags of one flag set, compiled.
 #[derive(Debug, Clone, Default)]
 pub struct CompiledFlagSet {
-    metadata: Map<String, Value>,
+    /// The set's metadata, one copy shared by its flags.
+    metadata: Arc<SetMetadata>,
     flags: HashMap<Box<str>, CompiledFlag, Xxh3Builder>,
 }
 
 impl CompiledFlagSet {
     /// Compiles every flag of a checked document.
     pub fn from_document(doc: &FlagDocument) -> Self {
+        // one copy of the set's metadata (and its JSON), shared by its flags
         let mut set = Self {
-            metadata: doc.metadata.clone(),
+            metadata: Arc::new(SetMetadata::new(doc.metadata.clone())),
             flags: HashMap::with_capacity_and_hasher(doc.flags.len(), Xxh3Builder::new()),
         };
-        // one copy of the set's metadata (and its JSON), shared by its flags
-        let set_metadata = std::sync::Arc::new(SetMetadata::new(doc.metadata.clone()));
         for (key, def) in &doc.flags {
             set.flags.insert(
                 key.as_str().into(),
-                CompiledFlag::with_shared_metadata(key.as_str().into(), def.clone(), &set_metadata),
+                CompiledFlag::with_shared_metadata(key.as_str().into(), def.clone(), &set.metadata),
             );
         }
         set
@@ -38,7 +39,7 @@ impl CompiledFlagSet {
 
     /// The flag-set metadata.
     pub fn metadata(&self) -> &Map<String, Value> {
-        &self.metadata
+        self.metadata.map()
     }
 
     /// One flag.
@@ -110,6 +111,9 @@ mod tests {
         let set = CompiledFlagSet::from_document(&doc);
         let (a, b) = (set.get("a").unwrap(), set.get("b").unwrap());
         assert!(a.shares_set_metadata(b));
+        // the set's own copy is that one too
+        assert!(a.holds_set_metadata(&set.metadata));
+        assert_eq!(set.metadata()["team"], "web");
         // and each still reads it under its own
         let team = |f: &CompiledFlag| serde_json::to_value(f.metadata()).unwrap()["team"].clone();
         assert_eq!(team(a), "web");

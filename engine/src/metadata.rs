@@ -4,7 +4,7 @@
 //! their own (an owner, a ticket), and as a slice of JSON values, with a
 //! string allocated for each, they cost about three times their text.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use serde_json::{Map, Number, Value};
 
@@ -15,20 +15,26 @@ static EMPTY_METADATA: LazyLock<Map<String, Value>> = LazyLock::new(Map::new);
 /// written as JSON copies them, unless a flag's own entry overrides one.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SetMetadata {
-    map: Map<String, Value>,
+    map: Arc<Map<String, Value>>,
     json: Box<str>,
 }
 
 impl SetMetadata {
-    /// The set metadata `map`.
-    pub fn new(map: Map<String, Value>) -> Self {
-        let object = serde_json::to_string(&map).unwrap_or_default();
+    /// The set metadata `map` (shared, where the set holds it too).
+    pub fn new(map: impl Into<Arc<Map<String, Value>>>) -> Self {
+        let map = map.into();
+        let object = serde_json::to_string(&*map).unwrap_or_default();
         let json = object
             .strip_prefix('{')
             .and_then(|o| o.strip_suffix('}'))
             .unwrap_or_default()
             .into();
         Self { map, json }
+    }
+
+    /// The set's entries.
+    pub fn map(&self) -> &Arc<Map<String, Value>> {
+        &self.map
     }
 }
 

@@ -275,10 +275,12 @@ struct SetShared {
 }
 
 impl SetShared {
-    fn new(name: Arc<str>, metadata: &Map<String, Value>, tier: Arc<Tier>) -> Arc<Self> {
+    /// The shared part of set `name`'s flags; its metadata is the very map
+    /// the set holds, not a copy.
+    fn new(name: Arc<str>, metadata: &Arc<Map<String, Value>>, tier: Arc<Tier>) -> Arc<Self> {
         Arc::new(Self {
             name,
-            metadata: Arc::new(SetMetadata::new(metadata.clone())),
+            metadata: Arc::new(SetMetadata::new(Arc::clone(metadata))),
             tier,
         })
     }
@@ -1022,6 +1024,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A set's metadata is held once: the set and its flags' shared part
+    /// point at the same map, from a snapshot and after a delta changes it.
+    #[test]
+    fn a_set_and_its_flags_hold_one_copy_of_its_metadata() {
+        let set = |team: &str| FlagSet {
+            id: "x".into(),
+            metadata: Some(flagmesh_proto::convert::map_to_struct(
+                serde_json::json!({ "team": team })
+                    .as_object()
+                    .expect("object"),
+            )),
+            ..Default::default()
+        };
+        let one_copy = |s: &PopState| {
+            let x = &s.sets["x"];
+            assert!(!x.flags.is_empty());
+            x.flags
+                .values()
+                .all(|f| Arc::ptr_eq(&x.metadata, f.set.metadata.map()))
+        };
+        let s = PopState::from_snapshot(&SourceSnapshot {
+            history_id: "h".into(),
+            revision: 1,
+            digest: 0,
+            flags: vec![flag("x", "f", "a"), flag("x", "g", "a")],
+            flag_sets: vec![set("core")],
+        });
+        assert_eq!(s.sets["x"].metadata["team"], "core");
+        assert!(one_copy(&s));
+        let next = s.apply(&Delta {
+            history_id: "h".into(),
+            from_revision: 1,
+            to_revision: 2,
+            flag_set_upserts: vec![set("web")],
+            upserts: vec![flag("x", "h", "a")],
+            ..Default::default()
+        });
+        assert_eq!(next.sets["x"].metadata["team"], "web");
+        assert!(one_copy(&next));
     }
 
     #[test]
