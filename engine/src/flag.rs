@@ -106,13 +106,6 @@ impl CompiledFlag {
         self.flag_type
     }
 
-    /// Whether this flag and `other` hold the same copy of their set's
-    /// metadata.
-    #[cfg(test)]
-    pub(crate) fn shares_set_metadata(&self, other: &CompiledFlag) -> bool {
-        Arc::ptr_eq(&self.set_metadata, &other.set_metadata)
-    }
-
     /// Whether this flag holds `set`'s very copy of the set's metadata.
     #[cfg(test)]
     pub(crate) fn holds_set_metadata(&self, set: &Arc<SetMetadata>) -> bool {

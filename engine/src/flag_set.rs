@@ -110,9 +110,9 @@ mod tests {
         .unwrap();
         let set = CompiledFlagSet::from_document(&doc);
         let (a, b) = (set.get("a").unwrap(), set.get("b").unwrap());
-        assert!(a.shares_set_metadata(b));
-        // the set's own copy is that one too
+        // both hold the set's own copy
         assert!(a.holds_set_metadata(&set.metadata));
+        assert!(b.holds_set_metadata(&set.metadata));
         assert_eq!(set.metadata()["team"], "web");
         // and each still reads it under its own
         let team = |f: &CompiledFlag| serde_json::to_value(f.metadata()).unwrap()["team"].clone();
