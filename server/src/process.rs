@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 /// Catches SIGINT and SIGTERM from this call on, and returns a future
 /// that resolves on the first of them.
 ///
-/// Call it before printing the ready line: a supervisor (a test, a service
-/// manager, `flagmesh-topology`) may send SIGTERM the moment it reads that
-/// line, and a signal that came before the handlers were installed would
-/// end the process without its graceful stop. Must be called within the
-/// runtime.
+/// Call it before printing a ready line ([`announce_ready`] does): a
+/// supervisor (a test, a service manager, `flagmesh-topology`) may send
+/// SIGTERM the moment it reads that line, and a signal that came before
+/// the handlers were installed would end the process without its graceful
+/// stop. Must be called within the runtime.
 pub fn signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     {
@@ -34,11 +34,19 @@ pub fn signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     }
 }
 
-/// Prints the ready line scripts and tests wait for:
-/// `flagmesh ready grpc=ADDR http=ADDR` (`http=-` without an HTTP listener).
-pub fn print_ready(grpc: SocketAddr, http: Option<SocketAddr>) {
+/// Catches SIGINT and SIGTERM ([`signal`]), then prints the ready line
+/// scripts and tests wait for: `flagmesh ready grpc=ADDR http=ADDR`
+/// (`http=-` without an HTTP listener). Returns the future that resolves
+/// on the first signal: the handlers come first, since whoever reads the
+/// line may stop the node at once.
+pub fn announce_ready(
+    grpc: SocketAddr,
+    http: Option<SocketAddr>,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let stopped = signal()?;
     let http = http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!("flagmesh ready grpc={grpc} http={http}");
+    Ok(stopped)
 }
 
 /// Caps glibc's malloc at `arenas` arenas. With the default (eight per

@@ -168,8 +168,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let node = start(args.control_config()?, security)
         .await
         .context("starting the control plane")?;
-    let stopped = process::signal().context("catching SIGINT and SIGTERM")?;
-    process::print_ready(node.grpc_addr, node.http_addr);
+    let stopped = process::announce_ready(node.grpc_addr, node.http_addr)
+        .context("catching SIGINT and SIGTERM")?;
     tracing::info!(grpc = %node.grpc_addr, http = ?node.http_addr, "control plane serving");
     stopped.await;
     tracing::info!("shutting down");

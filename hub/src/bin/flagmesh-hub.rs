@@ -29,8 +29,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain: common.drain(),
     };
     let hub = start(config, security).await.context("starting the hub")?;
-    let stopped = process::signal().context("catching SIGINT and SIGTERM")?;
-    process::print_ready(hub.grpc_addr, hub.http_addr);
+    let stopped = process::announce_ready(hub.grpc_addr, hub.http_addr)
+        .context("catching SIGINT and SIGTERM")?;
     tracing::info!(grpc = %hub.grpc_addr, "hub serving");
     stopped.await;
     tracing::info!("shutting down");

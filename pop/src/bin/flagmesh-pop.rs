@@ -99,8 +99,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         hot_flags,
     };
     let pop = start(config, security).await.context("starting the PoP")?;
-    let stopped = process::signal().context("catching SIGINT and SIGTERM")?;
-    process::print_ready(pop.grpc_addr, pop.http_addr);
+    let stopped = process::announce_ready(pop.grpc_addr, pop.http_addr)
+        .context("catching SIGINT and SIGTERM")?;
     tracing::info!(grpc = %pop.grpc_addr, "PoP serving");
     stopped.await;
     tracing::info!("shutting down");
